@@ -1,0 +1,1 @@
+"""noports: SSH No Ports in Python."""

@@ -1,0 +1,1 @@
+"""Pure (sans-IO) atProtocol logic: command grammar, key rules, metadata, errors, formats."""

@@ -1,0 +1,1 @@
+"""atServer: hosts one or many atSigns, each on its own TLS port."""

@@ -1,0 +1,1 @@
+"""atDirectory (root server): maps atSigns to atServer host:port."""
