@@ -67,7 +67,9 @@ def main() -> None:
         if ev.event_type == AtEventType.UPDATE_NOTIFICATION:
             bob.handle_event(q, ev)   # decrypts and re-queues as DECRYPTED_UPDATE_NOTIFICATION
         elif ev.event_type == AtEventType.DECRYPTED_UPDATE_NOTIFICATION:
-            received = ev.event_data
+            events.append(ev.event_data.get("key", ""))
+            if f"message{tag}" in ev.event_data.get("key", ""):
+                received = ev.event_data
     out["events"] = events
     out["received_key"] = received and received.get("key")
     out["received_from"] = received and received.get("from")
