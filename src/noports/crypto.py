@@ -185,7 +185,9 @@ def cram_digest(secret: str, challenge: str) -> str:
 
 
 def cram_matches(secret: str, challenge: str, digest: str) -> bool:
-    return hmac.compare_digest(cram_digest(secret, challenge), digest.strip().lower())
+    """Constant-time check; any input (even non-ASCII garbage) gives a bool, never raises."""
+    expected = cram_digest(secret, challenge).encode("ascii")
+    return hmac.compare_digest(expected, digest.strip().lower().encode("utf-8", "replace"))
 
 
 def generate_cram_secret() -> str:

@@ -55,6 +55,7 @@ def test_cram_digest_matches_sdk():
     assert crypto.cram_digest(secret, challenge) == AuthUtil._get_cram_digest(secret, challenge)
     assert crypto.cram_matches(secret, challenge, crypto.cram_digest(secret, challenge).upper())
     assert not crypto.cram_matches(secret, challenge, "00" * 64)
+    assert not crypto.cram_matches(secret, challenge, "é🛠\x00")
 
 
 @pytest.mark.parametrize("name", ["@alice🛠", "@bob🛠", "@gateway1", "@relay1"])

@@ -1,0 +1,117 @@
+"""Outbound notification delivery (sender side, reference §6.6).
+
+Why driven from the database: the queue *is* the `notifications` table (kind 'sent', status
+queued/errored, next_attempt). Anything acknowledged to a client is already there, so after a
+restart or `kill -9` the worker simply picks the rows up again. One task per (sender,
+recipient) delivers in order over a pol-authenticated connection; failures back off
+exponentially up to `retry_max_ms` and give up after `max_retries`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from noports.atprotocol import notifications as N
+
+from .host import ServerConfig
+from .s2s import Outbound, RemoteError
+from .store import NotificationRow, Store
+
+log = logging.getLogger("noports.atserver.delivery")
+
+NOTIFY_TIMEOUT = 10.0
+
+
+class Deliverer:
+    """Polls the sent-notification queue and pushes due rows to the recipients' servers."""
+
+    def __init__(self, store: Store, outbound: Outbound, config: ServerConfig,
+                 clock: Callable[[], int], hosted: Callable[[], set[str]],
+                 tick_s: float = 0.5) -> None:
+        self.store = store
+        self.outbound = outbound
+        self.config = config
+        self.clock = clock
+        self.hosted = hosted
+        self.tick_s = tick_s
+        self._wake = asyncio.Event()
+        self._workers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._stopping = False
+
+    def nudge(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            try:
+                self._dispatch()
+            except Exception:  # the loop must survive anything (e.g. a locked DB)
+                log.exception("delivery dispatch failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            self._wake.clear()
+
+    def _dispatch(self) -> None:
+        now = self.clock()
+        hosted = self.hosted()
+        due: dict[tuple[str, str], list[NotificationRow]] = {}
+        for row in self.store.pending_sent():
+            if row.atsign not in hosted or row.next_attempt > now:
+                continue
+            if row.expires_at is not None and row.expires_at < now:
+                self.store.set_notification_status(row.atsign, row.id, "expired")
+                continue
+            if row.retry_count >= self.config.max_retries:
+                continue
+            due.setdefault((row.atsign, row.to_atsign), []).append(row)
+        for k, rows in due.items():
+            t = self._workers.get(k)
+            if t is None or t.done():
+                self._workers[k] = asyncio.create_task(self._deliver(k[0], k[1], rows),
+                                                       name=f"deliver {k[0]}->{k[1]}")
+
+    async def _deliver(self, me: str, to: str, rows: list[NotificationRow]) -> None:
+        for i, row in enumerate(rows):
+            current = self.store.get_notification(me, row.id)
+            if current is None or current.status not in ("queued", "errored"):
+                continue
+            try:
+                cmd = N.s2s_notify_command(N.from_storage(current.data))
+                r = await self.outbound.request(me, to, cmd, handshake=True,
+                                                timeout=NOTIFY_TIMEOUT)
+                ok = r.ok and (r.data or "").strip() == "success"
+                why = "" if ok else f"{r.code} {r.message[:120]}"
+            except RemoteError as err:
+                ok, why = False, f"{err.code} {err.message[:160]}"
+            except Exception as exc:  # noqa: BLE001 - keep the worker alive
+                log.exception("delivering a notification %s -> %s", me, to)
+                ok, why = False, type(exc).__name__
+            if ok:
+                self.store.set_notification_status(me, row.id, "delivered")
+                log.info("notification %s %s -> %s delivered", row.id, me, to)
+                continue
+            # failure: back off this one and everything after it (keeps order per recipient)
+            retries = current.retry_count + 1
+            delay = min(self.config.retry_base_ms * (2 ** min(retries - 1, 16)),
+                        self.config.retry_max_ms)
+            log.info("notification %s %s -> %s failed (%s), retry %d in %d ms",
+                     row.id, me, to, why, retries, delay)
+            self.store.set_notification_status(me, row.id, "errored", retry_count=retries,
+                                               next_attempt=self.clock() + delay)
+            for later in rows[i + 1:]:
+                self.store.set_notification_status(me, later.id, later.status,
+                                                   next_attempt=self.clock() + delay)
+            self.outbound.drop(me, to)
+            return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for t in self._workers.values():
+            t.cancel()
+        for t in self._workers.values():
+            with contextlib.suppress(BaseException):
+                await t
