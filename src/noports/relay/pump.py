@@ -1,0 +1,116 @@
+"""Client-side "SSHRV" pump: join a local socket (or stdin/stdout) to a relay port.
+
+The relay expects, on every socket, one auth line (the signed envelope, plaintext) and then
+raw bytes (NoPorts protocol §4.2/§4.3). Everything after the auth line can be transformed
+per direction - e.g. AES-256-CTR encryptor/decryptor objects' ``update`` methods - which the
+relay never sees in clear. Backpressure is the same as the relay's protocol splice: a
+destination over its high-water mark pauses the source.
+
+stdio mode is what an OpenSSH ``ProxyCommand`` needs: ssh talks to our stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from .splice import HIGH_WATER, Splice, Transform, splice_sockets, splice_stdio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PumpStats:
+    """Byte counts of one pump run (``to_relay`` counts bytes read from the local side)."""
+
+    bytes_to_relay: int
+    bytes_from_relay: int
+    duration: float
+    reason: str
+
+
+def _auth_bytes(auth_line: bytes | str | None) -> bytes:
+    if auth_line is None:
+        return b""
+    data = auth_line.encode() if isinstance(auth_line, str) else bytes(auth_line)
+    if b"\n" in data.rstrip(b"\n"):
+        raise ValueError("auth line must not contain a newline")
+    return data.rstrip(b"\n") + b"\n"
+
+
+async def connect_relay(host: str, port: int, auth_line: bytes | str | None, *,
+                        timeout: float = 10.0,
+                        keepalive: tuple[int, int, int] | None = (30, 10, 3)) -> socket.socket:
+    """Connect to a relay port and send the auth line; return the non-blocking socket.
+
+    ``auth_line`` is the envelope (a trailing ``\\n`` is added if missing); None sends
+    nothing (unauthenticated relay sessions).
+    """
+    loop = asyncio.get_running_loop()
+    line = _auth_bytes(auth_line)
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _canon, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if keepalive is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    idle, intvl, cnt = keepalive
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+            if line:
+                await asyncio.wait_for(loop.sock_sendall(sock, line), timeout)
+            return sock
+        except (OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            last = exc if isinstance(exc, OSError) else TimeoutError(
+                f"relay {host}:{port} did not answer within {timeout:g}s")
+    raise last or OSError(f"cannot resolve relay {host}:{port}")
+
+
+async def _finish(sp: Splice) -> PumpStats:
+    await sp.wait_closed()
+    end = sp.ended_at or time.monotonic()
+    stats = PumpStats(sp.bytes_ab, sp.bytes_ba, end - sp.started_at, sp.close_reason)
+    log.info("pump finished (%s): to relay %d bytes, from relay %d bytes, %.1fs",
+             stats.reason, stats.bytes_to_relay, stats.bytes_from_relay, stats.duration)
+    return stats
+
+
+async def pump_socket(local: socket.socket, relay: socket.socket, *,
+                      to_relay: Transform | None = None, from_relay: Transform | None = None,
+                      high_water: int = HIGH_WATER) -> PumpStats:
+    """Pump between two connected sockets until both directions end; owns both sockets."""
+    sp = await splice_sockets(local, relay, mode="protocol", transform_ab=to_relay,
+                              transform_ba=from_relay, high_water=high_water)
+    return await _finish(sp)
+
+
+async def pump_stdio(relay: socket.socket, *, stdin_fd: int = 0, stdout_fd: int = 1,
+                     to_relay: Transform | None = None, from_relay: Transform | None = None,
+                     high_water: int = HIGH_WATER) -> PumpStats:
+    """Pump stdin -> relay and relay -> stdout (ProxyCommand mode); owns ``relay``."""
+    sp = await splice_stdio(relay, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
+                            transform_in=to_relay, transform_out=from_relay,
+                            high_water=high_water)
+    return await _finish(sp)
+
+
+async def run_sshrv(host: str, port: int, auth_line: bytes | str | None, *,
+                    local: socket.socket | None = None, to_relay: Transform | None = None,
+                    from_relay: Transform | None = None, connect_timeout: float = 10.0,
+                    stdin_fd: int = 0, stdout_fd: int = 1) -> PumpStats:
+    """Connect to the relay, authenticate, and pump to ``local`` (or stdio if None)."""
+    relay = await connect_relay(host, port, auth_line, timeout=connect_timeout)
+    if local is None:
+        return await pump_stdio(relay, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
+                                to_relay=to_relay, from_relay=from_relay)
+    return await pump_socket(local, relay, to_relay=to_relay, from_relay=from_relay)

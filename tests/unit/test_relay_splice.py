@@ -1,0 +1,81 @@
+"""Splice/pump building blocks on socketpairs (no relay): half-close, transforms, auth line."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from noports.relay.pump import _auth_bytes
+from noports.relay.splice import HAS_OS_SPLICE, splice_sockets
+
+MODES = ["protocol"] + (["os_splice"] if HAS_OS_SPLICE else [])
+
+
+def test_auth_line_normalised() -> None:
+    assert _auth_bytes('{"payload":{}}') == b'{"payload":{}}\n'
+    assert _auth_bytes(b"x\n") == b"x\n"
+    assert _auth_bytes(None) == b""
+    with pytest.raises(ValueError):
+        _auth_bytes(b"a\nb")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_splice_heads_half_close_and_counts(mode: str) -> None:
+    async def main() -> None:
+        a_app, a_relay = socket.socketpair()
+        b_app, b_relay = socket.socketpair()
+        closed = []
+        sp = await splice_sockets(a_relay, b_relay, mode=mode, head_ab=b"early-",
+                                  on_close=closed.append)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        for s in (a_app, b_app):
+            s.setblocking(False)
+        await loop.sock_sendall(a_app, b"data")
+        a_app.shutdown(socket.SHUT_WR)
+        buf = b""
+        while chunk := await loop.sock_recv(b_app, 100):
+            buf += chunk
+        assert buf == b"early-data"
+        await loop.sock_sendall(b_app, b"back")
+        b_app.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(a_app, 100) == b"back"
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        assert closed == [sp] and (sp.bytes_ab, sp.bytes_ba) == (10, 4)
+        a_app.close()
+        b_app.close()
+
+    asyncio.run(main())
+
+
+def test_transform_applies_per_direction() -> None:
+    async def main() -> None:
+        a_app, a_relay = socket.socketpair()
+        b_app, b_relay = socket.socketpair()
+        sp = await splice_sockets(a_relay, b_relay, transform_ab=bytes.upper,
+                                  transform_ba=bytes.lower)
+        loop = asyncio.get_running_loop()
+        for s in (a_app, b_app):
+            s.setblocking(False)
+        await loop.sock_sendall(a_app, b"hello")
+        assert await loop.sock_recv(b_app, 100) == b"HELLO"
+        await loop.sock_sendall(b_app, b"WORLD")
+        assert await loop.sock_recv(a_app, 100) == b"world"
+        sp.close("done")
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        a_app.close()
+        b_app.close()
+
+    with pytest.raises(ValueError):
+        asyncio.run(_os_splice_with_transform())
+    asyncio.run(main())
+
+
+async def _os_splice_with_transform() -> None:
+    a, b = socket.socketpair()
+    try:
+        await splice_sockets(a, b, mode="os_splice", transform_ab=bytes.upper)
+    finally:
+        a.close()
+        b.close()
