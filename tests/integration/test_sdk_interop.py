@@ -120,3 +120,25 @@ def test_saved_atkeys_are_private_and_sdk_readable(plane, tmp_path):
     assert again.pkam_private == keys.pkam_private
     save_atkeys(again, path)  # idempotent rewrite keeps 0600
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_wrong_pkam_is_refused_and_connection_survives(plane):
+    from noports.atclient import AtConnection, AtProtocolError, find_secondary
+
+    secret = crypto.generate_cram_secret()
+    plane.start_atserver("server1", {"@dave": secret})
+    ctx = client_context(plane.tls.ca_cert)
+    root = (plane.directory.host, plane.directory.port)
+    keys = activate("@dave", secret, root, ctx)
+    host, port = find_secondary(*root, "@dave", ctx)
+    with AtConnection(host, port, ctx) as conn:
+        _, wrong_private = crypto.generate_rsa_keypair()
+        with pytest.raises(AtProtocolError) as err:
+            conn.authenticate_pkam("@dave", wrong_private)
+        assert err.value.code == "AT0401"
+        with pytest.raises(AtProtocolError) as err:   # the CRAM secret was deleted on activation
+            conn.authenticate_cram("@dave", secret)
+        assert err.value.code in {"AT0401", "AT0015"}
+        assert conn.command("noop:0") == "ok"          # same connection still serves
+        conn.authenticate_pkam("@dave", keys.pkam_private)
+        assert conn.command("llookup:public:publickey@dave") == keys.encrypt_public
