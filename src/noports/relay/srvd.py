@@ -1,0 +1,409 @@
+"""srvd control side: turn ``request_ports`` notifications into rendezvous sessions.
+
+The data plane (ports, authentication of sockets, splicing) is :class:`Rendezvous`; this
+module decides *whether* to open a session and answers with ``ip,portA,portB,rvdNonce``
+(NoPorts protocol §3.1 K1/K2, §3.4 M1/M2, §4).
+
+Why split into :func:`decide` (pure) and :class:`Srvd` (async edge): authorization is the
+security-relevant part and must be testable without sockets. Two deliberate deviations from
+the official srvd, both wire-compatible (§4.1, §11.8):
+
+* the allow-list is checked against the *authenticated sender* of the notification, never
+  against the self-declared ``atSignA`` field, and ``atSignA`` must equal the sender (so a
+  client cannot make the relay verify side A against somebody else's key);
+* a session id that was seen before (open, closed, or being opened) is refused.
+
+Refusals get no reply (as the official srvd and sshnpd do) and are logged with the reason.
+Values of notifications and payload bytes are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from noports.npproto import RelayRequest, RelayResponse, dart_iso_now, verify_relay_auth
+from noports.npproto.errors import ProtocolError
+from noports.npproto.keys import (
+    RELAY_NS,
+    normalize_atsign,
+    parse_relay_key,
+    relay_subscription_regex,
+    validate_session_id,
+)
+
+from .server import RelayCapacityError, RelayConfig, Rendezvous, SessionSummary
+from .session import SideAuthenticator
+
+log = logging.getLogger(__name__)
+
+REPLY_TTL_MS = 10_000  # K2 ttl (srvd_impl.dart)
+REPLY_TTLN_MS = 60_000  # notification expiry used by all NoPorts notifications
+MAX_REQUEST_CHARS = 8192  # an M1 is ~250 chars; anything much larger is not a request
+MAX_NONCE_CHARS = 256
+OPEN = "open"  # the official ``-m`` default: any atSign may request sessions
+
+
+# --------------------------------------------------------------------------- pure part
+
+
+@dataclass(frozen=True)
+class SrvdPolicy:
+    """Who may ask for sessions and under which conditions.
+
+    ``allowed`` None means open (official default). ``require_socket_auth`` refuses requests
+    that switch off socket authentication on either side (and therefore legacy requests).
+    """
+
+    relay_atsign: str
+    allowed: frozenset[str] | None = None
+    allow_legacy: bool = True
+    require_socket_auth: bool = False
+    max_sessions_per_sender: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "relay_atsign", normalize_atsign(self.relay_atsign))
+        if self.allowed is not None:
+            object.__setattr__(self, "allowed",
+                               frozenset(normalize_atsign(a) for a in self.allowed))
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Open a session. ``client_nonce`` is None for legacy requests (no socket auth)."""
+
+    session_id: str
+    sender: str
+    device: str
+    atsign_a: str
+    atsign_b: str | None
+    client_nonce: str | None
+    auth_a: bool
+    auth_b: bool
+    legacy: bool = False
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Do not open a session and do not reply; ``reason`` is for the log only."""
+
+    reason: str
+
+
+Decision = Accept | Refuse
+
+
+def decide(key: str, sender: str, value: str | None, policy: SrvdPolicy, *,
+           known_sessions: Container[str] = (), sender_sessions: int = 0) -> Decision:
+    """Judge one notification received by the relay; never raises for bad input.
+
+    ``sender`` is the notification's authenticated ``from`` atSign; ``known_sessions`` the
+    session ids already seen; ``sender_sessions`` how many sessions the sender has open.
+    Authorization comes first, so an unauthorized sender learns nothing from the parsing.
+    """
+    try:
+        who = normalize_atsign(sender)
+    except ProtocolError:
+        return Refuse(f"invalid sender {sender!r}")
+    if policy.allowed is not None and who not in policy.allowed:
+        return Refuse(f"sender {who} is not allowed to request sessions")
+    try:
+        rk = parse_relay_key(key)
+    except ProtocolError as exc:
+        return Refuse(f"not a relay request: {exc}")
+    if rk.recipient != policy.relay_atsign:
+        return Refuse(f"request is addressed to {rk.recipient}, not {policy.relay_atsign}")
+    if rk.sender != who:
+        return Refuse(f"key names sender {rk.sender} but the notification is from {who}")
+    if value is None:
+        return Refuse("request has no (decryptable) value")
+    if len(value) > MAX_REQUEST_CHARS:
+        return Refuse(f"request value longer than {MAX_REQUEST_CHARS} characters")
+    if rk.legacy:
+        if not policy.allow_legacy or policy.require_socket_auth:
+            return Refuse("legacy (unauthenticated) requests are disabled")
+        try:
+            sid = validate_session_id(value.strip())
+        except ProtocolError as exc:
+            return Refuse(f"legacy request: {exc}")
+        accept = Accept(sid, who, rk.device, who, None, None, False, False, legacy=True)
+    else:
+        try:
+            req = RelayRequest.from_json(value)
+            sid = validate_session_id(req.session_id)
+            atsign_a = normalize_atsign(req.atsign_a)
+            atsign_b = normalize_atsign(req.atsign_b)
+        except ProtocolError as exc:
+            return Refuse(f"malformed request: {exc}")
+        except Exception as exc:  # any decoder surprise is a refusal, not a crash
+            return Refuse(f"malformed request: {type(exc).__name__}")
+        if atsign_a != who:
+            return Refuse(f"atSignA {atsign_a} is not the sender {who}")
+        if not 0 < len(req.client_nonce) <= MAX_NONCE_CHARS:
+            return Refuse("clientNonce is empty or too long")
+        if policy.require_socket_auth and not (req.authenticate_socket_a
+                                               and req.authenticate_socket_b):
+            return Refuse("request disables socket authentication, which this relay requires")
+        accept = Accept(sid, who, rk.device, atsign_a, atsign_b, req.client_nonce,
+                        req.authenticate_socket_a, req.authenticate_socket_b)
+    if accept.session_id in known_sessions:
+        return Refuse(f"duplicate session id {accept.session_id}")
+    if sender_sessions >= policy.max_sessions_per_sender:
+        return Refuse(f"{who} already has {sender_sessions} sessions "
+                      f"(max {policy.max_sessions_per_sender})")
+    return accept
+
+
+def reply_key_name(session_id: str) -> str:
+    """Name part of K2 ``@C:<sid>.sshrvd@R`` (sent with namespace None)."""
+    return f"{validate_session_id(session_id)}.{RELAY_NS}"
+
+
+def reply_text(advertise: str, port_a: int, port_b: int, rvd_nonce: str | None) -> str:
+    """M2 ``ip,portA,portB,rvdNonce`` (``,null`` for legacy requests)."""
+    return RelayResponse(advertise, port_a, port_b, rvd_nonce).to_csv()
+
+
+def side_authenticator(session_id: str, client_nonce: str, rvd_nonce: str,
+                       public_key: str) -> SideAuthenticator:
+    """Checks one side's auth line against the relay's own payload and that side's key."""
+
+    def authenticate(line: bytes) -> bool:
+        return verify_relay_auth(line, session_id, client_nonce, rvd_nonce, public_key)
+
+    return authenticate
+
+
+def validate_advertise(host: str) -> str:
+    """The advertised host goes into a CSV reply: no commas, no whitespace, not empty."""
+    if not host or any(c in host for c in ", \t\r\n"):
+        raise ValueError(f"advertised address {host!r} must be a host name or IP without "
+                         "commas or whitespace")
+    return host
+
+
+def parse_allow_list(text: str) -> frozenset[str]:
+    """One atSign per line (commas also separate); ``#`` starts a comment."""
+    out: set[str] = set()
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0]
+        for item in line.replace(",", " ").split():
+            out.add(normalize_atsign(item))
+    return frozenset(out)
+
+
+# --------------------------------------------------------------------------- async edge
+
+
+class _Client(Protocol):
+    """What srvd needs from :class:`noports.atclient.aio.AtClient` (fakes in unit tests)."""
+
+    async def public_key(self, atsign: str) -> str: ...
+
+    async def notify(self, to: str, key_name: str, value: str, *, namespace: str | None = ...,
+                     ttl_ms: int | None = ..., ttln_ms: int | None = ...) -> str: ...
+
+
+class _Relay(Protocol):
+    async def open_session(self, session_id: str, auth_a: SideAuthenticator | None,
+                           auth_b: SideAuthenticator | None) -> tuple[int, int]: ...
+
+    def close_session(self, session_id: str, reason: str = ...) -> bool: ...
+
+
+@dataclass
+class _Open:
+    sender: str
+    device: str
+    atsign_b: str | None
+    ports: tuple[int, int]
+    opened: float = field(default_factory=time.monotonic)
+
+
+class Srvd:
+    """Handles relay requests against a :class:`Rendezvous`.
+
+    ``relay`` None builds a Rendezvous from ``relay_config`` wired to :meth:`session_closed`;
+    an injected relay must call :meth:`session_closed` itself.
+    """
+
+    def __init__(self, client: _Client, policy: SrvdPolicy, advertise: str, *,
+                 relay: _Relay | None = None, relay_config: RelayConfig | None = None,
+                 key_timeout: float = 10.0, reply_timeout: float = 10.0,
+                 max_inflight: int = 64, remember: int = 65_536) -> None:
+        self.client = client
+        self.policy = policy
+        self.advertise = validate_advertise(advertise)
+        self.relay: _Relay = relay if relay is not None else Rendezvous(
+            relay_config, on_session_closed=self.session_closed)
+        self.key_timeout = key_timeout
+        self.reply_timeout = reply_timeout
+        self._sem = asyncio.Semaphore(max_inflight)
+        self._remember = remember
+        self._seen: OrderedDict[str, None] = OrderedDict()  # every session id ever handled
+        self._open: dict[str, _Open] = {}
+        self._inflight: dict[str, str] = {}  # sid -> sender, while keys/ports are fetched
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.refused = 0
+        self.opened = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _sender_sessions(self, sender: str) -> int:
+        return (sum(1 for o in self._open.values() if o.sender == sender)
+                + sum(1 for s in self._inflight.values() if s == sender))
+
+    def _mark_seen(self, sid: str) -> None:
+        self._seen[sid] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+
+    def session_closed(self, summary: SessionSummary) -> None:
+        """Rendezvous callback: log who the session was for and forget it."""
+        info = self._open.pop(summary.session_id, None)
+        who = f"{info.sender} -> {info.atsign_b or '?'} (device {info.device})" if info else "?"
+        log.info("session %s for %s closed (%s): %d pair(s), A->B %d B->A %d bytes, %.1fs",
+                 summary.session_id, who, summary.reason, summary.pairs, summary.bytes_ab,
+                 summary.bytes_ba, summary.duration)
+
+    # -- one request ---------------------------------------------------------------------------
+
+    async def handle(self, key: str, sender: str, value: str | None) -> str | None:
+        """Process one notification; return the reply sent, or None when refused/failed."""
+        try:
+            who = normalize_atsign(sender)
+        except ProtocolError:
+            who = "?"
+        decision = decide(key, sender, value, self.policy,
+                          known_sessions=self._seen, sender_sessions=self._sender_sessions(who))
+        if isinstance(decision, Refuse):
+            self.refused += 1
+            log.warning("refused request %s from %s: %s", key[:200], sender[:100],
+                        decision.reason)
+            return None
+        d = decision
+        self._mark_seen(d.session_id)
+        self._inflight[d.session_id] = d.sender
+        try:
+            return await self._open_and_reply(d)
+        finally:
+            self._inflight.pop(d.session_id, None)
+
+    async def _public_key(self, atsign: str) -> str | None:
+        try:
+            return await asyncio.wait_for(self.client.public_key(atsign), self.key_timeout)
+        except Exception as exc:
+            log.warning("cannot fetch the public key of %s: %s", atsign, type(exc).__name__)
+            return None
+
+    async def _open_and_reply(self, d: Accept) -> str | None:
+        rvd_nonce = None if d.legacy else dart_iso_now()
+        auth_a = auth_b = None
+        if d.auth_a or d.auth_b:
+            assert d.client_nonce is not None and rvd_nonce is not None
+            for flag, atsign, side in ((d.auth_a, d.atsign_a, "A"), (d.auth_b, d.atsign_b, "B")):
+                if not flag:
+                    continue
+                assert atsign is not None
+                pk = await self._public_key(atsign)
+                if pk is None:
+                    self.refused += 1
+                    log.warning("refused session %s: no public key for side %s (%s)",
+                                d.session_id, side, atsign)
+                    return None
+                auth = side_authenticator(d.session_id, d.client_nonce, rvd_nonce, pk)
+                if side == "A":
+                    auth_a = auth
+                else:
+                    auth_b = auth
+        try:
+            ports = await self.relay.open_session(d.session_id, auth_a, auth_b)
+        except (RelayCapacityError, ValueError, OSError) as exc:
+            self.refused += 1
+            log.warning("refused session %s from %s: %s", d.session_id, d.sender, exc)
+            return None
+        self._open[d.session_id] = _Open(d.sender, d.device, d.atsign_b, ports)
+        reply = reply_text(self.advertise, ports[0], ports[1], rvd_nonce)
+        try:
+            await asyncio.wait_for(
+                self.client.notify(d.sender, reply_key_name(d.session_id), reply,
+                                   namespace=None, ttl_ms=REPLY_TTL_MS, ttln_ms=REPLY_TTLN_MS),
+                self.reply_timeout)
+        except Exception as exc:
+            log.warning("session %s: reply to %s failed (%s); closing it", d.session_id,
+                        d.sender, type(exc).__name__)
+            self.relay.close_session(d.session_id, "reply could not be sent")
+            return None
+        self.opened += 1
+        log.info("session %s opened for %s -> %s (device %s%s): port A %d, port B %d, "
+                 "socket auth A=%s B=%s", d.session_id, d.sender, d.atsign_b or "?", d.device,
+                 ", legacy" if d.legacy else "", ports[0], ports[1], d.auth_a, d.auth_b)
+        return reply
+
+    # -- service loop --------------------------------------------------------------------------
+
+    async def _guarded(self, key: str, sender: str, value: str | None) -> None:
+        try:
+            await self.handle(key, sender, value)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must cost one request, never the relay
+            log.exception("request %s from %s failed unexpectedly", key[:200], sender[:100])
+        finally:
+            self._sem.release()
+
+    async def dispatch(self, key: str, sender: str, value: str | None) -> None:
+        """Handle a request concurrently (bounded by ``max_inflight``)."""
+        await self._sem.acquire()
+        task = asyncio.get_running_loop().create_task(self._guarded(key, sender, value))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve(self, monitor_factory: Callable[[str], object],
+                    stop: asyncio.Event, *, ready_timeout: float = 30.0) -> None:
+        """Consume notifications from ``monitor_factory(regex)`` until ``stop`` is set."""
+        mon = monitor_factory(relay_subscription_regex())
+        await mon.wait_ready(ready_timeout)  # type: ignore[attr-defined]
+        log.info("srvd %s ready: advertising %s, %s", self.policy.relay_atsign, self.advertise,
+                 "open to any atSign" if self.policy.allowed is None
+                 else f"{len(self.policy.allowed)} allowed atSign(s)")
+
+        async def consume() -> None:
+            async for n in mon:  # type: ignore[attr-defined]
+                if getattr(n, "operation", "update") != "update":
+                    continue
+                if getattr(n, "error", None):
+                    log.warning("ignored notification %s from %s: %s", n.key[:200],
+                                n.from_atsign, n.error)
+                    continue
+                await self.dispatch(n.key, n.from_atsign, n.value)
+
+        consumer = asyncio.get_running_loop().create_task(consume())
+        stopper = asyncio.get_running_loop().create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({consumer, stopper},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if consumer in done and not stop.is_set():
+                consumer.result()  # surface a fatal monitor error
+                log.error("monitor ended unexpectedly")
+        finally:
+            for t in (consumer, stopper):
+                t.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await mon.aclose()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        """Cancel requests in progress and close every session."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        aclose = getattr(self.relay, "aclose", None)
+        if aclose is not None:
+            await aclose()
