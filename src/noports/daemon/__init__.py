@@ -1,0 +1,15 @@
+"""``sshnpd``: the NoPorts device daemon.
+
+Layout (sans-IO core, thin asyncio edges):
+
+* :mod:`.config` - flags, config file, validation (no I/O beyond reading the config file);
+* :mod:`.handler` - pure decisions: notification + config + state -> replies / session plans;
+* :mod:`.authorized_keys` - the only code that rewrites ``authorized_keys`` (locked, atomic);
+* :mod:`.sshkeys` - in-process ephemeral key generation and sshd host key loading;
+* :mod:`.service` - the asyncio daemon: atServer monitor, sessions, timers, signals;
+* :mod:`.cli` - ``sshnpd`` command line and logging set-up.
+"""
+
+from __future__ import annotations
+
+DAEMON_VERSION = "0.1.0"

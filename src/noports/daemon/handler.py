@@ -1,0 +1,407 @@
+"""Pure decision logic of sshnpd: notification + config + state -> what to do.
+
+Why pure: every security decision of the daemon (who may talk to it, which requests are
+signed, fresh and permitted, what goes back) lives here and is unit-tested without sockets,
+atServers or files. :mod:`.service` only performs the returned actions.
+
+Order for every notification, as the official daemon (reference §7, §11.6): the sender
+(``notification.from``, authenticated by the atServer) must be a manager *before* anything
+else is looked at; unauthorized senders get no reply. Then the key is classified, and for
+``ssh_request``: signature (no reply on failure, like Dart) -> fields -> freshness/replay ->
+permit-open (plain error string reply) -> session plan.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from noports import crypto
+from noports.npproto.dartjson import dart_json_decode
+from noports.npproto.envelope import ReplayGuard, relay_auth_line, sign_envelope, verify_envelope
+from noports.npproto.errors import ProtocolError, ReplayError, SignatureError
+from noports.npproto.keys import (
+    device_info_key,
+    heartbeat_key,
+    parse_daemon_key,
+    session_response_key,
+    split_shared_key,
+    username_key,
+    validate_session_id,
+)
+from noports.npproto.messages import (
+    CIPHER_AES_CTR,
+    FEATURE_ACCEPTS_PUBLIC_KEYS,
+    FEATURE_ADJUSTABLE_TIMEOUT,
+    FEATURE_PORT_CHOICE,
+    FEATURE_SR_AUTH,
+    FEATURE_SR_E2EE,
+    DeviceInfo,
+    NptRequest,
+    SessionResponse,
+    SshRequest,
+    negotiate_cipher,
+)
+from noports.npproto.streamcipher import IV_LEN, KEY_LEN, SUPPORTED_CIPHERS
+
+from . import DAEMON_VERSION
+from .authorized_keys import AuthorizedKeysError, validate_client_public_key
+from .config import DaemonConfig
+from .sshkeys import EphemeralKey, generate_ephemeral_key
+
+log = logging.getLogger(__name__)
+
+RESPONSE_TTL_MS = 10_000  # K4/K6 (reference §3.1)
+DEVICE_INFO_TTL_MS = 30 * 24 * 3600 * 1000  # K9: 30 days, refreshed hourly
+MAX_VALUE_LEN = 64 * 1024  # an ssh_request is ~1.5 KiB; anything huge is not one of ours
+CORE_PACKAGE_VERSION = f"noports-py {DAEMON_VERSION}"
+
+# official daemon error strings (reference §3.4), sent as plain K6 values
+ERR_DAEMON_PERMIT = "Daemon does not permit connections to {target}"
+ERR_SIGNATURE = "Signature not verified: {err}"
+ERR_TUNNEL = "Failed to start up the daemon side of the srv socket tunnel : {err}"
+
+
+# --- inputs and actions ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Inbound:
+    """A received notification, reduced to what decisions need (value already decrypted)."""
+
+    id: str
+    sender: str  # notification.from: authenticated by the atServer, the only trusted origin
+    key: str
+    value: str | None
+    operation: str = "update"
+    error: str | None = None  # set when the value could not be decrypted
+
+    def __repr__(self) -> str:  # values are secrets: never in logs
+        return f"Inbound(id={self.id!r}, from={self.sender!r}, key={self.key!r})"
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """Do nothing (and send nothing); ``event`` is a stable name for structured logs."""
+
+    event: str
+    reason: str
+    level: int = logging.INFO
+    sender: str | None = None
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """An authorized notification of a known kind, ready for its kind's handler."""
+
+    kind: str
+    sender: str
+    value: str
+    id: str
+
+    def __repr__(self) -> str:
+        return f"Request(kind={self.kind!r}, from={self.sender!r}, id={self.id!r})"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A notification to send: ``@to:<key_name>@<device atSign>``."""
+
+    to: str
+    key_name: str
+    value: str
+    ttl_ms: int = RESPONSE_TTL_MS
+    session_id: str | None = None
+    is_error: bool = False
+
+    def __repr__(self) -> str:
+        return f"Reply(to={self.to!r}, key={self.key_name!r}, error={self.is_error})"
+
+
+@dataclass(frozen=True)
+class AddClientKey:
+    """``-s``: append this (validated) public key to authorized_keys."""
+
+    sender: str
+    public_key: str
+
+
+@dataclass(frozen=True)
+class ShareRecord:
+    """Put (value set) or delete (value None) ``@manager:<name>@device`` (K8/K9)."""
+
+    to: str
+    atkey: str  # full @to:name@device
+    key_name: str  # name without atSigns
+    value: str | None
+    ttl_ms: int | None = None
+
+
+@dataclass
+class SessionPlan:
+    """Everything the service needs to run one ssh session (secrets: never log this)."""
+
+    session_id: str
+    client: str
+    relay_host: str
+    relay_port: int
+    auth_line: bytes | None  # None: the client asked for no relay authentication
+    cipher_id: str | None  # None: plain bytes (the client's outer SSH carries the crypto)
+    key: bytes | None
+    iv: bytes | None
+    ephemeral: EphemeralKey
+    response: Reply
+
+    def __repr__(self) -> str:
+        return (f"SessionPlan(session_id={self.session_id!r}, client={self.client!r}, "
+                f"relay={self.relay_host}:{self.relay_port}, cipher={self.cipher_id!r})")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def permitted(host: str, port: int, permit_open: tuple[str, ...] | list[str]) -> bool:
+    """Official ``_permittedToOpen``: exact ``host:port``, ``*:port``, ``host:*`` or ``*:*``."""
+    return any(p in permit_open for p in (f"{host}:{port}", f"*:{port}", f"{host}:*", "*:*"))
+
+
+def _name(atkey: str) -> str:
+    return split_shared_key(atkey).name
+
+
+# --- the handler -----------------------------------------------------------------------------
+
+class DaemonHandler:
+    """Decisions for one daemon (one device name); holds only replay state."""
+
+    def __init__(self, config: DaemonConfig, signing_private_key: str, *,
+                 replay_guard: ReplayGuard | None = None,
+                 keygen: Callable[[str], EphemeralKey] = generate_ephemeral_key,
+                 randbytes: Callable[[int], bytes] = os.urandom,
+                 supported_ciphers: tuple[str, ...] = SUPPORTED_CIPHERS) -> None:
+        self.config = config
+        self._signing_key = signing_private_key
+        self.replay = replay_guard or ReplayGuard()
+        self._keygen = keygen
+        self._randbytes = randbytes
+        self.supported_ciphers = supported_ciphers
+        self._seen_sessions: OrderedDict[str, None] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"DaemonHandler({self.config.atsign}:{self.config.device})"
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def authorize(self, sender: str) -> str | None:
+        """None if ``sender`` may use this daemon, else the official denial message."""
+        if sender in self.config.managers:
+            return None
+        return f"{sender} is not in --managers list"
+
+    def route(self, n: Inbound) -> Request | Ignore:
+        """Authorize, then classify; never raises for any input."""
+        sender = (n.sender or "").strip().lower()
+        if sender and not sender.startswith("@"):
+            sender = "@" + sender
+        denial = self.authorize(sender)
+        if denial is not None:
+            return Ignore("unauthorized", f"Notification ignored from {sender or '?'} which is "
+                          f"not authorized: {denial}", logging.WARNING, sender)
+        if n.operation != "update":
+            return Ignore("not_update", f"ignoring a {n.operation!r} notification",
+                          logging.DEBUG, sender)
+        try:
+            dk = parse_daemon_key(n.key, self.config.device)
+        except (ProtocolError, TypeError) as exc:
+            return Ignore("unknown_key", f"ignoring notification: {exc}", logging.INFO, sender)
+        if dk.sender != sender or dk.recipient != self.config.atsign:
+            return Ignore("key_mismatch", "ignoring notification whose key names another "
+                          "sender or recipient", logging.WARNING, sender)
+        if n.error is not None:
+            return Ignore("undecryptable", f"ignoring {dk.kind}: {n.error}", logging.WARNING,
+                          sender)
+        if n.value is None:
+            return Ignore("no_value", f"ignoring {dk.kind} without a value", logging.INFO,
+                          sender)
+        if len(n.value) > MAX_VALUE_LEN:
+            return Ignore("too_large", f"ignoring {dk.kind}: value of {len(n.value)} chars",
+                          logging.WARNING, sender)
+        if dk.kind in ("privatekey", "sshd"):
+            return Ignore("legacy", f"ignoring legacy reverse-ssh '{dk.kind}' request "
+                          "(not supported)", logging.WARNING, sender)
+        return Request(dk.kind, sender, n.value, n.id)
+
+    # -- ping and shared records ---------------------------------------------------------------
+
+    def device_info(self) -> DeviceInfo:
+        """M6: what pings and the device_info record say about this daemon."""
+        c = self.config
+        features = {FEATURE_ACCEPTS_PUBLIC_KEYS: c.accept_public_keys, FEATURE_SR_AUTH: True,
+                    FEATURE_SR_E2EE: True, FEATURE_PORT_CHOICE: False,
+                    FEATURE_ADJUSTABLE_TIMEOUT: False}
+        return DeviceInfo(devicename=c.device, device_group_name=c.device_group,
+                          version=DAEMON_VERSION, core_package_version=CORE_PACKAGE_VERSION,
+                          supported_features=features, allowed_services=list(c.permit_open))
+
+    def on_ping(self, req: Request) -> Reply:
+        """K3 -> K4 heartbeat with the M6 JSON (unsigned, like the official daemon)."""
+        key = heartbeat_key(req.sender, self.config.device, self.config.atsign)
+        return Reply(req.sender, _name(key), self.device_info().to_json())
+
+    def share_records(self, username: str) -> list[ShareRecord]:
+        """K8/K9 for every manager: put them, or with ``--hide`` delete them."""
+        c = self.config
+        out: list[ShareRecord] = []
+        info = self.device_info().to_json()
+        for m in c.managers:
+            uk = username_key(m, c.device, c.atsign)
+            dk = device_info_key(m, c.device, c.atsign)
+            if c.hide:
+                out += [ShareRecord(m, uk, _name(uk), None), ShareRecord(m, dk, _name(dk), None)]
+            else:
+                out += [ShareRecord(m, uk, _name(uk), username),
+                        ShareRecord(m, dk, _name(dk), info, DEVICE_INFO_TTL_MS)]
+        return out
+
+    # -- sshpublickey (K7) -----------------------------------------------------------------------
+
+    def on_sshpublickey(self, req: Request) -> AddClientKey | Ignore:
+        if not self.config.accept_public_keys:
+            return Ignore("publickey_refused", f"ignoring sshpublickey from {req.sender}: "
+                          "daemon not started with -s", logging.INFO, req.sender)
+        try:
+            key = validate_client_public_key(req.value)
+        except AuthorizedKeysError as exc:
+            return Ignore("bad_publickey", f"ignoring sshpublickey from {req.sender}: {exc}",
+                          logging.WARNING, req.sender)
+        return AddClientKey(req.sender, key)
+
+    # -- ssh_request (K5) ----------------------------------------------------------------------
+
+    def _error_reply(self, to: str, sid: str, text: str) -> Reply:
+        key = session_response_key(to, sid, self.config.device, self.config.atsign)
+        return Reply(to, _name(key), text, session_id=sid, is_error=True)
+
+    def tunnel_failed(self, plan: SessionPlan, err: str) -> Reply:
+        """The official reply when the relay or local sshd cannot be reached."""
+        return self._error_reply(plan.client, plan.session_id, ERR_TUNNEL.format(err=err))
+
+    def _fresh(self, sid: str, client_nonce: str | None, sender: str) -> Ignore | None:
+        """Replay defence: a session id is used once; nonces must be recent and unseen."""
+        if sid in self._seen_sessions:
+            return Ignore("replay", f"refusing ssh_request {sid} from {sender}: session id "
+                          "seen before", logging.WARNING, sender, sid)
+        if client_nonce is not None:
+            try:
+                self.replay.check(sid, client_nonce)
+            except ReplayError as exc:
+                return Ignore("replay", f"refusing ssh_request from {sender}: {exc}",
+                              logging.WARNING, sender, sid)
+        self._seen_sessions[sid] = None
+        while len(self._seen_sessions) > 10_000:
+            self._seen_sessions.popitem(last=False)
+        return None
+
+    def on_ssh_request(self, req: Request, client_public_key: str,
+                       host_keys: list[str] | None = None) -> SessionPlan | Reply | Ignore:
+        """Verify and plan one session; ``client_public_key`` is ``public:publickey@client``."""
+        sender = req.sender
+        try:
+            payload = verify_envelope(req.value, client_public_key)
+        except SignatureError as exc:
+            # Dart's ssh_request path only logs; no reply (reference §3.4)
+            return Ignore("bad_signature", f"ssh_request from {sender}: signature not "
+                          f"verified: {exc}", logging.WARNING, sender)
+        try:
+            sr = SshRequest.from_dict(payload)
+            sid = validate_session_id(sr.session_id)
+        except ProtocolError as exc:
+            return Ignore("bad_request", f"ignoring malformed ssh_request from {sender}: {exc}",
+                          logging.WARNING, sender)
+        stale = self._fresh(sid, sr.client_nonce, sender)
+        if stale is not None:
+            return stale
+        target_port = self.config.local_sshd_port
+        if not permitted("localhost", target_port, self.config.permit_open):
+            return self._error_reply(sender, sid, ERR_DAEMON_PERMIT.format(
+                target=f"localhost:{target_port}"))
+        if not 0 < sr.port < 65536 or not sr.host:
+            return self._error_reply(sender, sid, ERR_TUNNEL.format(
+                err=f"bad relay address {sr.host}:{sr.port}"))
+
+        cipher_id = key = iv = None
+        aes_ct = iv_ct = None
+        if sr.encrypt_rvd_traffic:
+            cipher_id = negotiate_cipher(sr.np_ciphers, self.supported_ciphers)
+            key, iv = self._randbytes(KEY_LEN), self._randbytes(IV_LEN)
+            try:
+                assert sr.client_ephemeral_pk is not None  # from_dict checked it
+                aes_ct = crypto.rsa_encrypt(sr.client_ephemeral_pk,
+                                            base64.b64encode(key).decode("ascii"))
+                iv_ct = crypto.rsa_encrypt(sr.client_ephemeral_pk,
+                                           base64.b64encode(iv).decode("ascii"))
+            except (crypto.CryptoError, ValueError, TypeError) as exc:
+                return self._error_reply(sender, sid, ERR_TUNNEL.format(
+                    err=f"unusable clientEphemeralPK ({type(exc).__name__})"))
+        auth_line = None
+        if sr.authenticate_to_rvd:
+            assert sr.client_nonce is not None and sr.rvd_nonce is not None
+            auth_line = relay_auth_line(sid, sr.client_nonce, sr.rvd_nonce, self._signing_key)
+        eph = self._keygen(self.config.ssh_algorithm)
+        resp = SessionResponse(
+            session_id=sid, status="connected", ephemeral_private_key=eph.private_openssh,
+            session_aes_key=aes_ct, session_iv=iv_ct, host_keys=list(host_keys or []) or None,
+            np_cipher=cipher_id)
+        key_name = _name(session_response_key(sender, sid, self.config.device,
+                                              self.config.atsign))
+        envelope = sign_envelope(resp.to_dict(), self._signing_key)
+        return SessionPlan(
+            session_id=sid, client=sender, relay_host=sr.host, relay_port=sr.port,
+            auth_line=auth_line, cipher_id=cipher_id, key=key, iv=iv, ephemeral=eph,
+            response=Reply(sender, key_name, envelope, session_id=sid))
+
+    # -- npt_request (K5') ---------------------------------------------------------------------
+
+    def on_npt_request(self, req: Request, client_public_key: str) -> Reply | Ignore:
+        """npt is not implemented (ping says supportsPortChoice=false): answer why."""
+        try:
+            payload = verify_envelope(req.value, client_public_key)
+        except SignatureError as exc:
+            sid = _peek_session_id(req.value)
+            if sid is None:
+                return Ignore("bad_signature", f"npt_request from {req.sender}: {exc}",
+                              logging.WARNING, req.sender)
+            return self._error_reply(req.sender, sid, ERR_SIGNATURE.format(err=exc))
+        try:
+            nr = NptRequest.from_dict(payload)
+            sid = validate_session_id(nr.session_id)
+        except ProtocolError as exc:
+            return Ignore("bad_request", f"ignoring malformed npt_request from {req.sender}: "
+                          f"{exc}", logging.WARNING, req.sender)
+        stale = self._fresh(sid, nr.client_nonce, req.sender)
+        if stale is not None:
+            return stale
+        if not permitted(nr.requested_host, nr.requested_port, self.config.permit_open):
+            return self._error_reply(req.sender, sid, ERR_DAEMON_PERMIT.format(
+                target=f"{nr.requested_host}:{nr.requested_port}"))
+        return self._error_reply(req.sender, sid, ERR_TUNNEL.format(
+            err="npt sessions are not supported by this daemon"))
+
+
+def _peek_session_id(value: str) -> str | None:
+    """The sessionId of an unverifiable envelope, only to address the official error reply."""
+    try:
+        env = dart_json_decode(value)
+        sid = env["payload"]["sessionId"]
+        return validate_session_id(sid)
+    except (ProtocolError, KeyError, TypeError):
+        return None
+
+
+__all__ = [
+    "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Ignore", "Inbound", "Reply",
+    "Request", "SessionPlan", "ShareRecord", "permitted",
+]

@@ -1,0 +1,389 @@
+"""sshnpd as a real subprocess against a real plane, a real OpenSSH sshd and a stand-in relay.
+
+The test plays the client (@client) with the asyncio AtClient and plays the socket rendezvous
+with a loopback listening socket (port B): it reads and checks the daemon's relay auth line,
+then speaks to whatever the daemon pumps - in plain mode a real SSH session (paramiko)
+authenticated with the ephemeral key from the signed response, against our test sshd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import paramiko
+import pytest
+from plane_harness import Plane, Proc, spawn
+
+from noports import crypto
+from noports.atclient.aio import AtClient
+from noports.daemon.authorized_keys import AuthorizedKeys
+from noports.keys.atkeys import AtKeys
+from noports.keys.ca import client_context
+from noports.keys.onboarding import activate
+from noports.npproto import (
+    CIPHER_AES_CTR,
+    CIPHER_CHACHA20_POLY1305,
+    SessionResponse,
+    SshRequest,
+    dart_iso_now,
+    sign_envelope,
+    verify_envelope,
+    verify_relay_auth,
+)
+from noports.npproto.streamcipher import decode_session_secrets, new_session_cipher
+
+pytestmark = pytest.mark.integration
+SSHD = "/usr/sbin/sshd"
+DEV = "pi"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Env:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.plane = Plane(base / "plane")
+        self.plane.start_directory()
+        secrets = {a: crypto.generate_cram_secret() for a in ("@device", "@client", "@eve")}
+        self.server = self.plane.start_atserver("srv", secrets)
+        self.ctx = client_context(self.plane.tls.ca_cert)
+        self.root = (self.plane.directory.host, self.plane.directory.port)
+        self.keys_dir = base / "keys"
+        self.keys: dict[str, AtKeys] = {
+            a: activate(a, s, self.root, self.ctx, keys_path=self.keys_dir / f"{a}_key.atKeys")
+            for a, s in secrets.items()}
+        self.sshd_dir = base / "sshd"
+        self.sshd_dir.mkdir()
+        self.ak_path = base / "home" / ".ssh" / "authorized_keys"
+        self.sshd_port = _free_port()
+        self.sshd = self._start_sshd()
+        self.host_key = (self.sshd_dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        self.user = __import__("pwd").getpwuid(os.geteuid()).pw_name
+        self.daemons: list[Proc] = []
+
+    def _start_sshd(self) -> Proc:
+        key = self.sshd_dir / "ssh_host_ed25519_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True, timeout=30)
+        cfg = self.sshd_dir / "sshd_config"
+        cfg.write_text("\n".join([
+            f"Port {self.sshd_port}", "ListenAddress 127.0.0.1", f"HostKey {key}",
+            f"PidFile {self.sshd_dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.ak_path}",
+            "StrictModes no", "UsePAM no", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
+            "AllowTcpForwarding yes", "PermitRootLogin prohibit-password", "LogLevel VERBOSE",
+            ""]))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        proc = spawn([SSHD, "-D", "-e", "-f", str(cfg)])
+        proc.wait_for(r"Server listening on 127\.0\.0\.1 port")
+        return proc
+
+    def start_daemon(self, *extra: str, device: str = DEV) -> Proc:
+        proc = spawn([sys.executable, "-m", "noports.daemon.cli", "-a", "@device",
+                      "-m", "@client", "-d", device,
+                      "-k", str(self.keys_dir / "@device_key.atKeys"),
+                      "--root-domain", self.plane.root, "--ca-file", str(self.plane.tls.ca_cert),
+                      "--authorized-keys", str(self.ak_path),
+                      "--sshd-host-keys", str(self.sshd_dir / "*.pub"),
+                      "--local-sshd-port", str(self.sshd_port), "--log-format", "json", *extra])
+        proc.wait_for(r'"event": "ready"', timeout=30)
+        self.daemons.append(proc)
+        return proc
+
+    async def client(self, atsign: str = "@client") -> AtClient:
+        return await AtClient.connect(atsign, self.keys[atsign], self.root, self.ctx)
+
+    def stop(self) -> None:
+        for d in self.daemons:
+            d.stop()
+        self.sshd.stop()
+        self.plane.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if not (os.path.exists(SSHD) and shutil.which("ssh-keygen")):
+        pytest.skip("OpenSSH sshd/ssh-keygen not installed")
+    if os.geteuid() != 0 and not os.path.isdir("/run/sshd"):
+        pytest.skip("sshd needs /run/sshd (create it as root)")
+    e = Env(tmp_path_factory.mktemp("sshnpd"))
+    e.daemon = e.start_daemon("--ephemeral-key-ttl", "5")
+    yield e
+    if os.environ.get("SSHNPD_TEST_LOGS"):
+        for d in e.daemons:
+            print("\n".join(d.lines))
+    e.stop()
+
+
+def run(coro, timeout: float = 30.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def make_request(keys: AtKeys, port: int, *, encrypt: bool, ciphers: list[str] | None = None,
+                 session_pk: str | None = None) -> tuple[str, str, str, str]:
+    """(sid, clientNonce, rvdNonce, signed envelope) of an ssh_request naming relay port B."""
+    sid, cn, rn = str(uuid.uuid4()), dart_iso_now(), dart_iso_now()
+    req = SshRequest(session_id=sid, host="127.0.0.1", port=port, authenticate_to_rvd=True,
+                     client_nonce=cn, rvd_nonce=rn, encrypt_rvd_traffic=encrypt,
+                     client_ephemeral_pk=session_pk if encrypt else None,
+                     client_ephemeral_pk_type="rsa2048" if encrypt else None,
+                     np_ciphers=ciphers)
+    return sid, cn, rn, sign_envelope(req.to_dict(), keys.encrypt_private)
+
+
+async def request_session(env: Env, listener: socket.socket, *, encrypt: bool,
+                          ciphers: list[str] | None = None, session_pk: str | None = None,
+                          device: str = DEV):
+    """Send ssh_request as @client; return (sid, cn, rn, response text)."""
+    c = await env.client()
+    try:
+        sid, cn, rn, value = make_request(env.keys["@client"], listener.getsockname()[1],
+                                          encrypt=encrypt, ciphers=ciphers,
+                                          session_pk=session_pk)
+        mon = c.monitor(f"{sid}.{device}.sshnp@device")
+        await mon.wait_ready(10)
+        await c.notify("@device", f"ssh_request.{device}.sshnp", value, ttl_ms=10_000)
+        n = await asyncio.wait_for(mon.__anext__(), 15)
+        assert n.from_atsign == "@device"
+        return sid, cn, rn, n.value
+    finally:
+        await c.close()
+
+
+def accept_relay_side(listener: socket.socket, sid: str, cn: str, rn: str,
+                      device_pk: str) -> socket.socket:
+    """Our stand-in relay: accept port B, read and verify the daemon's auth line."""
+    listener.settimeout(10)
+    sock, _ = listener.accept()
+    sock.settimeout(10)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, "daemon closed before its auth line"
+        line += chunk
+    assert verify_relay_auth(line.rstrip(b"\n"), sid, cn, rn, device_pk)
+    return sock
+
+
+def listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(4)
+    return s
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------------------------
+
+def test_ping_gets_heartbeat_and_username_is_shared(env):
+    async def main():
+        c = await env.client()
+        try:
+            mon = c.monitor(f"heartbeat.{DEV}.sshnp")
+            await mon.wait_ready(10)
+            await c.notify("@device", f"ping.{DEV}.sshnp", "ping")
+            n = await asyncio.wait_for(mon.__anext__(), 15)
+            username = await c.get_shared(f"username.{DEV}.sshnp", shared_by="@device")
+            return n, username
+        finally:
+            await c.close()
+
+    n, username = run(main())
+    assert n.from_atsign == "@device"
+    info = json.loads(n.value)
+    assert info["devicename"] == DEV
+    assert info["supportedFeatures"]["srAuth"] and info["supportedFeatures"]["srE2ee"]
+    assert info["allowedServices"] == [f"localhost:{env.sshd_port}"]
+    assert username == env.user
+
+
+def test_non_manager_gets_no_reply_and_nothing_changes(env):
+    before = env.ak_path.read_bytes() if env.ak_path.exists() else b""
+    start = len(env.daemon.lines)
+
+    async def main():
+        c = await env.client("@eve")
+        try:
+            lst = listener()
+            sid, _, _, value = make_request(env.keys["@eve"], lst.getsockname()[1],
+                                            encrypt=False)
+            mon = c.monitor(f"{sid}.{DEV}.sshnp@device")
+            await mon.wait_ready(10)
+            await c.notify("@device", f"ssh_request.{DEV}.sshnp", value)
+            await c.notify("@device", f"ping.{DEV}.sshnp", "ping")
+            env.daemon.wait_for(r'"event": "unauthorized".*"sender": "@eve"', 15, start)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(mon.__anext__(), 1.5)
+            lst.settimeout(0.2)
+            with pytest.raises(socket.timeout):
+                lst.accept()  # the daemon never dialled the relay
+            lst.close()
+        finally:
+            await c.close()
+
+    run(main())
+    after = env.ak_path.read_bytes() if env.ak_path.exists() else b""
+    assert after == before
+
+
+def test_plain_session_key_logs_in_to_real_sshd_and_expires(env):
+    lst = listener()
+    sid, cn, rn, value = run(request_session(env, lst, encrypt=False))
+    device_pk = env.keys["@device"].encrypt_public
+    resp = SessionResponse.from_dict(verify_envelope(value, device_pk))
+    assert resp.status == "connected" and resp.session_id == sid
+    assert resp.host_keys == [" ".join(env.host_key)]
+    assert resp.np_cipher is None and resp.session_aes_key is None
+    line = [x for x in env.ak_path.read_text().splitlines() if sid in x]
+    assert len(line) == 1 and line[0].endswith(f"sshnp_ephemeral_{sid} until="
+                                               f"{line[0].split('until=')[1].split()[0]} "
+                                               "owner=@device/pi")
+    assert 'PermitOpen="localhost:' in line[0] and "no-pty" in line[0]
+
+    sock = accept_relay_side(lst, sid, cn, rn, device_pk)
+    t = paramiko.Transport(sock)
+    try:
+        t.start_client(timeout=10)
+        server_key = t.get_remote_server_key()
+        assert [server_key.get_name(), server_key.get_base64()] == env.host_key  # pinned
+        pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(resp.ephemeral_private_key))
+        t.auth_publickey(env.user, pkey)
+        assert t.is_authenticated()
+        ch = t.open_channel("direct-tcpip", ("localhost", env.sshd_port), ("127.0.0.1", 1))
+        ch.settimeout(10)
+        assert ch.recv(64).startswith(b"SSH-2.0-OpenSSH")
+        ch.close()
+        with pytest.raises(paramiko.ChannelException):  # PermitOpen pins the target
+            t.open_channel("direct-tcpip", ("localhost", 1), ("127.0.0.1", 1), timeout=5)
+    finally:
+        t.close()
+        lst.close()
+    wait_until(lambda: sid not in env.ak_path.read_text(), 15, "ephemeral key removal")
+
+
+@pytest.mark.parametrize("offer,cipher", [(None, CIPHER_AES_CTR),
+                                          ([CIPHER_CHACHA20_POLY1305], CIPHER_CHACHA20_POLY1305)])
+def test_encrypted_session_carries_sshd_bytes(env, offer, cipher):
+    session_pub, session_priv = crypto.generate_rsa_keypair()
+    lst = listener()
+    sid, cn, rn, value = run(request_session(env, lst, encrypt=True, ciphers=offer,
+                                             session_pk=session_pub))
+    resp = SessionResponse.from_dict(verify_envelope(value, env.keys["@device"].encrypt_public))
+    assert resp.np_cipher == cipher
+    key, iv = decode_session_secrets(crypto.rsa_decrypt(session_priv, resp.session_aes_key),
+                                     crypto.rsa_decrypt(session_priv, resp.session_iv))
+    sock = accept_relay_side(lst, sid, cn, rn, env.keys["@device"].encrypt_public)
+    c = new_session_cipher(cipher, key, iv, is_client=True)
+    try:
+        got = b""
+        while b"\n" not in got:
+            data = sock.recv(4096)
+            assert data, "closed before sshd's banner arrived"
+            got += c.decrypt(data)
+        assert got.startswith(b"SSH-2.0-OpenSSH")
+        sock.sendall(c.encrypt(b"SSH-2.0-sshnpd_test\r\n"))
+    finally:
+        sock.close()
+        lst.close()
+
+
+def test_relay_unreachable_gets_official_error(env):
+    dead = listener()
+    port = dead.getsockname()[1]
+    dead.close()  # nobody listens on port B any more
+
+    class _L:
+        def getsockname(self):
+            return ("127.0.0.1", port)
+
+    sid, _, _, value = run(request_session(env, _L(), encrypt=False))
+    assert value.startswith("Failed to start up the daemon side of the srv socket tunnel : ")
+    wait_until(lambda: sid not in env.ak_path.read_text(), 5, "key removal after failure")
+
+
+def test_sigterm_cleans_up_and_kill9_leftovers_removed_on_restart(env):
+    ak = AuthorizedKeys(env.ak_path)
+    # 1. SIGTERM with a live session: exit 0 and its key line is gone
+    d1 = env.start_daemon("--ephemeral-key-ttl", "300", device="pi2")
+    lst = listener()
+    sid, *_ = run(request_session(env, lst, encrypt=False, device="pi2"))
+    assert sid in ak.ephemeral_sessions()
+    assert d1.stop(signal.SIGTERM) == 0
+    assert sid not in ak.ephemeral_sessions()
+    # 2. kill -9 with a live session: the line survives the crash...
+    d2 = env.start_daemon("--ephemeral-key-ttl", "300", device="pi2")
+    sid2, *_ = run(request_session(env, lst, encrypt=False, device="pi2"))
+    d2.kill9()
+    assert sid2 in ak.ephemeral_sessions()
+    # 3. ...and the next start removes it, but not the live key of the other daemon (pi)
+    other = listener()
+    sid_pi, *_ = run(request_session(env, other, encrypt=False))
+    d3 = env.start_daemon(device="pi2")
+    assert sid2 not in ak.ephemeral_sessions()
+    assert sid_pi in ak.ephemeral_sessions()
+    other.close()
+    d3.wait_for(r'"event": "leftovers_removed"', 5)
+    lst.close()
+
+
+def test_daemon_survives_garbage_and_atserver_restart(env):
+    start = len(env.daemon.lines)
+
+    async def garbage():
+        c = await env.client()
+        try:
+            for v in ("{", "null", "x" * 5000, '{"payload":{},"signature":"","hashingAlgo":'
+                      '"sha256","signingAlgo":"rsa2048"}'):
+                await c.notify("@device", f"ssh_request.{DEV}.sshnp", v)
+            await c.notify("@device", f"sshpublickey.{DEV}.sshnp", "not a key")
+            await c.notify("@device", f"npt_request.{DEV}.sshnp", "[]")
+        finally:
+            await c.close()
+
+    run(garbage())
+    env.daemon.wait_for(r'"event": "bad_signature"', 10, start)
+    # kill -9 the atServer hosting every atSign, restart it; the daemon must come back
+    env.server.proc.kill9()
+    env.server = env.plane.start_atserver("srv", restart_of=env.server)
+
+    async def ping() -> str:
+        deadline = time.monotonic() + 25
+        while True:
+            c = await env.client()
+            try:
+                mon = c.monitor(f"heartbeat.{DEV}.sshnp")
+                await mon.wait_ready(10)
+                await c.notify("@device", f"ping.{DEV}.sshnp", "ping")
+                try:
+                    return (await asyncio.wait_for(mon.__anext__(), 3)).value
+                except asyncio.TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+            finally:
+                await c.close()
+
+    assert json.loads(run(ping(), 40))["devicename"] == DEV
+    assert env.daemon.popen.poll() is None
