@@ -1,0 +1,726 @@
+"""The client side of one NoPorts v5 session (reference §3.2), with round trips overlapped.
+
+Why this order (each step starts as early as its inputs exist, so the critical path is
+connect -> relay request -> relay answer -> session request -> device answer):
+
+* the per-session RSA key is generated in a thread while the network works (aes mode);
+* the command connection and the monitor connection authenticate concurrently; the monitor
+  asks for a replay from just before we started, so nothing sent to us is missed even if
+  its ``monitor`` command reaches the server after the first answer;
+* the relay request goes out first on the command connection, then (FIFO) the fetch of the
+  relay's shared key, so the monitor can decrypt the answer without waiting, then the ping,
+  the device's shared key, public key (cached on disk) and username;
+* relay port A is dialled and authenticated while the session request travels to the
+  device; the ping answer is only checked, never waited for, unless the device is silent.
+
+Relays are tried in order; one that does not answer in ``relay_timeout`` or whose port cannot
+be reached is skipped (with a fresh session id once the device has been asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from noports.npproto import keys as npkeys
+from noports.npproto.envelope import dart_iso_now, relay_auth_payload
+from noports.npproto.errors import ProtocolError, SignatureError
+from noports.npproto.messages import (
+    FEATURE_ACCEPTS_PUBLIC_KEYS,
+    FEATURE_SR_AUTH,
+    FEATURE_SR_E2EE,
+    DeviceInfo,
+    RelayRequest,
+    RelayResponse,
+    SessionResponse,
+    SshRequest,
+    is_daemon_error,
+)
+
+from . import pkcache
+from .errors import (
+    AtServerError,
+    DeviceRefused,
+    DeviceTimeout,
+    KeysError,
+    RelayError,
+    SecurityError,
+    SshnpError,
+)
+from .knownhosts import device_known_hosts_path, host_key_alias, update_known_hosts
+from .params import SessionParams
+from .progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from noports.keys.atkeys import AtKeys
+
+    from .tunnel import Tunnel
+
+log = logging.getLogger(__name__)
+
+NOTIFY_TTL_MS = 10_000
+NOTIFY_TTLN_MS = 60_000
+MONITOR_REPLAY_SLACK_MS = 2_000
+SSH_KEY_PREFIXES = ("ecdsa-sha2-nistp", "rsa-sha2-", "ssh-rsa", "ssh-ed25519")
+
+
+@dataclass
+class Session:
+    """An established session: the relay socket is authenticated and the tunnel is ready.
+
+    Serve it with ``await session.tunnel.serve_socket(sock)`` or ``serve_stdio()``; close
+    with :meth:`close`. ``known_hosts`` holds the pinned device host keys under
+    ``host_key_alias`` (None when the device sent no keys: an official daemon).
+    """
+
+    params: SessionParams
+    session_id: str
+    relay_atsign: str
+    relay: RelayResponse
+    response: SessionResponse
+    remote_user: str | None
+    host_key_alias: str
+    host_keys: list[str]
+    known_hosts: Path | None
+    cipher: str | None  # aes mode: "aes-256-ctr" / "chacha20-poly1305-v1"
+    device_info: DeviceInfo | None
+    tunnel: Tunnel
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.tunnel.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def load_client_keys(params: SessionParams) -> AtKeys:
+    from noports.keys.atkeys import AtKeysError, load_atkeys
+    path = params.keys_path
+    try:
+        keys = load_atkeys(path, params.client_atsign)
+    except AtKeysError as exc:
+        raise KeysError(str(exc), hint=f"activate {params.client_atsign} or pass -k "
+                        "<file>.atKeys") from None
+    return keys
+
+
+def client_ssl_context(params: SessionParams) -> ssl.SSLContext:
+    """What ``noports.keys.ca.client_context`` builds, without importing ``cryptography.x509``
+    (~10 ms of start-up that ProxyCommand mode pays once per host)."""
+    try:
+        cafile = str(Path(params.ca_file).expanduser()) if params.ca_file else None
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+    except (OSError, ssl.SSLError) as exc:
+        raise KeysError(f"cannot load CA file {params.ca_file}: {exc}",
+                        hint="--ca-file must be a PEM file") from None
+
+
+def _name(full_key: str) -> str:
+    """``@to:name@from`` -> ``name`` (what AtClient.notify takes, namespace included)."""
+    return npkeys.split_shared_key(full_key).name
+
+
+def _plane_error(exc: BaseException, params: SessionParams, doing: str) -> SshnpError:
+    """Map atclient exceptions to a step error with what to check."""
+    from noports.atclient.aio import (
+        AtConnectError,
+        AtProtocolError,
+        AtSecondaryNotFound,
+        AtTimeoutError,
+    )
+    root = f"{params.root[0]}:{params.root[1]}"
+    if isinstance(exc, AtSecondaryNotFound):
+        return AtServerError(f"{doing}: {exc}", hint=f"is the atSign registered in the "
+                             f"directory {root} (--root-domain)?")
+    if isinstance(exc, AtTimeoutError):
+        return AtServerError(f"{doing}: {exc}", hint=f"is the atServer running and reachable; "
+                             f"is --root-domain {root} right?")
+    if isinstance(exc, AtConnectError):
+        return AtServerError(f"{doing}: {exc}", hint=f"check --root-domain ({root}), "
+                             "--ca-file and that the atServer is running")
+    if isinstance(exc, AtProtocolError):
+        hint = None
+        if "pkam" in str(exc).lower():
+            hint = f"do the .atKeys ({params.keys_path}) belong to {params.client_atsign}?"
+        return AtServerError(f"{doing}: {exc}", hint=hint)
+    return AtServerError(f"{doing}: {exc}")
+
+
+def _at_errors() -> tuple[type[BaseException], ...]:
+    from noports.atclient.aio import AtClientError
+    from noports.atclient.e2e import E2EError
+    from noports.crypto import CryptoError
+    return (AtClientError, E2EError, CryptoError, OSError)
+
+
+class _Router:
+    """Routes monitor notifications to the futures the flow waits on."""
+
+    def __init__(self, params: SessionParams) -> None:
+        self.params = params
+        self.loop = asyncio.get_running_loop()
+        self.relay_answers: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.session_answers: dict[str, asyncio.Future[str]] = {}
+        self.heartbeat: asyncio.Future[DeviceInfo] = self.loop.create_future()
+        self.failed: BaseException | None = None
+
+    def expect_relay(self, relay: str, sid: str) -> asyncio.Future[str]:
+        fut = self.relay_answers[(relay, sid)] = self.loop.create_future()
+        return fut
+
+    def expect_session(self, sid: str) -> asyncio.Future[str]:
+        fut = self.session_answers[sid] = self.loop.create_future()
+        return fut
+
+    def regex(self) -> str:
+        dev = npkeys.validate_device_name(self.params.device)
+        d = self.params.device_atsign
+        return f"\\.sshrvd@|\\.{dev}\\.sshnp{d}"
+
+    def deliver(self, n: Any) -> None:
+        try:
+            ck = npkeys.parse_client_key(n.key)
+        except ProtocolError:
+            return
+        sender = (n.from_atsign or "").lower()
+        if not sender.startswith("@"):
+            sender = "@" + sender
+        p = self.params
+        if ck.kind == "relay_response":
+            fut = self.relay_answers.get((sender, ck.session_id or ""))
+        elif ck.kind == "session_response" and sender == p.device_atsign \
+                and ck.device == p.device:
+            fut = self.session_answers.get(ck.session_id or "")
+        elif ck.kind == "heartbeat" and sender == p.device_atsign and ck.device == p.device:
+            if n.value is not None and not self.heartbeat.done():
+                try:
+                    self.heartbeat.set_result(DeviceInfo.from_json(n.value))
+                except ProtocolError as exc:
+                    log.debug("ignoring a malformed ping response: %s", exc)
+            return
+        else:
+            return
+        if fut is None or fut.done():
+            return
+        if n.value is None:
+            fut.set_exception(AtServerError(
+                f"cannot read the notification {n.key} from {sender}: {n.error}",
+                hint="the shared key between the two atSigns may be broken"))
+        else:
+            fut.set_result(n.value)
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = exc
+        futs = [*self.relay_answers.values(), *self.session_answers.values()]
+        for fut in futs:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def run(self, monitor: Any) -> None:
+        try:
+            async for n in monitor:
+                self.deliver(n)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # monitor could not start: tell every waiter
+            self.fail(_plane_error(exc, self.params, "monitor connection")
+                      if isinstance(exc, _at_errors()) else exc)
+
+
+async def _await(fut: asyncio.Future[Any], timeout: float) -> Any:
+    """Wait for ``fut`` without cancelling it on timeout (asyncio.TimeoutError then)."""
+    return await asyncio.wait_for(asyncio.shield(fut), timeout)
+
+
+# --- the flow ----------------------------------------------------------------------------------
+
+class _Flow:
+    def __init__(self, params: SessionParams, progress: Progress, client: Any,
+                 keys: AtKeys, connect_relay: Any) -> None:
+        self.p = params
+        self.progress = progress
+        self.client = client
+        self.keys = keys
+        self.connect_relay = connect_relay
+        self.loop = asyncio.get_running_loop()
+        self.router = _Router(params)
+        self.timings: dict[str, float] = {}
+        self.t0 = time.monotonic()
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.device_pk_task: asyncio.Task[str] | None = None
+        self.username_task: asyncio.Task[str | None] | None = None
+        self.keygen: asyncio.Future[tuple[str, Any]] | None = None
+        self.ping_sent = False
+
+    def mark(self, name: str) -> None:
+        self.timings[name] = round(time.monotonic() - self.t0, 4)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro)
+        self.tasks.append(t)
+        return t
+
+    async def notify(self, to: str, full_key: str, value: str, *, ttl: bool = True,
+                     what: str) -> None:
+        try:
+            await self.client.notify(to, _name(full_key), value,
+                                     ttl_ms=NOTIFY_TTL_MS if ttl else None,
+                                     ttln_ms=NOTIFY_TTLN_MS)
+        except _at_errors() as exc:
+            raise _plane_error(exc, self.p, f"sending {what} to {to}") from None
+
+    # -- side tasks ------------------------------------------------------------------------
+
+    async def prefetch_shared(self, atsign: str) -> None:
+        """Fetch the key `atsign` encrypts with for us, before its answer arrives."""
+        with contextlib.suppress(Exception):
+            await self.client.shared_key_by_other(atsign)
+
+    async def device_pk(self, fresh: bool = False) -> str:
+        d = self.p.device_atsign
+        if not fresh:
+            cached = pkcache.load_cached_pk(self.p.home_cache, d)
+            if cached:
+                return cached
+        if fresh and hasattr(self.client, "_public_keys"):
+            self.client._public_keys.pop(d, None)  # AtClient caches per process
+        try:
+            pk = await self.client.public_key(d)
+        except _at_errors() as exc:
+            raise _plane_error(exc, self.p, f"fetching the public key of {d}") from None
+        pkcache.store_cached_pk(self.p.home_cache, d, pk)
+        return pk
+
+    async def username(self) -> str | None:
+        try:
+            value = await self.client.get_shared(f"username.{self.p.device}", shared_by=
+                                                 self.p.device_atsign, namespace="sshnp")
+        except _at_errors() as exc:
+            log.debug("username lookup failed: %s", exc)
+            return None
+        return value.strip() if value and value.strip() else None
+
+    async def ping(self) -> None:
+        try:
+            await self.notify(self.p.device_atsign, npkeys.ping_key(
+                self.p.device_atsign, self.p.device, self.p.client_atsign), npkeys.PING_VALUE,
+                ttl=False, what="a ping")
+            self.ping_sent = True
+        except SshnpError as exc:
+            log.debug("ping failed: %s", exc)
+
+    async def send_public_key(self) -> None:
+        ident = self.p.identity_file
+        if ident is None:
+            raise DeviceRefused("-s/--send-ssh-public-key needs -i/--identity-file",
+                                step="arguments")
+        pub = Path(str(Path(ident).expanduser()) + ".pub")
+        try:
+            line = pub.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise KeysError(f"cannot read {pub}: {exc.strerror or exc}",
+                            hint="-s sends the public half of -i, <identity>.pub") from None
+        if not line.startswith(SSH_KEY_PREFIXES) or "\n" in line:
+            raise KeysError(f"{pub} is not an OpenSSH public key line")
+        await self.notify(self.p.device_atsign, npkeys.sshpublickey_key(
+            self.p.device_atsign, self.p.device, self.p.client_atsign), line,
+            what="the ssh public key")
+        self.progress(f"sent {pub.name} to {self.p.device_atsign}")
+
+    # -- main ------------------------------------------------------------------------------
+
+    async def run(self) -> Session:
+        p = self.p
+        if p.tunnel_mode == "aes":
+            pre = _take_prestarted()
+            self.keygen = (asyncio.wrap_future(pre) if pre is not None
+                           else self.loop.run_in_executor(None, _session_keypair))
+        else:
+            self.spawn(asyncio.to_thread(_warm_paramiko))
+        monitor = self.client.monitor(self.router.regex(), since_ms=int(
+            time.time() * 1000) - MONITOR_REPLAY_SLACK_MS)
+        monitor.start()
+        self.spawn(self.router.run(monitor))
+        self.progress(f"connecting to the atServer of {p.client_atsign}")
+
+        last: SshnpError | None = None
+        first = True
+        for i, relay in enumerate(p.relays):
+            try:
+                return await self.attempt(relay, first)
+            except RelayError as exc:
+                last = exc
+                first = False
+                more = i + 1 < len(p.relays)
+                self.progress(f"{exc.message}{'; trying the next relay' if more else ''}")
+        assert last is not None
+        if len(p.relays) > 1:
+            raise RelayError(f"none of the relays {', '.join(p.relays)} worked; last: "
+                             f"{last.message}", hint=last.hint)
+        raise last
+
+    async def attempt(self, relay: str, first: bool) -> Session:
+        p = self.p
+        sid = npkeys.new_session_id()
+        cnonce = dart_iso_now()
+        m1 = RelayRequest(session_id=sid, atsign_a=p.client_atsign, atsign_b=p.device_atsign,
+                          client_nonce=cnonce)
+        relay_fut = self.router.expect_relay(relay, sid)
+        self.progress(f"asking relay {relay} for ports")
+        await self.notify(relay, npkeys.relay_request_key(relay, p.device, p.client_atsign),
+                          m1.to_json(), what="the relay request")
+        if first:
+            self.mark("relay_request_sent")
+            self.progress(f"connected as {p.client_atsign}; relay request sent")
+            # FIFO on the command connection: most urgent first
+            self.spawn(self.prefetch_shared(relay))
+            self.spawn(self.ping())
+            self.spawn(self.prefetch_shared(p.device_atsign))
+            self.device_pk_task = self.spawn(self.device_pk())
+            if p.need_remote_user and not p.remote_user:
+                self.username_task = self.spawn(self.username())
+        else:
+            self.spawn(self.prefetch_shared(relay))
+        try:
+            answer = await _await(relay_fut, p.relay_timeout)
+        except asyncio.TimeoutError:
+            raise RelayError(f"relay {relay} did not answer within {p.relay_timeout:g}s",
+                             hint=f"is srvd running as {relay}, and does its -m allow "
+                             f"{p.client_atsign}?") from None
+        try:
+            rr = RelayResponse.from_csv(answer)
+        except ProtocolError as exc:
+            raise RelayError(f"relay {relay} sent an unusable answer: {exc}") from None
+        if rr.rvd_nonce is None:
+            raise RelayError(f"relay {relay} answered without an rvdNonce (a legacy relay "
+                             "that does not authenticate sockets)")
+        self.mark("relay_answered")
+        self.progress(f"relay {relay} opened {rr.host}:{rr.port_a}")
+
+        if first and p.send_ssh_public_key:
+            await self.send_public_key()
+
+        pub = priv = None
+        if p.tunnel_mode == "aes":
+            assert self.keygen is not None
+            pub, priv = await self.keygen
+        req = SshRequest(
+            session_id=sid, host=rr.host, port=rr.port_b, direct=True,
+            authenticate_to_rvd=True, client_nonce=cnonce, rvd_nonce=rr.rvd_nonce,
+            encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
+            client_ephemeral_pk_type="rsa2048" if pub else None,
+            np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None)
+        envelope = fast_sign_envelope(req.to_dict(), self.keys.encrypt_private)
+        auth_line = fast_sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
+                                       self.keys.encrypt_private).encode() + b"\n"
+        relay_sock_task = self.spawn(self.dial_relay(relay, rr, auth_line))
+        session_fut = self.router.expect_session(sid)
+        await self.notify(p.device_atsign, npkeys.ssh_request_key(
+            p.device_atsign, p.device, p.client_atsign), envelope, what="the session request")
+        self.mark("session_request_sent")
+        self.progress(f"session request sent to {p.device}{p.device_atsign}")
+
+        try:
+            value = await self.wait_device(session_fut)
+        except BaseException:
+            relay_sock_task.cancel()
+            raise
+        self.mark("device_answered")
+        resp = await self.verify_response(sid, value)
+        self.progress(f"{p.device}{p.device_atsign} answered (signature verified)")
+        try:
+            relay_sock = await relay_sock_task
+        except RelayError:
+            raise
+        self.mark("relay_connected")
+        return await self.finish(sid, relay, rr, resp, relay_sock, priv)
+
+    async def dial_relay(self, relay: str, rr: RelayResponse, auth_line: bytes) -> socket.socket:
+        try:
+            return await self.connect_relay(rr.host, rr.port_a, auth_line,
+                                            timeout=self.p.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RelayError(f"cannot reach relay {relay} at {rr.host}:{rr.port_a}: "
+                             f"{exc or type(exc).__name__}",
+                             hint="is the relay's -i address reachable from here, and its "
+                             "port range open?") from None
+
+    async def wait_device(self, session_fut: asyncio.Future[str]) -> str:
+        """The device's answer, failing early if its ping says it lacks a needed feature."""
+        p = self.p
+        deadline = self.loop.time() + p.daemon_timeout
+        hb = self.router.heartbeat
+        checked = False
+        while True:
+            left = deadline - self.loop.time()
+            if left <= 0:
+                break
+            waiting: set[asyncio.Future[Any]] = {session_fut}
+            if not checked:
+                waiting.add(hb)
+            done, _ = await asyncio.wait(waiting, timeout=left,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if session_fut in done:
+                return session_fut.result()
+            if hb in done and not checked:
+                checked = True
+                self.check_features(hb.result())
+        hint = (f"is sshnpd running as {p.device_atsign} with -d {p.device}, and is "
+                f"{p.client_atsign} in its managers (-m)?")
+        if hb.done():
+            msg = (f"{p.device}{p.device_atsign} answered the ping but not the session request "
+                   f"within {p.daemon_timeout:g}s")
+            hint = "see the daemon's log; it may refuse the request (permit-open, signature)"
+            if p.tunnel_mode == "ssh":
+                hint += "; the C sshnpd only supports --tunnel-mode aes"
+        else:
+            msg = f"{p.device}{p.device_atsign} did not answer within {p.daemon_timeout:g}s"
+        raise DeviceTimeout(msg, hint=hint)
+
+    def check_features(self, info: DeviceInfo) -> None:
+        p = self.p
+        required = [FEATURE_SR_AUTH]
+        if p.tunnel_mode == "aes":
+            required.append(FEATURE_SR_E2EE)
+        if p.send_ssh_public_key:
+            required.append(FEATURE_ACCEPTS_PUBLIC_KEYS)
+        missing = info.missing_features(required)
+        if missing:
+            raise DeviceRefused(
+                f"{p.device}{p.device_atsign} (version {info.version or '?'}) does not support "
+                f"{', '.join(missing)}",
+                hint="upgrade the daemon, or for acceptsPublicKeys start it with -s")
+
+    async def verify_response(self, sid: str, value: str) -> SessionResponse:
+        p = self.p
+        if is_daemon_error(value):
+            raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:300]}",
+                                hint="check the daemon's --permit-open / managers and its log")
+        assert self.device_pk_task is not None
+        pk = await self.device_pk_task
+        from noports.npproto.envelope import verify_envelope
+        try:
+            payload = verify_envelope(value, pk)
+        except SignatureError as first_exc:
+            # the cached key may be stale (device re-keyed): once more with a fresh one
+            pk = await self.device_pk(fresh=True)
+            try:
+                payload = verify_envelope(value, pk)
+            except SignatureError:
+                raise SecurityError(f"the session response from {p.device_atsign} failed "
+                                    f"verification: {first_exc}",
+                                    hint="someone other than the device answered, or its "
+                                    "keys changed; nothing was connected") from None
+        try:
+            resp = SessionResponse.from_dict(payload)
+        except ProtocolError as exc:
+            raise SecurityError(f"malformed signed session response: {exc}") from None
+        if resp.session_id != sid:
+            raise SecurityError(f"signed response is for session {resp.session_id}, not {sid}")
+        if resp.status != "connected":
+            raise DeviceRefused(f"{p.device}{p.device_atsign} answered status "
+                                f"{resp.status!r}")
+        return resp
+
+    async def finish(self, sid: str, relay: str, rr: RelayResponse, resp: SessionResponse,
+                     relay_sock: socket.socket, session_priv: Any) -> Session:
+        p = self.p
+        alias = host_key_alias(p.device_atsign, p.device)
+        host_keys = list(resp.host_keys or [])
+        user = p.remote_user
+        if user is None and self.username_task is not None:
+            user = await self.username_task
+        if user is None and p.need_remote_user:
+            relay_sock.close()
+            raise DeviceRefused(
+                f"{p.device}{p.device_atsign} has not shared its username with "
+                f"{p.client_atsign}", step="username",
+                hint="pass -u/--remote-user, or run sshnpd without --hide")
+        try:
+            if p.tunnel_mode == "aes":
+                tunnel, cipher = self.aes_tunnel(resp, relay_sock, session_priv)
+            else:
+                cipher = None
+                tunnel = await self.ssh_tunnel(resp, relay_sock, user or "", host_keys, alias)
+        except BaseException:
+            relay_sock.close()
+            raise
+        self.mark("tunnel_ready")
+        known = None
+        if host_keys:
+            target = p.known_hosts_file or device_known_hosts_path(p.home_cache, alias)
+            try:
+                known = update_known_hosts(target, alias, host_keys)
+            except (OSError, ValueError) as exc:
+                tunnel.close()
+                raise SecurityError(f"cannot write the pinned host keys to {target}: {exc}",
+                                    step="known_hosts") from None
+        else:
+            self.progress(f"warning: {p.device_atsign} sent no host keys (official daemon?); "
+                          "ssh will trust the device's host key on first use")
+        self.progress(f"tunnel ready ({p.tunnel_mode}{'/' + cipher if cipher else ''}) "
+                      f"via {relay}")
+        return Session(params=p, session_id=sid, relay_atsign=relay, relay=rr, response=resp,
+                       remote_user=user, host_key_alias=alias, host_keys=host_keys,
+                       known_hosts=known, cipher=cipher,
+                       device_info=self.router.heartbeat.result()
+                       if self.router.heartbeat.done() else None,
+                       tunnel=tunnel, timings=self.timings)
+
+    def aes_tunnel(self, resp: SessionResponse, relay_sock: socket.socket,
+                   session_priv: Any) -> tuple[Tunnel, str]:
+        from noports.npproto.messages import CIPHER_AES_CTR
+        from noports.npproto.streamcipher import decode_session_secrets, new_session_cipher
+
+        from .tunnel import AesTunnel
+        if not resp.session_aes_key or not resp.session_iv or session_priv is None:
+            raise SecurityError("the device sent no session key although encryption was "
+                                "requested")
+        try:
+            key, iv = decode_session_secrets(_rsa_decrypt(session_priv, resp.session_aes_key),
+                                             _rsa_decrypt(session_priv, resp.session_iv))
+        except (ValueError, ProtocolError, UnicodeDecodeError) as exc:
+            raise SecurityError(f"cannot decrypt the session key: {exc}") from None
+        cipher_id = resp.np_cipher or CIPHER_AES_CTR
+        if cipher_id not in self.p.ciphers:
+            raise SecurityError(f"the device chose cipher {cipher_id!r}, which was not offered")
+        cipher = new_session_cipher(cipher_id, key, iv, is_client=True)
+        return AesTunnel(relay_sock, cipher), cipher_id
+
+    async def ssh_tunnel(self, resp: SessionResponse, relay_sock: socket.socket, user: str,
+                         host_keys: list[str], alias: str) -> Tunnel:
+        from .tunnel import SshTunnel
+        if not host_keys:
+            raise SecurityError(
+                f"{self.p.device_atsign} sent no host keys to pin, so the outer SSH cannot "
+                "verify the device", hint="use --tunnel-mode aes with this daemon")
+        if not resp.ephemeral_private_key:
+            raise DeviceRefused("the device sent no ephemeral key for the outer SSH",
+                                hint="use --tunnel-mode aes with this daemon")
+        self.progress("outer SSH: handshake with the device's sshd")
+        return await asyncio.to_thread(
+            SshTunnel.connect, relay_sock, user, resp.ephemeral_private_key, host_keys,
+            self.p.remote_sshd_port, self.p.connect_timeout, alias)
+
+    async def cleanup(self) -> None:
+        for t in self.tasks:
+            if not t.done():
+                t.cancel()
+        if self.keygen is not None and not self.keygen.done():
+            self.keygen.cancel()
+
+
+_PRESTARTED: list[Any] = []
+
+
+def prestart_session_key() -> None:
+    """Start generating the session RSA key in a thread right at process start (the CLI
+    calls this before its heavy imports; OpenSSL releases the GIL while it searches primes),
+    so the key is ready by the time the relay answers."""
+    import concurrent.futures
+    import threading
+    fut: concurrent.futures.Future[tuple[str, Any]] = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            fut.set_result(_session_keypair())
+        except BaseException as exc:  # noqa: BLE001 - handed to the flow
+            fut.set_exception(exc)
+
+    threading.Thread(target=work, name="sshnp-session-key", daemon=True).start()
+    _PRESTARTED.append(fut)
+
+
+def _take_prestarted() -> Any:
+    return _PRESTARTED.pop() if _PRESTARTED else None
+
+
+def _session_keypair() -> tuple[str, Any]:
+    """The per-session RSA-2048 pair (reference §3.2 step 2): (base64 SPKI, key object).
+
+    The object is kept, so decrypting the session key later costs no key parsing.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from noports import crypto
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return crypto.public_key_b64(key.public_key()), key
+
+
+def _rsa_decrypt(key: Any, ciphertext_b64: str) -> str:
+    """``crypto.rsa_decrypt`` for a loaded key (PKCS#1 v1.5, base64 in, UTF-8 text out)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import padding
+    return key.decrypt(base64.b64decode(ciphertext_b64), padding.PKCS1v15()).decode("utf-8")
+
+
+def fast_sign_envelope(payload: dict[str, Any], private_key_b64: str) -> str:
+    """``npproto.envelope.sign_envelope`` with the atclient's parsed-key cache.
+
+    Why: ``noports.crypto.sign`` re-parses and re-validates the RSA key on every call
+    (~35 ms each, GIL held) and the client signs twice on its critical path. RSA PKCS#1 v1.5
+    signatures are deterministic, so tests check this gives byte-identical envelopes.
+    """
+    from noports.atclient import e2e
+    from noports.npproto.dartjson import dart_json_encode
+    from noports.npproto.envelope import HASHING_ALGO, SIGNING_ALGO
+    signature = e2e.sign(private_key_b64, dart_json_encode(payload))
+    return dart_json_encode({"payload": payload, "signature": signature,
+                             "hashingAlgo": HASHING_ALGO, "signingAlgo": SIGNING_ALGO})
+
+
+def _warm_paramiko() -> None:
+    """Import paramiko (~0.1 s) in a thread while the control plane works."""
+    import paramiko  # noqa: F401
+
+
+async def open_session(params: SessionParams, *, progress: Progress | None = None,
+                       client: Any = None, connect_relay: Any = None) -> Session:
+    """Run the control-plane handshake and return a ready :class:`Session`.
+
+    ``client`` (an :class:`noports.atclient.aio.AtClient`-like object) and ``connect_relay``
+    are injectable for tests; by default a real client is made from ``params``. Raises an
+    :class:`~noports.client.errors.SshnpError` subclass for every expected failure.
+    """
+    progress = progress or NullProgress()
+    keys = None
+    if client is None:
+        keys = load_client_keys(params)
+        from noports.atclient.aio import AtClient
+        client = AtClient(params.client_atsign, keys, params.root, client_ssl_context(params),
+                          timeout=params.connect_timeout)
+    else:
+        keys = getattr(client, "keys", None)
+        if keys is None:
+            raise KeysError("the injected client has no keys")
+    if connect_relay is None:
+        from noports.relay.pump import connect_relay as _cr
+        connect_relay = _cr
+    flow = _Flow(params, progress, client, keys, connect_relay)
+    try:
+        return await flow.run()
+    except SshnpError:
+        raise
+    except _at_errors() as exc:
+        raise _plane_error(exc, params, "control plane") from None
+    finally:
+        await flow.cleanup()
+        # close the control plane in the background: the tunnel no longer needs it
+        close = getattr(client, "close", None)
+        if close is not None:
+            task = asyncio.get_running_loop().create_task(close())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
