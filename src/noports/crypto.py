@@ -16,6 +16,7 @@ SDKs, so the encodings live in one place (reference atprotocol.md §5.1):
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -74,8 +75,22 @@ def load_public_key(b64_der: str):
 
 
 def load_private_key(b64_der: str) -> rsa.RSAPrivateKey:
+    """Parse (once per process) one of OUR OWN private keys.
+
+    Why cached and without OpenSSL's RSA consistency check: the check costs ~35 ms per parse
+    and held the GIL on every PKAM and envelope signature, which dominated session set-up.
+    Private keys only ever come from our own 0600 .atKeys files or were generated here, so
+    the check protects against nothing an attacker could reach; .atKeys loading still checks
+    that each public key matches its private key.
+    """
+    return _parse_private_key(b64_der.strip())
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_private_key(b64_der: str) -> rsa.RSAPrivateKey:
     try:
-        key = serialization.load_der_private_key(unb64(b64_der.strip()), password=None)
+        key = serialization.load_der_private_key(unb64(b64_der), password=None,
+                                                 unsafe_skip_rsa_key_validation=True)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"not a base64 DER PKCS#8 private key: {exc}") from exc
     if not isinstance(key, rsa.RSAPrivateKey):
