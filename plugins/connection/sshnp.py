@@ -1,0 +1,547 @@
+# Copyright (c) noports.sshnp developers
+# BSD-3-Clause (see LICENSE)
+# ruff: noqa: E402  (Ansible convention: DOCUMENTATION/EXAMPLES come before the imports)
+"""``noports.sshnp.sshnp``: ansible.builtin.ssh with the sshnp client as ProxyCommand.
+
+Why a subclass of the ssh plugin and not a new transport: OpenSSH then does everything that
+Ansible users rely on (pipelining, become prompts, sftp/scp/piped transfers, retries,
+``reset_connection``), and ControlMaster/ControlPersist make the OpenSSH master own the tunnel,
+so a run costs one rendezvous per host whatever the number of tasks (aws_ssm's one session
+per task is the anti-pattern, ../shared/reference/ansible-anchors.md §1.4). The plugin only
+adds options to the ssh/sftp/scp command line and turns client failures into
+``AnsibleConnectionFailure`` naming the failed step.
+"""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: sshnp
+short_description: Run Ansible over SSH No Ports (OpenSSH through the sshnp client)
+version_added: 0.1.0
+description:
+  - Reaches devices that accept no inbound connection. The device runs C(sshnpd); for each
+    host the C(sshnp) client asks the control plane for a socket rendezvous and carries the
+    device's sshd connection on its stdin/stdout, as an OpenSSH C(ProxyCommand).
+  - This is C(ansible.builtin.ssh) with a few options added, so every ssh option below keeps
+    working (pipelining, become, sftp/scp/piped transfers, retries, C(meta) C(reset_connection)).
+  - ControlMaster/ControlPersist stay on, with a ControlPath and a C(HostKeyAlias) keyed on
+    the device identity (client atSign, device atSign, device name, remote user, port), so the
+    OpenSSH master owns the tunnel and a playbook run makes one rendezvous per host.
+  - The device's sshd host keys arrive in the signed session response; the client writes them
+    to O(known_hosts_file) under the C(HostKeyAlias) and OpenSSH checks them with
+    C(StrictHostKeyChecking=yes).
+  - Failures of the control plane, the relay or the device make the host UNREACHABLE with the
+    client's one-line message naming the failed step.
+author: noports.sshnp developers (@noports)
+extends_documentation_fragment:
+  - noports.sshnp.sshnp
+  - noports.sshnp.sshnp.ssh
+notes:
+  - Users may write the short name C(ansible_connection=sshnp) only when the plugin is on the
+    connection plugin path; see docs/ansible-connection.md. The fully qualified name
+    C(noports.sshnp.sshnp) always works.
+  - C(ansible.posix.synchronize) is not supported through this plugin (its rsync would not use
+    the tunnel); use C(ansible.builtin.copy) or run rsync with C(delegate_to).
+  - O(host_key_checking=false) does not weaken the pinned host key check; use
+    O(host_key_policy=accept-new) for daemons that do not pin.
+  - O(port) is the device sshd port, passed to the client as C(--remote-sshd-port).
+requirements:
+  - The C(sshnp) client of the C(noports) Python distribution on the controller.
+  - OpenSSH client 8.0 or newer on the controller.
+seealso:
+  - plugin: ansible.builtin.ssh
+    plugin_type: connection
+  - plugin: noports.sshnp.devices
+    plugin_type: inventory
+options:
+  client_atsign:
+    vars:
+      - name: ansible_sshnp_client_atsign
+    ini:
+      - section: sshnp_connection
+        key: client_atsign
+  keys_file:
+    vars:
+      - name: ansible_sshnp_keys_file
+    ini:
+      - section: sshnp_connection
+        key: keys_file
+  root_domain:
+    vars:
+      - name: ansible_sshnp_root_domain
+    ini:
+      - section: sshnp_connection
+        key: root_domain
+  ca_file:
+    vars:
+      - name: ansible_sshnp_ca_file
+    ini:
+      - section: sshnp_connection
+        key: ca_file
+  relays:
+    vars:
+      - name: ansible_sshnp_relays
+    ini:
+      - section: sshnp_connection
+        key: relays
+  device_atsign:
+    description:
+      - The device atSign (the one C(sshnpd -a) runs as).
+    type: string
+    vars:
+      - name: ansible_sshnp_device_atsign
+    env:
+      - name: ANSIBLE_SSHNP_DEVICE_ATSIGN
+    ini:
+      - section: sshnp_connection
+        key: device_atsign
+  device:
+    description:
+      - The device name (C(sshnpd -d)); one device atSign may serve many devices.
+    type: string
+    default: default
+    vars:
+      - name: ansible_sshnp_device
+    env:
+      - name: ANSIBLE_SSHNP_DEVICE
+  tunnel_mode:
+    description:
+      - V(aes) carries the sshd bytes in an AES-256-CTR stream through the relay (NoPorts v5 default).
+      - V(ssh) runs an outer SSH session with the device's ephemeral key and a direct-tcpip channel inside it.
+      - Unset means the client's default.
+    type: string
+    choices: [aes, ssh]
+    vars:
+      - name: ansible_sshnp_tunnel_mode
+    env:
+      - name: ANSIBLE_SSHNP_TUNNEL_MODE
+    ini:
+      - section: sshnp_connection
+        key: tunnel_mode
+  relay_timeout:
+    description:
+      - Seconds to wait for each relay to answer the port request (client default 20).
+    type: float
+    vars:
+      - name: ansible_sshnp_relay_timeout
+    env:
+      - name: ANSIBLE_SSHNP_RELAY_TIMEOUT
+    ini:
+      - section: sshnp_connection
+        key: relay_timeout
+  daemon_timeout:
+    description:
+      - Seconds to wait for the device daemon's session response (client default 15).
+    type: float
+    vars:
+      - name: ansible_sshnp_daemon_timeout
+    env:
+      - name: ANSIBLE_SSHNP_DAEMON_TIMEOUT
+    ini:
+      - section: sshnp_connection
+        key: daemon_timeout
+  connect_timeout:
+    description:
+      - Seconds for each TCP+TLS connect of the client to the atDirectory, atServer and relay (client default 10).
+      - Not the ssh O(timeout); the plugin raises OpenSSH's C(ConnectTimeout) to O(timeout) plus the whole
+        rendezvous budget, so OpenSSH does not give up before the client reports which step failed.
+    type: float
+    vars:
+      - name: ansible_sshnp_connect_timeout
+    env:
+      - name: ANSIBLE_SSHNP_CONNECT_TIMEOUT
+    ini:
+      - section: sshnp_connection
+        key: connect_timeout
+  sshnp_executable:
+    description:
+      - Path of the C(sshnp) client.
+      - When unset, C(sshnp) next to the controller's Python (a virtualenv's C(bin)), then on E(PATH).
+    type: path
+    vars:
+      - name: ansible_sshnp_executable
+    env:
+      - name: ANSIBLE_SSHNP_EXECUTABLE
+    ini:
+      - section: sshnp_connection
+        key: sshnp_executable
+  known_hosts_file:
+    description:
+      - The per-user known_hosts file the client writes the pinned device host keys into and
+        OpenSSH reads (C(UserKnownHostsFile)).
+      - Defaults to the client's per-device file C(~/.atsign/sshnp/known_hosts.d/<device atSign>__<device>).
+    type: path
+    vars:
+      - name: ansible_sshnp_known_hosts_file
+    env:
+      - name: ANSIBLE_SSHNP_KNOWN_HOSTS_FILE
+    ini:
+      - section: sshnp_connection
+        key: known_hosts_file
+  host_key_policy:
+    description:
+      - V(pinned) makes OpenSSH accept only the host keys from the device's signed session response
+        (C(StrictHostKeyChecking=yes)).
+      - V(accept-new) trusts the first key seen and refuses changes (C(StrictHostKeyChecking=accept-new));
+        needed for device daemons that do not pin their host keys (official C(sshnpd)).
+    type: string
+    choices: [pinned, accept-new]
+    default: pinned
+    vars:
+      - name: ansible_sshnp_host_key_policy
+    env:
+      - name: ANSIBLE_SSHNP_HOST_KEY_POLICY
+    ini:
+      - section: sshnp_connection
+        key: host_key_policy
+  extra_args:
+    description:
+      - Extra arguments for the C(sshnp) client, split like a shell would (for example V(--ciphers aes-256-ctr)).
+    type: string
+    vars:
+      - name: ansible_sshnp_extra_args
+    env:
+      - name: ANSIBLE_SSHNP_EXTRA_ARGS
+    ini:
+      - section: sshnp_connection
+        key: extra_args
+  client_verbosity:
+    description:
+      - V(0) runs the client with C(-q) (errors only). V(1) keeps its progress lines, V(2) and more add C(-v) flags.
+      - Client output goes to the stderr of the first ssh command of each host.
+    type: integer
+    default: 0
+    vars:
+      - name: ansible_sshnp_client_verbosity
+    env:
+      - name: ANSIBLE_SSHNP_CLIENT_VERBOSITY
+"""
+
+EXAMPLES = r"""
+# inventory.yml
+all:
+  hosts:
+    pi4:
+      ansible_connection: noports.sshnp.sshnp
+      ansible_user: pi
+      ansible_sshnp_client_atsign: "@alice_client"
+      ansible_sshnp_device_atsign: "@alice_device"
+      ansible_sshnp_device: pi4
+      ansible_sshnp_relays: "@rv_eu,@rv_am"
+  vars:
+    ansible_sshnp_root_domain: root.atsign.org:64
+    ansible_pipelining: true
+
+# ansible.cfg (shared settings, and the short name "sshnp"; see docs/ansible-connection.md)
+# [defaults]
+# connection_plugins = ~/.ansible/collections/ansible_collections/noports/sshnp/plugins/connection
+# [sshnp_connection]
+# client_atsign = @alice_client
+# relays = @rv_eu
+
+# ad hoc
+# ansible pi4 -i inventory.yml -m ansible.builtin.ping
+"""
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+import typing as t
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError
+from ansible.module_utils.common.text.converters import to_bytes, to_text
+from ansible.plugins.connection.ssh import Connection as SshConnection
+from ansible.utils.display import Display
+from ansible.utils.path import makedirs_safe, unfrackpath
+from ansible_collections.noports.sshnp.plugins.plugin_utils._sshnp_common import (
+    DEFAULT_DEVICE,
+    SshnpConfigError,
+    control_path_name,
+    default_known_hosts_path,
+    host_key_alias,
+    identity_digest,
+    norm_atsign,
+    relay_list,
+)
+
+display = Display()
+
+#: what the client prints for an expected failure (noports/client/progress.py)
+_CLIENT_ERROR = re.compile(r"^sshnp: error: (?P<msg>.+?)\s*$", re.MULTILINE)
+_SAFE_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,252}$")
+#: client defaults (noports/client/params.py), for the ConnectTimeout budget only
+_CLIENT_RELAY_TIMEOUT = 20.0
+_CLIENT_DAEMON_TIMEOUT = 15.0
+_CLIENT_CONNECT_TIMEOUT = 10.0
+_FALLBACK_CONTROL_PERSIST = "60s"
+#: ``sh -c`` script: $1 is the log file, the rest is the client's argv
+_REDIRECT_STDERR = 'f=$1; shift; exec "$@" 2>"$f"'
+
+
+class SshnpIdentity(t.NamedTuple):
+    """Who talks to which device, as whom: everything that keys the tunnel."""
+
+    client_atsign: str
+    device_atsign: str
+    device: str
+    relays: list[str]
+    remote_user: str | None
+    port: int | None
+
+    @property
+    def alias(self) -> str:
+        return host_key_alias(self.device_atsign, self.device)
+
+    @property
+    def digest(self) -> str:
+        return identity_digest(self.client_atsign, self.device_atsign, self.device,
+                               self.remote_user, self.port)
+
+    def describe(self) -> str:
+        return (f"device {self.device_atsign} {self.device!r} as {self.client_atsign} via "
+                f"{','.join(self.relays)}")
+
+
+def placeholder_host(raw: object) -> str:
+    """The host argument given to ssh: the ProxyCommand replaces the TCP connection, so the
+    name only appears in logs and ssh_config matching. Names ssh would misparse (``@``,
+    ``:``, ``/``, shell metacharacters) become a stable ``sshnp-<hash>``."""
+    text = "" if raw is None else str(raw)
+    if _SAFE_HOST.match(text):
+        return text
+    return "sshnp-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def client_failure(stderr: bytes | str) -> str | None:
+    """The client's last ``sshnp: error: ...`` line in ssh's stderr (ProxyCommand stderr is
+    ssh's), or None when the client reported nothing."""
+    found = _CLIENT_ERROR.findall(to_text(stderr, errors="surrogate_or_replace"))
+    return found[-1] if found else None
+
+
+class Connection(SshConnection):
+    """ansible.builtin.ssh whose TCP connection is an sshnp tunnel (see the module docstring)."""
+
+    transport = "noports.sshnp.sshnp"
+    has_pipelining = True
+
+    # The ssh plugin assigns ``self.host`` from inventory_hostname/ansible_host in __init__,
+    # exec_command, put_file, fetch_file and reset, then hands it to ssh: sanitise it there.
+    @property  # type: ignore[override]
+    def host(self) -> str:
+        return placeholder_host(self.__dict__.get("_sshnp_raw_host"))
+
+    @host.setter
+    def host(self, value: object) -> None:
+        self.__dict__["_sshnp_raw_host"] = value
+
+    # -- options -------------------------------------------------------------------------
+
+    def _opt(self, name: str) -> t.Any:
+        try:
+            return self.get_option(name)
+        except KeyError:
+            return None
+
+    def sshnp_identity(self) -> SshnpIdentity:
+        """The device identity from the options; AnsibleError naming a missing option."""
+        try:
+            client = self._opt("client_atsign")
+            device_at = self._opt("device_atsign")
+            if not client:
+                raise SshnpConfigError("client_atsign (ansible_sshnp_client_atsign) is not set")
+            if not device_at:
+                raise SshnpConfigError("device_atsign (ansible_sshnp_device_atsign) is not set")
+            relays = relay_list(self._opt("relays"))
+            if not relays:
+                raise SshnpConfigError("relays (ansible_sshnp_relays) is not set")
+            device = str(self._opt("device") or DEFAULT_DEVICE)
+            port = self._opt("port")
+            return SshnpIdentity(norm_atsign(client, "client_atsign"),
+                                 norm_atsign(device_at, "device_atsign"), device, relays,
+                                 self._opt("remote_user") or None,
+                                 int(port) if port not in (None, "") else None)
+        except SshnpConfigError as exc:
+            raise AnsibleError(f"sshnp: {exc} (host {self.__dict__.get('_sshnp_raw_host')})"
+                               ) from None
+
+    def sshnp_executable(self) -> str:
+        """Option, else next to the controller's Python (venv), else PATH."""
+        configured = self._opt("sshnp_executable")
+        if configured:
+            return os.path.expanduser(str(configured))
+        beside = os.path.join(os.path.dirname(sys.executable), "sshnp")
+        if os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return beside
+        found = shutil.which("sshnp")
+        if found:
+            return found
+        raise AnsibleError("sshnp: cannot find the sshnp client next to "
+                           f"{sys.executable} or on PATH; install the noports package on the "
+                           "controller or set sshnp_executable (ansible_sshnp_executable)")
+
+    def known_hosts_path(self, ident: SshnpIdentity) -> str:
+        configured = self._opt("known_hosts_file")
+        return (os.path.expanduser(str(configured)) if configured
+                else default_known_hosts_path(ident.alias))
+
+    def connect_timeout_budget(self, ident: SshnpIdentity) -> int:
+        """OpenSSH ConnectTimeout also bounds the banner exchange, which waits for the whole
+        rendezvous: give it the ssh timeout plus every client wait, relays tried in turn."""
+        def num(name: str, default: float) -> float:
+            value = self._opt(name)
+            return float(value) if value not in (None, "") else default
+        budget = (num("relay_timeout", _CLIENT_RELAY_TIMEOUT) * len(ident.relays)
+                  + num("daemon_timeout", _CLIENT_DAEMON_TIMEOUT)
+                  + 2 * num("connect_timeout", _CLIENT_CONNECT_TIMEOUT))
+        return int(self._opt("timeout") or 10) + int(budget + 0.999)
+
+    def proxy_argv(self, ident: SshnpIdentity) -> list[str]:
+        """The client in ProxyCommand mode (flags of noports/client/cli.py)."""
+        argv = [self.sshnp_executable(), "--stdio",
+                "-f", ident.client_atsign, "-t", ident.device_atsign, "-d", ident.device,
+                "-r", ",".join(ident.relays),
+                "--root-domain", str(self._opt("root_domain") or "root.atsign.org:64"),
+                "--known-hosts", self.known_hosts_path(ident)]
+        verbosity = int(self._opt("client_verbosity") or 0)
+        if verbosity <= 0:
+            argv.append("-q")
+        elif verbosity > 1:
+            argv.append("-" + "v" * (verbosity - 1))
+        for opt, flag in (("keys_file", "-k"), ("ca_file", "--ca-file")):
+            value = self._opt(opt)
+            if value:
+                argv += [flag, os.path.expanduser(str(value))]
+        mode = self._opt("tunnel_mode")
+        if mode:
+            argv += ["--tunnel-mode", str(mode)]
+            if mode == "ssh" and ident.remote_user:
+                argv += ["-u", ident.remote_user]
+        for opt in ("relay_timeout", "daemon_timeout", "connect_timeout"):
+            value = self._opt(opt)
+            if value not in (None, ""):
+                argv += ["--" + opt.replace("_", "-"), f"{float(value):g}"]
+        if ident.port is not None:
+            argv += ["--remote-sshd-port", str(ident.port)]
+        extra = self._opt("extra_args")
+        if extra:
+            argv += shlex.split(str(extra))
+        return argv
+
+    def client_log_path(self, ident: SshnpIdentity) -> str:
+        """Per-identity file holding the stderr of the last client run for this tunnel."""
+        cpdir = unfrackpath(self._opt("control_path_dir") or "~/.ansible/cp")
+        return os.path.join(cpdir, control_path_name(ident.digest) + ".log")
+
+    def proxy_command(self, ident: SshnpIdentity) -> str:
+        """One shell command line; ``%`` doubled because OpenSSH expands ``%h``-style tokens.
+
+        With ControlPersist, OpenSSH points the ProxyCommand's stderr at /dev/null, so the
+        client's one-line error would be lost: a ``/bin/sh`` wrapper sends it to
+        :meth:`client_log_path` instead (the user's login shell, which OpenSSH runs the
+        ProxyCommand with, may not be a POSIX shell; ``/bin/sh`` always is).
+        """
+        argv = ["/bin/sh", "-c", _REDIRECT_STDERR, "sshnp-proxy", self.client_log_path(ident),
+                *self.proxy_argv(ident)]
+        return shlex.join(argv).replace("%", "%%")
+
+    def control_path_template(self, ident: SshnpIdentity) -> str:
+        return "%(directory)s/" + control_path_name(ident.digest)
+
+    # -- command line --------------------------------------------------------------------
+
+    def sshnp_args(self, ident: SshnpIdentity, *, control_only: bool = False) -> list[str]:
+        """Options placed right after the ssh/sftp/scp binary, where they win: OpenSSH keeps
+        the first value it sees for each option."""
+        args: list[str] = []
+        if not control_only:
+            args += ["-o", "ProxyCommand=" + self.proxy_command(ident)]
+        known = self.known_hosts_path(ident)
+        policy = self._opt("host_key_policy") or "pinned"
+        args += ["-o", f"HostKeyAlias={ident.alias}",
+                 "-o", f'UserKnownHostsFile="{known}"',
+                 "-o", "StrictHostKeyChecking=" + ("yes" if policy == "pinned" else "accept-new"),
+                 "-o", f"ConnectTimeout={self.connect_timeout_budget(ident)}"]
+        return args
+
+    def _build_command(self, binary: str, subsystem: str, *other_args: bytes | str) -> list[bytes]:
+        ident = self.sshnp_identity()
+        control_only = any(to_bytes(a) == b"-O" for a in other_args)
+        # Our ControlPath becomes the ssh plugin's default; a user-set control_path still wins.
+        if not self._opt("control_path"):
+            self.set_option("control_path", self.control_path_template(ident))
+        b_command = super()._build_command(binary, subsystem, *other_args)
+
+        extra = self.sshnp_args(ident, control_only=control_only)
+        makedirs_safe(os.path.dirname(self.known_hosts_path(ident)), 0o700)
+        persist, path = self._persistence_controls(b_command)
+        if not persist:
+            # ssh_args without ControlPersist would mean a rendezvous per ssh command.
+            cpdir = unfrackpath(self._opt("control_path_dir") or "~/.ansible/cp")
+            makedirs_safe(cpdir, 0o700)
+            extra += ["-o", "ControlMaster=auto",
+                      "-o", f"ControlPersist={_FALLBACK_CONTROL_PERSIST}"]
+            if not path:
+                template = self._opt("control_path") or self.control_path_template(ident)
+                extra += ["-o", 'ControlPath="%s"' % (template % {"directory": cpdir})]
+            self._persistent = True
+        at = b_command.index(to_bytes(binary, errors="surrogate_or_strict"))
+        b_extra = [to_bytes(a, errors="surrogate_or_strict") for a in extra]
+        display.vvvvv(f"SSH: sshnp tunnel for {ident.describe()}: ({')('.join(extra)})",
+                      host=self.host)
+        b_command[at + 1:at + 1] = b_extra
+        return b_command
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _bare_run(self, cmd: list[bytes], in_data: bytes | None, sudoable: bool = True,
+                  checkrc: bool = True) -> tuple[int, bytes, bytes]:
+        started = time.time()
+        rc, b_out, b_err = super()._bare_run(cmd, in_data, sudoable=sudoable, checkrc=checkrc)
+        if rc == 255:
+            message = self.failure_message(b_err, self.client_log_since(started))
+            if message:
+                raise AnsibleConnectionFailure(message)
+        return rc, b_out, b_err
+
+    def client_log_since(self, started: float) -> str:
+        """The client's stderr if a client ran for this tunnel since ``started``, else ''."""
+        try:
+            path = self.client_log_path(self.sshnp_identity())
+            if os.stat(path).st_mtime < started - 1:
+                return ""
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return fh.read(65536)
+        except (OSError, AnsibleError):
+            return ""
+
+    def failure_message(self, stderr: bytes | str, client_log: str = "") -> str | None:
+        """UNREACHABLE text for an ssh exit 255 caused by the tunnel, else None (ssh's own
+        handling then applies: remote exit 255, auth failures, ...)."""
+        text = to_text(stderr, errors="surrogate_or_replace")
+        try:
+            ident: SshnpIdentity | None = self.sshnp_identity()
+        except AnsibleError:
+            ident = None
+        where = f" [{ident.describe()}]" if ident else ""
+        step = client_failure(client_log) or client_failure(text)
+        if step:
+            return f"sshnp: {step}{where}"
+        if re.search(r"sshnp\S*: (?:command )?not found|exec: .*sshnp.*: (?:not found|No such file)",
+                     client_log + text):
+            return ("sshnp: could not run the sshnp client (set sshnp_executable)"
+                    f"{where}: {(client_log or text).strip()}")
+        if "during banner exchange" in text or "kex_exchange_identification" in text:
+            log = self.client_log_path(ident) if ident else "the client log"
+            return ("sshnp: the tunnel closed or timed out before the device's sshd answered "
+                    f"(the client reported no error; see {log}, or rerun with "
+                    f"ansible_sshnp_client_verbosity=2){where}: {text.strip()}")
+        if "Host key verification failed" in text:
+            return ("sshnp: host key verification failed: the device's sshd key is not the one "
+                    "pinned by its signed session response (or the daemon pins none: set "
+                    f"host_key_policy=accept-new){where}: {text.strip()}")
+        return None
