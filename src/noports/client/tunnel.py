@@ -46,18 +46,19 @@ class AesTunnel:
         self.stats: Any = None
 
     async def serve_socket(self, local: socket.socket) -> None:
-        from noports.relay.pump import pump_socket
+        from noports.relay.pump import cipher_transforms, pump_socket
         local.setblocking(False)
         with contextlib.suppress(OSError):
             local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.stats = await pump_socket(local, self.relay_sock, to_relay=self.cipher.encrypt,
-                                       from_relay=self.cipher.decrypt)
+        to_relay, from_relay = cipher_transforms(self.cipher)
+        self.stats = await pump_socket(local, self.relay_sock, to_relay=to_relay,
+                                       from_relay=from_relay)
 
     async def serve_stdio(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
-        from noports.relay.pump import pump_stdio
+        from noports.relay.pump import cipher_transforms, pump_stdio
+        to_relay, from_relay = cipher_transforms(self.cipher)
         self.stats = await pump_stdio(self.relay_sock, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
-                                      to_relay=self.cipher.encrypt,
-                                      from_relay=self.cipher.decrypt)
+                                      to_relay=to_relay, from_relay=from_relay)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

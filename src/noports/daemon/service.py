@@ -38,7 +38,7 @@ from noports.keys.atkeys import AtKeys
 from noports.npproto.errors import IntegrityError
 from noports.npproto.keys import daemon_subscription_regex
 from noports.npproto.streamcipher import new_session_cipher
-from noports.relay.pump import connect_relay
+from noports.relay.pump import cipher_transforms, connect_relay
 from noports.relay.splice import Splice, splice_sockets
 
 from .authorized_keys import AuthorizedKeys, AuthorizedKeysError
@@ -380,9 +380,8 @@ class Daemon:
         if plan.cipher_id is not None:
             assert plan.key is not None and plan.iv is not None
             cipher = new_session_cipher(plan.cipher_id, plan.key, plan.iv, is_client=False)
-            to_relay = cipher.encrypt
 
-            def from_relay(data: bytes) -> bytes:
+            def decrypt(data: bytes) -> bytes:
                 try:
                     return cipher.decrypt(data)
                 except IntegrityError as exc:
@@ -394,6 +393,7 @@ class Daemon:
                                                              "integrity failure")
                     return b""
 
+            to_relay, from_relay = cipher_transforms(cipher, decrypt)
         sp = await splice_sockets(local, relay, transform_ab=to_relay, transform_ba=from_relay,
                                   on_close=lambda s: self._session_closed(plan.session_id, s))
         holder.append(sp)

@@ -16,8 +16,9 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from .splice import HIGH_WATER, Splice, Transform, splice_sockets, splice_stdio
+from .splice import HIGH_WATER, FlowTransform, Splice, Transform, splice_sockets, splice_stdio
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,32 @@ async def connect_relay(host: str, port: int, auth_line: bytes | str | None, *,
             last = exc if isinstance(exc, OSError) else TimeoutError(
                 f"relay {host}:{port} did not answer within {timeout:g}s")
     raise last or OSError(f"cannot resolve relay {host}:{port}")
+
+
+class StreamCipher(Protocol):
+    """What a session cipher offers (npproto.streamcipher.CtrDuplex / AeadStream)."""
+
+    def encrypt(self, data: bytes) -> bytes: ...
+    def decrypt(self, data: bytes) -> bytes: ...
+    def close(self) -> bytes: ...
+    def finish(self) -> None: ...
+
+
+def cipher_transforms(cipher: StreamCipher,
+                      decrypt: Transform | None = None) -> tuple[FlowTransform, FlowTransform]:
+    """(towards the relay, from the relay) transforms of one endpoint of a session cipher.
+
+    The outgoing side writes the cipher's end-of-stream frame before the half-close; the
+    incoming side checks, at EOF, that the peer's end frame arrived (AEAD: a truncated stream
+    aborts the splice instead of looking like a clean end). AES-CTR has neither, by design of
+    the official protocol. ``decrypt`` replaces ``cipher.decrypt`` (e.g. to log failures).
+    """
+    def check_end() -> bytes:
+        cipher.finish()
+        return b""
+
+    return (FlowTransform(cipher.encrypt, cipher.close),
+            FlowTransform(decrypt or cipher.decrypt, check_end))
 
 
 async def _finish(sp: Splice) -> PumpStats:

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -39,6 +40,25 @@ log = logging.getLogger(__name__)
 
 Transform = Callable[[bytes], bytes]
 SpliceMode = Literal["protocol", "os_splice"]
+
+
+class FlowTransform:
+    """A per-direction transform that also has a say at end of stream.
+
+    Why: an authenticated stream cipher must send its end-of-stream frame before the
+    half-close (so the peer can tell EOF from truncation), and the receiving side must check
+    that frame arrived. ``at_eof`` returns bytes to write before the EOF; raising from it
+    aborts the whole splice, so the application sees a reset rather than a clean end.
+    """
+
+    __slots__ = ("data", "at_eof")
+
+    def __init__(self, data: Transform, at_eof: Callable[[], bytes]) -> None:
+        self.data = data
+        self.at_eof = at_eof
+
+    def __call__(self, chunk: bytes) -> bytes:
+        return self.data(chunk)
 
 READ_SIZE = 1024 * 1024
 HIGH_WATER = 256 * 1024
@@ -156,6 +176,16 @@ class _Flow:
             return
         self.eof = True
         dst = self.dst
+        at_eof = getattr(self.transform, "at_eof", None)
+        if at_eof is not None:
+            try:
+                tail = at_eof()
+            except Exception as exc:  # noqa: BLE001 - any failure means: do not trust the end
+                log.warning("splice: end of stream rejected (%s); aborting", exc)
+                self.splice.abort()
+                return
+            if tail and dst is not None and not dst.is_closing():
+                dst.write(tail)
         if dst is not None and not dst.is_closing() and dst.can_write_eof():
             dst.write_eof()
         self.splice._flow_eof()
@@ -320,11 +350,16 @@ class ProtocolSplice(Splice):
             self._abort_timer = asyncio.get_running_loop().call_later(self._linger, self.abort)
 
     def abort(self) -> None:
-        """Drop everything now (buffered bytes are lost)."""
+        """Drop everything now (buffered bytes are lost); TCP peers see a reset, not an EOF."""
         if not self.closed:
             self.close("aborted")
         for end in self._ends:
             if end.transport is not None:
+                sock = end.transport.get_extra_info("socket")
+                if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
                 end.transport.abort()
 
 
