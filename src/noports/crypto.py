@@ -88,9 +88,13 @@ def load_private_key(b64_der: str) -> rsa.RSAPrivateKey:
 
 @functools.lru_cache(maxsize=64)
 def _parse_private_key(b64_der: str) -> rsa.RSAPrivateKey:
+    der = unb64(b64_der)
     try:
-        key = serialization.load_der_private_key(unb64(b64_der), password=None,
-                                                 unsafe_skip_rsa_key_validation=True)
+        try:
+            key = serialization.load_der_private_key(der, password=None,
+                                                     unsafe_skip_rsa_key_validation=True)
+        except TypeError:  # cryptography < 39 (e.g. Debian 12's python3-cryptography 38)
+            key = serialization.load_der_private_key(der, password=None)
     except (ValueError, TypeError) as exc:
         raise CryptoError(f"not a base64 DER PKCS#8 private key: {exc}") from exc
     if not isinstance(key, rsa.RSAPrivateKey):

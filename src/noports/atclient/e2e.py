@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -166,22 +166,10 @@ def decrypt_value(aes_key_b64: str, ciphertext_b64: str, iv_nonce_b64: str | Non
 # Parsing a PKCS#8 RSA key with full validation costs ~35 ms (CPython + OpenSSL 3): more than
 # the whole connect on a LAN. Our own private keys come from our own .atKeys file, so they are
 # loaded once per process, without the (pointless for trusted keys) validation, and reused.
-_PRIVATE_KEYS: dict[str, rsa.RSAPrivateKey] = {}
 
 
 def _private_key(private_b64: str) -> rsa.RSAPrivateKey:
-    key = _PRIVATE_KEYS.get(private_b64)
-    if key is None:
-        try:
-            loaded = serialization.load_der_private_key(
-                base64.b64decode(private_b64.strip()), password=None,
-                unsafe_skip_rsa_key_validation=True)
-        except (ValueError, TypeError) as exc:
-            raise crypto.CryptoError(f"not a base64 DER PKCS#8 private key: {exc}") from None
-        if not isinstance(loaded, rsa.RSAPrivateKey):
-            raise crypto.CryptoError("private key is not RSA")
-        key = _PRIVATE_KEYS[private_b64] = loaded
-    return key
+    return crypto.load_private_key(private_b64)  # parsed once per process, see crypto
 
 
 def sign(private_b64: str, message: str) -> str:
