@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Memory of the NoPorts runtime: an idle sshnpd, and srvd per idle session.
+
+Not a test; prints a table. Real programs (tests/integration/noports_harness.py):
+
+* sshnpd: VmRSS of the daemon process once it is ready and settled, and again after it has
+  served a few real sessions (sshnp exec, both tunnel modes) and their keys expired — an
+  idle daemon should not grow with the sessions it has served.
+* srvd: VmRSS delta of the srvd process / N for N sessions opened through the real control
+  plane (``<device>.request_ports.sshrvd`` notifications, answered with two ports each):
+  first *open* (two listening ports, waiting), then *paired and idle* (both sides connected
+  and authenticated with signed auth lines, no traffic: an idle SSH session through the
+  relay). Next to it, the in-process Rendezvous figure from bench/relay_throughput.py.
+
+    .venv/bin/python bench/noports_memory.py            # N = 500
+    .venv/bin/python bench/noports_memory.py --quick    # N = 150
+    .venv/bin/python bench/noports_memory.py --netns    # namespaced topology (root)
+
+Target: <= 8 KiB per idle srvd session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from noports_harness import (  # noqa: E402
+    CLIENT,
+    RELAY,
+    World,
+    device_atsign,
+    device_name,
+    noports_world,
+)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def settle(pid: int, seconds: float = 2.0) -> int:
+    """RSS after ``seconds`` of idling (the last of a few samples)."""
+    deadline = time.monotonic() + seconds
+    v = rss_kib(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        v = rss_kib(pid)
+    return v
+
+
+async def open_sessions(w: World, n: int, pair: bool) -> tuple[list, list]:
+    """Request ``n`` sessions from srvd (K1 -> K2); with ``pair``, connect and authenticate
+    both sides of each. Returns (sessions, sockets)."""
+    from noports.atclient.aio import AtClient
+    from noports.client.flow import fast_sign_envelope
+    from noports.npproto import RelayRequest, RelayResponse, dart_iso_now
+    from noports.npproto.envelope import relay_auth_payload
+
+    keys = w.plane.keys
+    c = await AtClient.connect(CLIENT, keys[CLIENT], w.plane.root_tuple, w.plane.ssl_context())
+    answers: dict[str, asyncio.Future[str]] = {}
+    loop = asyncio.get_running_loop()
+    mon = c.monitor(r"\.sshrvd@")
+    await mon.wait_ready(10)
+
+    async def route() -> None:
+        async for note in mon:
+            sid = note.key.split(":", 1)[-1].split(".sshrvd", 1)[0]
+            fut = answers.get(sid)
+            if fut is not None and not fut.done() and note.value:
+                fut.set_result(note.value)
+
+    router = loop.create_task(route())
+    sem = asyncio.Semaphore(32)
+
+    async def one() -> tuple[str, str, RelayResponse]:
+        sid, cn = str(uuid.uuid4()), dart_iso_now()
+        answers[sid] = loop.create_future()
+        async with sem:
+            await c.notify(RELAY, f"{device_name(1)}.request_ports.sshrvd",
+                           RelayRequest(sid, CLIENT, device_atsign(1), cn).to_json(),
+                           ttl_ms=10_000)
+            value = await asyncio.wait_for(answers[sid], 30)
+        return sid, cn, RelayResponse.from_csv(value)
+
+    sessions = await asyncio.gather(*(one() for _ in range(n)))
+    router.cancel()
+    await mon.aclose()
+    await c.close()
+    socks = []
+    if pair:
+        pairs = []
+        for sid, cn, rr in sessions:
+            payload = relay_auth_payload(sid, cn, rr.rvd_nonce)
+            ends = []
+            for port, who in ((rr.port_a, CLIENT), (rr.port_b, device_atsign(1))):
+                line = fast_sign_envelope(payload, keys[who].encrypt_private).encode() + b"\n"
+                rd, wr = await asyncio.open_connection(rr.host, port)
+                wr.write(line)
+                await wr.drain()
+                socks.append(wr)
+                ends.append((rd, wr))
+            pairs.append(ends)
+        for (_ra, wa), _b in pairs:  # prove each pair is spliced: one byte A -> B
+            wa.write(b"p")
+        for (_ra, _wa), (rb, _wb) in pairs:
+            assert await asyncio.wait_for(rb.readexactly(1), 10) == b"p"
+    return sessions, socks
+
+
+def srvd_per_session(w: World, n: int, pair: bool) -> tuple[float, int, float]:
+    """(KiB per session, RSS delta KiB, seconds to open) for n sessions on srvd."""
+    pid = w.srvd.popen.pid  # type: ignore[union-attr]  # `ip netns exec` execs in place
+
+    async def go() -> tuple[float, int, float]:
+        await open_sessions(w, 20, pair)  # warm-up: allocator, key caches, selector maps
+        await asyncio.sleep(0.5)
+        before = rss_kib(pid)
+        t0 = time.monotonic()
+        _sessions, socks = await open_sessions(w, n, pair)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1.5)  # let srvd finish authenticating / pairing
+        after = rss_kib(pid)
+        for wr in socks:
+            wr.close()
+        return (after - before) / n, after - before, took
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N = 150")
+    ap.add_argument("-n", "--sessions", type=int, help="sessions per measurement (500)")
+    ap.add_argument("--netns", action="store_true",
+                    help="network-namespace topology (needs root); default loopback")
+    args = ap.parse_args()
+    n = args.sessions or (150 if args.quick else 500)
+    if args.netns and os.geteuid() != 0:
+        ap.error("--netns needs root")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * n + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    with tempfile.TemporaryDirectory(prefix="np-bench-mem-") as tmp, noports_world(
+            Path(tmp), n_devices=1, namespaced=args.netns,
+            srvd_args=("--max-sessions-per-atsign", str(4 * n + 100))) as w:
+        dpid = w.daemons[1].popen.pid
+        d_idle = settle(dpid)
+        for mode in ("aes", "ssh", "aes", "ssh"):
+            w.sshnp(1, "true", mode=mode).check(f"sshnp {mode}")
+        deadline = time.monotonic() + 20  # until every ephemeral key has expired
+        while w.ephemeral_lines(1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        d_after = settle(dpid)
+        srvd_start = settle(w.srvd.popen.pid, 1.0)  # type: ignore[union-attr]
+        open_kib, open_delta, open_s = srvd_per_session(w, n, pair=False)
+        # the open sessions above close 30 s after creation; measure pairs on top of them
+        pair_kib, pair_delta, pair_s = srvd_per_session(w, n, pair=True)
+        topo = "netns" if w.namespaced else "loopback"
+
+    import relay_throughput as rt
+    tm, rss = rt.idle_session_memory(1000)
+
+    print(f"NoPorts runtime memory, {topo}, Python {sys.version.split()[0]}")
+    print(f"{'what':<52} {'value':>12}")
+    print(f"{'sshnpd VmRSS, idle after start':<52} {d_idle / 1024:9.1f} MiB")
+    print(f"{'sshnpd VmRSS, idle after 4 sessions (keys expired)':<52} "
+          f"{d_after / 1024:9.1f} MiB")
+    print(f"{'srvd VmRSS at start (+20 warm-up sessions later)':<52} "
+          f"{srvd_start / 1024:9.1f} MiB")
+    print(f"{f'srvd per OPEN session (N={n}, {open_s:.1f}s to open)':<52} "
+          f"{open_kib:8.2f} KiB   (delta {open_delta} KiB)")
+    print(f"{f'srvd per PAIRED idle session (N={n}, {pair_s:.1f}s)':<52} "
+          f"{pair_kib:8.2f} KiB   (delta {pair_delta} KiB)")
+    print(f"{'Rendezvous in-process, per open session (1000)':<52} "
+          f"{rss:8.2f} KiB   (tracemalloc {tm:.2f} KiB)")
+    worst = max(open_kib, pair_kib)
+    print(f"target <= 8 KiB per idle srvd session: worst {worst:.2f} KiB -> "
+          f"{'met' if worst <= 8 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""sshnp session setup time: ``sshnp ... <cmd>`` start -> first byte of remote output.
+
+Not a test; prints a table. Every component is the real program (tests/integration
+noports_harness.py): plane + srvd + sshnpd + OpenSSH sshd, and the client as a fresh
+``python -m noports.client.cli`` process per run (what a user or Ansible pays). Side by side,
+per tunnel mode, exec mode and ProxyCommand mode (``ssh -o ProxyCommand='sshnp --stdio'``),
+next to plain ``ssh`` to the same sshd (from inside the device namespace, or on loopback):
+p50/p90 over N runs, interleaved so machine noise hits every case alike.
+
+    .venv/bin/python bench/sshnp_setup.py            # 30 runs per case, loopback
+    .venv/bin/python bench/sshnp_setup.py --quick    # 8 runs per case
+    .venv/bin/python bench/sshnp_setup.py --netns    # namespaced topology (root)
+
+Target: sshnp p50 <= 0.5 s on loopback (official NoPorts: 3-4 s, reference §3.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from noports_harness import noports_world, percentile, run_timed  # noqa: E402
+
+OFFICIAL_S = (3.0, 4.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="8 runs per case")
+    ap.add_argument("--runs", type=int, help="runs per case (default 30, quick 8)")
+    ap.add_argument("--netns", action="store_true",
+                    help="network-namespace topology (needs root); default loopback")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the ProxyCommand cases")
+    args = ap.parse_args()
+    runs = args.runs or (8 if args.quick else 30)
+    if args.netns and os.geteuid() != 0:
+        ap.error("--netns needs root")
+
+    with tempfile.TemporaryDirectory(prefix="np-bench-setup-") as tmp, \
+            noports_world(Path(tmp), n_devices=1, namespaced=args.netns) as w:
+        i = 1
+        env = w.client_env()
+        kh = Path(tmp) / "proxy_known_hosts"
+        cases: dict[str, list[str]] = {"plain ssh (baseline)": w.direct_ssh_argv(i) + ["echo x"]}
+        for mode in ("aes", "ssh"):
+            cases[f"sshnp exec  {mode}"] = w.sshnp_argv(i, mode=mode) + ["echo x"]
+        if not args.no_proxy:
+            for mode in ("aes", "ssh"):
+                cases[f"sshnp stdio {mode}"] = w.proxy_ssh_argv(i, "echo x", mode=mode,
+                                                               known_hosts=kh)
+        for argv in cases.values():  # warm-up: page cache, pk cache, known_hosts, sshd
+            run_timed(argv, env=env, timeout=60).check()
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(runs):
+            for name, argv in cases.items():
+                res = run_timed(argv, env=env, timeout=60).check(name)
+                assert res.first_output_s is not None, name
+                samples[name].append(res.first_output_s)
+        topo = "netns (client in root ns, device in its namespace)" if w.namespaced \
+            else "loopback"
+        print(f"sshnp setup: start -> first remote output, {runs} runs per case "
+              f"(interleaved), {topo}, {os.cpu_count()} CPUs, Python "
+              f"{sys.version.split()[0]}")
+        base = percentile(samples["plain ssh (baseline)"], 50)
+        print(f"{'case':<22} {'p50 s':>7} {'p90 s':>7} {'min s':>7} {'x ssh p50':>10} "
+              f"{'vs official 3-4 s':>18}")
+        for name, v in samples.items():
+            p50, p90 = percentile(v, 50), percentile(v, 90)
+            off = f"{OFFICIAL_S[0] / p50:.1f}-{OFFICIAL_S[1] / p50:.1f}x faster" \
+                if name.startswith("sshnp") else "-"
+            print(f"{name:<22} {p50:7.3f} {p90:7.3f} {min(v):7.3f} {p50 / base:10.2f} "
+                  f"{off:>18}")
+        best = min(percentile(v, 50) for n, v in samples.items() if n.startswith("sshnp"))
+        worst = max(percentile(v, 50) for n, v in samples.items() if n.startswith("sshnp"))
+        print(f"target p50 <= 0.500 s: best {best:.3f} s, worst {worst:.3f} s -> "
+              f"{'met' if worst <= 0.5 else 'met by some cases' if best <= 0.5 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
