@@ -59,9 +59,10 @@ log = logging.getLogger("noports.sshnpd")
 SHARE_INTERVAL_S = 3600.0  # username/device_info refresh (official: hourly)
 PUBLIC_KEY_CACHE_S = 3600.0
 CONNECT_TIMEOUT_S = 10.0
-CLIENT_WAIT_S = 60.0
+CLIENT_WAIT_S = 60.0  # close a session whose client never reached the relay
 SWEEP_INTERVAL_S = 60.0
-SWEEP_GRACE_S = 60  # an ephemeral line is "expired" for any daemon ttl + this after writing  # close a session whose client never reached the relay
+SWEEP_GRACE_S = 60  # an ephemeral line is "expired" for any daemon ttl + this after writing
+KEY_REMOVAL_MARGIN_S = 0.5  # removal starts this long before the ttl ends
 
 
 class DaemonError(RuntimeError):
@@ -337,6 +338,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         sess = _Session(plan, loop.time())
         self._sessions[sid] = sess
+        written_at = loop.time()  # the line may be visible from here on
         try:
             await asyncio.to_thread(
                 functools.partial(self.authorized_keys.add_ephemeral,
@@ -349,7 +351,10 @@ class Daemon:
                       extra={"event": "session_failed", **ctx})
             await self._send(self.handler.tunnel_failed(plan, "cannot authorize session key"))
             return
-        self._key_timers[sid] = loop.call_later(c.ephemeral_key_ttl, self._expire_key, sid)
+        # "gone within ttl": start the removal early enough to cover the locked rewrite + fsync
+        remove_in = max(0.0, c.ephemeral_key_ttl - KEY_REMOVAL_MARGIN_S
+                        - (loop.time() - written_at))
+        self._key_timers[sid] = loop.call_later(remove_in, self._expire_key, sid)
         try:
             local = await _open_local(c.local_sshd_port)
         except OSError as exc:
