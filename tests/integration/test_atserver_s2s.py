@@ -445,3 +445,21 @@ def test_python_sdk_end_to_end_across_processes(two, tmp_path):
     assert out["decrypted"] in (out["expected"], "shared value"), out
     assert out["received_from"] == "@ann"
     assert "MONITOR_EXCEPTION" not in out["events"], out
+
+
+def test_remove_and_readd_within_one_poll_serves_the_new_atsign(plane):
+    """A remove + add faster than the hosted-table poll must not leave the old listener."""
+    from noports.atserver import admin
+
+    plane.add("p1", "@ann")
+    plane.start("p1", ["@ann"])
+    state = plane.root / "p1"
+    admin.add_atsign(state, "@eve", "first-secret", port=0)
+    admin.wait_for_port(state, "@eve", timeout=10)
+    assert admin.remove_atsign(state, "@eve")
+    admin.add_atsign(state, "@eve", "second-secret", port=0)   # same poll interval
+    port = admin.wait_for_port(state, "@eve", timeout=10)
+    c = plane.client(port)
+    ch = c.data("from:@eve")
+    assert c.data("cram:" + crypto.cram_digest("second-secret", ch)) == "success"
+    c.close()

@@ -73,6 +73,7 @@ class AtServer:
                                  self._store_proof)
         self.hosts: dict[str, Host] = {}
         self.listeners: dict[str, asyncio.base_events.Server] = {}
+        self._generation: dict[str, int] = {}  # hosted.created of each listener's row
         self.conns: dict[str, set[asyncio.StreamWriter]] = {}
         self._bind_failed: set[str] = set()
         self.deliverer = Deliverer(self.store, self.outbound, opts.config, wall_clock_ms,
@@ -155,13 +156,17 @@ class AtServer:
         """Start listeners for new hosted atSigns, stop those removed."""
         rows = self.store.hosted()
         for at in list(self.listeners):
-            if at not in rows:
-                log.info("%s is no longer hosted; closing its port", at)
+            row = rows.get(at)
+            if row is None or row.created != self._generation.get(at):
+                # removed, or removed and re-added between two polls (new keys, new secret)
+                log.info("%s is no longer hosted%s; closing its port", at,
+                         "" if row is None else " as before (re-added)")
                 await self._stop_listener(at)
                 self.hosts.pop(at, None)
         for at, row in rows.items():
             if at in self.listeners:
                 continue
+            self._generation[at] = row.created
             if at not in self.hosts:
                 host = Host(at, self.store, self.opts.config, remote=self.outbound,
                             nudge=self.deliverer.nudge)

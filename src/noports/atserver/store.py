@@ -116,6 +116,7 @@ class HostedRow:
     port: int
     listening: bool
     pid: int
+    created: int = 0  # generation: a removed and re-added atSign gets a new one
 
 
 class Store:
@@ -182,8 +183,10 @@ class Store:
         return n > 0
 
     def hosted(self) -> dict[str, HostedRow]:
-        rows = self._db.execute("SELECT atsign, port, listening, pid FROM hosted").fetchall()
-        return {r["atsign"]: HostedRow(r["atsign"], r["port"], bool(r["listening"]), r["pid"])
+        rows = self._db.execute(
+            "SELECT atsign, port, listening, pid, created FROM hosted").fetchall()
+        return {r["atsign"]: HostedRow(r["atsign"], r["port"], bool(r["listening"]), r["pid"],
+                                       r["created"])
                 for r in rows}
 
     def mark_listening(self, atsign: str, port: int, pid: int) -> None:
