@@ -1,5 +1,6 @@
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 # ruff: noqa: E402  (Ansible convention: DOCUMENTATION/EXAMPLES come before the imports)
 """``noports.sshnp.sshnp``: ansible.builtin.ssh with the sshnp client as ProxyCommand.
 

@@ -1,5 +1,6 @@
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 # ruff: noqa: E402  (Ansible convention: DOCUMENTATION/EXAMPLES come before the imports)
 """``noports.sshnp.devices``: the devices that share their device_info with the client atSign.
 
@@ -304,8 +305,8 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
         """Directory lookup, TLS to the client's atServer, PKAM (APKAM when enrolled)."""
         from noports.atclient.connection import AtConnection, find_secondary
         root = str(self.get_option("root_domain") or DEFAULT_ROOT_DOMAIN)
-        host, _, port = root.rpartition(":")
-        if not host or not port.isdigit():
+        host, sep, port = root.rpartition(":")
+        if not sep or not host or not port.isdigit():
             host, port = root, "64"
         ca_file = self.get_option("ca_file")
         ctx = ssl.create_default_context(cafile=ca_file) if ca_file else None
@@ -331,7 +332,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                                      device_atsigns=self.get_option("device_atsigns") or ())
             finally:
                 close = getattr(conn, "close", None)
-                if close:
+                if callable(close):
                     close()
         except (AtClientError, OSError, ValueError, re.error) as exc:
             raise AnsibleParserError(

@@ -1,5 +1,6 @@
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE in the collection root)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Service control for noports daemons: systemd, or a pid-file runner where there is none.
 
 Why a runner of our own: devices in containers, network namespaces and small distributions

@@ -1,5 +1,6 @@
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE in the collection root)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """sshnpd's config file: render it from module options, parse it back for comparison.
 
 The format is the daemon's ``key = value`` format (src/noports/daemon/config.py,

@@ -1,6 +1,7 @@
 #!/usr/bin/python
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE in the collection root)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Put an atSign's keys on a host: activate there (keys generated locally) or install a file."""
 
 from __future__ import annotations

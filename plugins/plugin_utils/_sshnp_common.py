@@ -1,5 +1,6 @@
 # Copyright (c) noports.sshnp developers
-# BSD-3-Clause (see LICENSE)
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
 """Controller-side helpers shared by the ``sshnp`` connection and ``devices`` inventory plugins.
 
 Why here and not in ``module_utils``: nothing in this file runs on a managed node, and

@@ -402,8 +402,8 @@ def _listening(lines: list[str], prefix: str) -> dict[str, tuple[str, int]]:
         idx = line.find(prefix + " ")
         if idx < 0 or " listening on " not in line:
             continue
-        head, _, addr = line[idx + len(prefix) + 1:].partition("listening on ")
-        host, _, port = addr.strip().split()[0].rpartition(":") if addr.strip() else ("", "", "")
+        head, _sep, addr = line[idx + len(prefix) + 1:].partition("listening on ")
+        host, _sep, port = addr.strip().split()[0].rpartition(":") if addr.strip() else ("", "", "")
         if port.isdigit():
             found[head.strip().lower()] = (host, int(port))
     return found

@@ -32,7 +32,8 @@ def step(n: int, text: str) -> None:
 def noports(*args: str) -> None:
     exe = BIN / "noports"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "noports.admin"]
-    res = subprocess.run([*cmd, "-q", *args], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([*cmd, "-q", *args], capture_output=True, text=True, timeout=120,
+                         check=False)
     if res.returncode != 0:
         raise SystemExit(f"demo: `noports {' '.join(args)}` failed:\n{res.stderr.strip()}")
 
@@ -50,7 +51,7 @@ def wait_plane_up(proc: subprocess.Popen, plane: Path, timeout: float = 30) -> N
         if proc.poll() is not None:
             raise SystemExit(f"demo: `noports plane up` exited with {proc.returncode}")
         ok = subprocess.run([str(exe), "-q", "plane", "status", "--dir", str(plane)],
-                            capture_output=True, timeout=30).returncode == 0
+                            capture_output=True, timeout=30, check=False).returncode == 0
         if ok:
             return
         time.sleep(0.3)

@@ -649,8 +649,8 @@ class Monitor:
         waiter = asyncio.ensure_future(self._ready.wait())
         task = self._task
         assert task is not None
-        done, _ = await asyncio.wait({waiter, task}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _pending = await asyncio.wait({waiter, task}, timeout=timeout,
+                                            return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
             waiter.cancel()
             if task in done and not self._queue.empty():

@@ -210,7 +210,7 @@ _HANDLERS: list[tuple[str, Callable[[str], bool]]] = [
     ("keys", lambda c: c.startswith("keys:")),
 ]
 
-VERBS: tuple[str, ...] = (*(v for v, _ in _HANDLERS), "update_json", "exit")
+VERBS: tuple[str, ...] = (*(v for v, _handler in _HANDLERS), "update_json", "exit")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class Resolver:
                 writer.write(b"@exit\n")
             if answer == "null" or ":" not in answer:
                 return None
-            host, _, port = answer.rpartition(":")
+            host, _sep, port = answer.rpartition(":")
             return host, int(port)
         finally:
             writer.close()

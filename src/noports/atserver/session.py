@@ -278,7 +278,7 @@ class Session:
         pend = self._pending
         if not pend or pend[0] != "pol" or pend[-1] < self.host.now():
             raise unauthenticated("pol without a preceding from:@<atsign>")
-        _, at, cookie, proof, _exp = pend
+        _kind, at, cookie, proof, _exp = pend
         remote = self.host.remote
         if remote is None:
             raise AtError("AT0021", "no outbound connectivity configured")
@@ -569,8 +569,8 @@ class Session:
                 remote = self.host.remote
                 if remote is None:
                     raise AtError("AT0021", "no outbound connectivity configured")
-                r = await remote.request(self.me, other, "scan" + (f" {rx_text}" if rx_text
-                                                                  else ""), handshake=True)
+                verb = f"scan {rx_text}" if rx_text else "scan"
+                r = await remote.request(self.me, other, verb, handshake=True)
                 if not r.ok:
                     raise AtError(r.code or "AT0011", r.message)
                 return self._data(r.data)
@@ -666,8 +666,8 @@ class Session:
         if old is None or old.kind != "received" or old.from_atsign != n.from_atsign:
             return False
         d = old.data if isinstance(old.data, dict) else {}
-        return (d.get("key"), d.get("value"), d.get("operation")) == (n.key, n.value,
-                                                                       n.operation)
+        return (d.get("key"), d.get("value"), d.get("operation")) == (
+            n.key, n.value, n.operation)
 
     def _build_notification(self, p: dict[str, str], *, from_atsign: str, to: str, now: int,
                             ttln: int) -> Any:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# The names are resolved lazily by __getattr__ below, which pylint does not follow.
+# pylint: disable=undefined-all-variable
 __all__ = [
     "Session", "SessionParams", "SshnpError", "host_key_alias", "open_session", "run_stdio",
     "update_known_hosts",

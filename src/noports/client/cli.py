@@ -305,7 +305,7 @@ async def _accept(listener: Any, idle_timeout: float, progress: Progress) -> Any
     import asyncio
     loop = asyncio.get_running_loop()
     try:
-        conn, _ = await asyncio.wait_for(loop.sock_accept(listener), idle_timeout)
+        conn, _addr = await asyncio.wait_for(loop.sock_accept(listener), idle_timeout)
     except asyncio.TimeoutError:
         progress(f"nobody connected to the tunnel within {idle_timeout:g}s; closing it")
         return None

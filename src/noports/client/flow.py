@@ -302,8 +302,9 @@ class _Flow:
 
     async def username(self) -> str | None:
         try:
-            value = await self.client.get_shared(f"username.{self.p.device}", shared_by=
-                                                 self.p.device_atsign, namespace="sshnp")
+            value = await self.client.get_shared(f"username.{self.p.device}",
+                                                 shared_by=self.p.device_atsign,
+                                                 namespace="sshnp")
         except _at_errors() as exc:
             log.debug("username lookup failed: %s", exc)
             return None
@@ -467,8 +468,8 @@ class _Flow:
             waiting: set[asyncio.Future[Any]] = {session_fut}
             if not checked:
                 waiting.add(hb)
-            done, _ = await asyncio.wait(waiting, timeout=left,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _pending = await asyncio.wait(waiting, timeout=left,
+                                                return_when=asyncio.FIRST_COMPLETED)
             if session_fut in done:
                 return session_fut.result()
             if hb in done and not checked:

@@ -38,7 +38,7 @@ def parse_root(value: str) -> tuple[str, int]:
     """``host[:port]`` (port 64 by default, like the official --root-domain)."""
     text = value.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port
-        host, _, rest = text[1:].partition("]")
+        host, _sep, rest = text[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
     else:
         host, sep, port = text.rpartition(":")

@@ -143,8 +143,8 @@ class Daemon:
             else:
                 log.info("sshnpd %s ready: device %r, managers %s", c.atsign, c.device,
                          ",".join(c.managers), extra={"event": "ready"})
-            done, _ = await asyncio.wait({consumer, stopper},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _pending = await asyncio.wait({consumer, stopper},
+                                                return_when=asyncio.FIRST_COMPLETED)
             if consumer in done and not stop.is_set():
                 exc = consumer.exception()
                 if exc is not None:
@@ -239,8 +239,8 @@ class Daemon:
             self._ignore(routed)
             return
         req: Request = routed
-        log.debug("%s from %s", req.kind, req.sender, extra={"event": req.kind,
-                                                              "sender": req.sender})
+        log.debug("%s from %s", req.kind, req.sender,
+                  extra={"event": req.kind, "sender": req.sender})
         if req.kind == "ping":
             await self._send(self.handler.on_ping(req))
         elif req.kind == "sshpublickey":

@@ -72,7 +72,7 @@ class DirectoryServer:
             self._server.close()
             await self._server.wait_closed()
         if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=0.05)
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=0.05)
             for task in pending:
                 task.cancel()
             if pending:

@@ -184,7 +184,7 @@ class ReplayGuard:
     def _prune(self, now: float) -> None:
         oldest_ok = now - self.window - self.tz_tolerance
         while self._heap and self._heap[0][0] < oldest_ok:
-            _, key = heapq.heappop(self._heap)
+            _expiry, key = heapq.heappop(self._heap)
             self._seen.pop(key, None)
 
     def check(self, session_id: str, client_nonce: str) -> None:

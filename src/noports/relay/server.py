@@ -149,7 +149,7 @@ class _Session:
     # -------------------------------------------------------------------- sockets
     def _on_accept(self, side: Side) -> None:
         lsock = self.lsocks[0 if side is Side.A else 1]
-        for _ in range(32):
+        for _attempt in range(32):
             try:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):

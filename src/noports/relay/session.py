@@ -177,7 +177,7 @@ class RelaySession:
         if self.closed:
             return [Drop(conn, "session closed")]
         queue = self._pending_a if side is Side.A else self._pending_b
-        waiting = len(queue) + sum(1 for s, _ in self._authing.values() if s is side)
+        waiting = len(queue) + sum(1 for s, _auth in self._authing.values() if s is side)
         if waiting >= self.policy.max_pending_per_side:
             return [Drop(conn, f"too many pending connections on side {side.value} "
                                f"(max {self.policy.max_pending_per_side})")]

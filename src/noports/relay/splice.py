@@ -60,6 +60,7 @@ class FlowTransform:
     def __call__(self, chunk: bytes) -> bytes:
         return self.data(chunk)
 
+
 READ_SIZE = 1024 * 1024
 HIGH_WATER = 256 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -390,7 +391,7 @@ class _PipeFlow:
     def readable(self) -> None:
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
         try:
-            for _ in range(self.BUDGET):
+            for _round in range(self.BUDGET):
                 try:
                     n = os.splice(self.src, self.pw, PIPE_SIZE, flags=flags)
                 except BlockingIOError:
@@ -538,9 +539,9 @@ async def splice_sockets(sock_a: socket.socket, sock_b: socket.socket, *,
     end_a = _SockEnd(sp, sp.ab, sp.ba)
     end_b = _SockEnd(sp, sp.ba, sp.ab)
     try:
-        ta, _ = await loop.connect_accepted_socket(lambda: end_a, sock_a)
+        ta, _proto_a = await loop.connect_accepted_socket(lambda: end_a, sock_a)
         sp._add(end_a)
-        tb, _ = await loop.connect_accepted_socket(lambda: end_b, sock_b)
+        tb, _proto_b = await loop.connect_accepted_socket(lambda: end_b, sock_b)
         sp._add(end_b)
     except OSError as exc:
         for end in sp._ends:
@@ -579,11 +580,11 @@ async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int
     rfile = open(os.dup(stdin_fd), "rb", buffering=0)  # noqa: SIM115 - owned by transport
     wfile = open(os.dup(stdout_fd), "wb", buffering=0)  # noqa: SIM115
     try:
-        tin, _ = await loop.connect_read_pipe(lambda: end_in, rfile)
+        tin, _proto_in = await loop.connect_read_pipe(lambda: end_in, rfile)
         sp._add(end_in)
-        tout, _ = await loop.connect_write_pipe(lambda: end_out, wfile)
+        tout, _proto_out = await loop.connect_write_pipe(lambda: end_out, wfile)
         sp._add(end_out)
-        ts, _ = await loop.connect_accepted_socket(lambda: end_sock, sock)
+        ts, _proto_sock = await loop.connect_accepted_socket(lambda: end_sock, sock)
         sp._add(end_sock)
     except (OSError, ValueError):
         for end in sp._ends:

@@ -387,8 +387,8 @@ class Srvd:
         consumer = asyncio.get_running_loop().create_task(consume())
         stopper = asyncio.get_running_loop().create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait({consumer, stopper},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _pending = await asyncio.wait({consumer, stopper},
+                                                return_when=asyncio.FIRST_COMPLETED)
             if consumer in done and not stop.is_set():
                 consumer.result()  # surface a fatal monitor error
                 log.error("monitor ended unexpectedly")
