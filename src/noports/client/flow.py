@@ -305,7 +305,7 @@ class _Flow:
             value = await self.client.get_shared(f"username.{self.p.device}",
                                                  shared_by=self.p.device_atsign,
                                                  namespace="sshnp")
-        except _at_errors() as exc:
+        except (*_at_errors(), ValueError) as exc:  # ValueError: client == device atSign
             log.debug("username lookup failed: %s", exc)
             return None
         return value.strip() if value and value.strip() else None
