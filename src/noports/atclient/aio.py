@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import logging
+import os
 import random
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from noports import crypto
@@ -243,6 +247,37 @@ def _forget_secondary(root: tuple[str, int], atsign: str) -> None:
 
 # --- the client -------------------------------------------------------------------------------
 
+
+@contextlib.asynccontextmanager
+async def _host_lock(name: str, timeout: float = 30.0) -> AsyncIterator[None]:
+    """An exclusive lock shared by every process of this user on this host (flock).
+
+    Best effort: without a writable lock directory it degrades to no lock (logged).
+    """
+    lock_dir = Path(os.environ.get("NOPORTS_LOCK_DIR") or Path.home() / ".atsign" / "locks")
+    path = lock_dir / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".lock")
+    try:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.debug("no host lock for %s (%s); continuing without", name, exc)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("host lock %s still busy after %.0fs; continuing", name, timeout)
+                    break
+                await asyncio.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
 class AtClient:
     """An authenticated atProtocol client for one atSign (create with `await AtClient.connect`)."""
 
@@ -387,22 +422,36 @@ class AtClient:
             key = self._by_me.get(other)
             if key:
                 return key
-            wrapped: str | None
-            try:
-                wrapped = await self.command(
-                    f"llookup:{e2e.shared_key_self_name(self.atsign, other)}", retry=True)
-            except AtProtocolError as exc:
-                if exc.code != "AT0015":
-                    raise
-                wrapped = None
-            if wrapped and wrapped.strip() != "null":
-                key = e2e.rsa_unwrap(self.keys.encrypt_private, wrapped)
-            elif create:
-                key = await self._create_shared_key(other)
-            else:
+            key = await self._stored_key_by_me(other)
+            if key is None and not create:
                 raise AtProtocolError("AT0015", f"no key shared with {other} yet")
+            if key is None:
+                # Several processes of one atSign (Ansible forks) may meet a new peer at once:
+                # each would publish its own key and the peer would keep only the last one.
+                # A host-wide lock serialises creation; the winner's key is then re-read.
+                async with _host_lock(f"shared_key.{self.atsign}.{other}"):
+                    key = await self._stored_key_by_me(other)
+                    if key is None:
+                        await self._create_shared_key(other)
+                        key = await self._stored_key_by_me(other)
+                        if key is None:
+                            raise AtProtocolError("AT0015", f"the key shared with {other} "
+                                                  "vanished right after it was written")
             self._by_me[other] = key
             return key
+
+    async def _stored_key_by_me(self, other: str) -> str | None:
+        """Our own copy of the key we share with `other`, or None when there is none."""
+        try:
+            wrapped = await self.command(
+                f"llookup:{e2e.shared_key_self_name(self.atsign, other)}", retry=True)
+        except AtProtocolError as exc:
+            if exc.code != "AT0015":
+                raise
+            return None
+        if not wrapped or wrapped.strip() == "null":
+            return None
+        return e2e.rsa_unwrap(self.keys.encrypt_private, wrapped)
 
     async def _create_shared_key(self, other: str) -> str:
         their_pub = await self.public_key(other)

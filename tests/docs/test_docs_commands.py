@@ -1,0 +1,547 @@
+"""Every command shown in README.md and docs/ is exercised here.
+
+Convention (docs/index.md, "Commands in these pages"):
+
+* Every fenced block has a language tag. ``console``, ``bash``, ``sh`` and ``shell`` blocks
+  hold commands, one per line (``\\`` continues a line, ``#`` starts a comment); command
+  output goes in ``text`` blocks.
+* A command block is **run**, unless the line right before its fence is
+  ``<!-- docs-test: skip: REASON -->`` (the reason is required).
+* ``<!-- docs-test: file: NAME -->`` before any block: the test writes the block to NAME (in
+  the page's current directory at that point) before running the next command block.
+* Pages are run as one bash session each (``set -euo pipefail``, so ``cd`` and ``export``
+  carry over), in a sandbox: a temporary HOME, no ``ANSIBLE_*``/``NOPORTS_*``/``SSL_CERT_FILE``
+  from the caller, the repository as the starting directory, the virtualenv first on PATH.
+  A line ending in ``&`` starts a long-running program in the background; the test waits
+  for its "ready" line (``READY``) and stops every process of the session at the end.
+* Pages that need a special environment are listed in ``ENVIRONMENTS``. ``device``: root,
+  a private network namespace (``unshare -n``) with an OpenSSH sshd on 127.0.0.1:22 that
+  reads ``$HOME/.ssh/authorized_keys``, like a device's.
+
+Checks on every command line, run or skipped: each of our programs (noports, atdirectory,
+atserver, srvd, sshnpd, sshnp) is called with subcommands and flags that its real ``--help``
+lists; ``make`` targets exist in the Makefile. Plus: every program's ``--help`` runs; the
+error messages quoted in docs/troubleshooting.md occur in the sources; every relative link
+in README.md and docs/ resolves.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+BIN = Path(sys.executable).parent
+PROGRAMS = ("noports", "atdirectory", "atserver", "srvd", "sshnpd", "sshnp")
+COMMAND_LANGS = {"console", "bash", "sh", "shell"}
+
+# background programs: the line that says they are ready (stdout or stderr)
+READY = {
+    "noports": r"press Ctrl-C to stop",
+    "srvd": r"srvd \S+ ready",
+    "sshnpd": r"sshnpd \S+ ready",
+    "atdirectory": r"atdirectory listening on",
+    "atserver": r"atserver \S+ listening on",
+}
+# pages run in a special environment (others: the plain sandbox)
+ENVIRONMENTS = {"docs/quickstart.md": "device"}
+PAGE_TIMEOUT = 150
+# skips for blocks whose page must not carry a marker (README's first lines stay as they are):
+# (page, a line of the block) -> reason
+SKIPS = {
+    ("README.md", "make test"): "make test runs this test itself; make demo runs the whole "
+                                "demo (tests/integration/test_noports_e2e.py)",
+}
+
+MARK_RE = re.compile(r"^\s*<!--\s*docs-test:\s*(skip|file):\s*(.*?)\s*-->\s*$")
+FENCE_RE = re.compile(r"^(\s*)```(.*)$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int               # 1-based line of the opening fence
+    lang: str
+    text: str
+    skip: str | None = None
+    file: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{rel_path(self.page)}:{self.line}"
+
+    def commands(self) -> list[tuple[int, str]]:
+        """(line, command) pairs: continuations joined, blank and comment lines dropped."""
+        out: list[tuple[int, str]] = []
+        buf, start = "", 0
+        for i, raw in enumerate(self.text.splitlines()):
+            line = raw.rstrip()
+            if not buf:
+                start = self.line + 1 + i
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+            if line.endswith("\\"):
+                buf += line[:-1] + " "
+                continue
+            out.append((start, (buf + line).strip()))
+            buf = ""
+        if buf:
+            out.append((start, buf.strip()))
+        return out
+
+
+def rel_path(page: Path) -> str:
+    return str(page.relative_to(REPO)) if page.is_relative_to(REPO) else str(page)
+
+
+def parse_blocks(page: Path) -> list[Block]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE_RE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang = m.group(1), m.group(2).strip()
+        j = i + 1
+        body: list[str] = []
+        while j < len(lines) and not re.match(r"^\s*```\s*$", lines[j]):
+            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j])
+            j += 1
+        block = Block(page, i + 1, lang, "\n".join(body) + "\n")
+        for (name, needle), reason in SKIPS.items():
+            if rel_path(page) == name and any(ln.startswith(needle) for ln in body):
+                block.skip = reason
+        k = i - 1
+        while k >= 0 and (mm := MARK_RE.match(lines[k])):
+            if mm.group(1) == "skip":
+                block.skip = mm.group(2)
+            else:
+                block.file = mm.group(2)
+            k -= 1
+        blocks.append(block)
+        i = j + 1
+    return blocks
+
+
+ALL_BLOCKS = [b for p in PAGES for b in parse_blocks(p)]
+COMMAND_BLOCKS = [b for b in ALL_BLOCKS if b.lang in COMMAND_LANGS]
+
+
+# --- the convention itself -----------------------------------------------------------------
+
+def test_every_block_is_tagged_and_every_skip_has_a_reason():
+    problems = []
+    for b in ALL_BLOCKS:
+        if not b.lang:
+            problems.append(f"{b.where}: fenced block without a language tag "
+                            "(commands: console/bash/sh; anything else: text, yaml, ...)")
+        if b.skip is not None and len(b.skip.strip()) < 8:
+            problems.append(f"{b.where}: docs-test skip needs a reason")
+        if b.skip is not None and b.lang not in COMMAND_LANGS:
+            problems.append(f"{b.where}: docs-test skip on a {b.lang or 'untagged'} block")
+    assert not problems, "\n".join(problems)
+
+
+def test_there_are_commands_to_run():
+    run = [b for b in COMMAND_BLOCKS if b.skip is None]
+    assert any(b.page.name == "quickstart.md" for b in run)
+    assert len(run) >= 5, [b.where for b in run]
+
+
+# --- --help of every program, and every documented subcommand/flag -------------------------
+
+@functools.cache
+def help_text(prog: str, sub: tuple[str, ...]) -> str:
+    proc = subprocess.run([str(BIN / prog), *sub, "--help"], capture_output=True, text=True,
+                          timeout=30, env=_clean_env(Path("/nonexistent")))
+    assert proc.returncode == 0, f"{prog} {' '.join(sub)} --help: {proc.stderr}"
+    return proc.stdout
+
+
+def subcommands(help_out: str) -> set[str]:
+    """Subcommand names: the '{a,b,c}' choices and the indented list under 'positional
+    arguments:' (options' choices such as '{text,json}' are not subcommands)."""
+    names: set[str] = set()
+    m = re.search(r"^positional arguments:\n((?:  .*\n?)+)", help_out, re.M)
+    if m:
+        section = m.group(1)
+        for mm in re.finditer(r"^  \{([a-z][a-z0-9_,-]*)\}", section, re.M):
+            names.update(mm.group(1).split(","))
+        for line in section.splitlines():
+            mm = re.match(r"^    ([a-z][a-z0-9-]*)(?:\s{2,}\S|$)", line)
+            if mm:
+                names.add(mm.group(1))
+    return names
+
+
+def flags(help_out: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][A-Za-z0-9-]*)", help_out))
+
+
+@pytest.mark.parametrize("prog", PROGRAMS)
+def test_help_runs(prog):
+    out = help_text(prog, ())
+    assert out.startswith("usage: " + prog), out[:200]
+    for sub in sorted(subcommands(out)):
+        inner = help_text(prog, (sub,))
+        for sub2 in sorted(subcommands(inner)):
+            help_text(prog, (sub, sub2))
+
+
+def _program_calls(command: str) -> list[list[str]]:
+    """The argv of each of our programs in a shell line (pipes, &&, ;, $(...) split)."""
+    try:
+        words = shlex.split(command, comments=True, posix=True)
+    except ValueError:
+        words = command.split()
+    calls, cur = [], None
+    for w in words:
+        if w in ("|", "||", "&&", ";", "&") or w.startswith("$("):
+            cur = None
+            continue
+        if " " in w and cur is None:  # e.g. -o ProxyCommand='sshnp --stdio ...'
+            calls += _program_calls(w.split("=", 1)[-1])
+            continue
+        base = os.path.basename(w.lstrip("$("))
+        if cur is None and base in PROGRAMS:
+            cur = [base]
+            calls.append(cur)
+        elif cur is not None:
+            if w.startswith((">", "2>", "<")) or w.endswith(("|", ";", "&")):
+                cur.append(w.rstrip("|;&"))
+                cur = None
+            else:
+                cur.append(w)
+    return calls
+
+
+def check_call(argv: list[str]) -> list[str]:
+    prog, args = argv[0], argv[1:]
+    sub: tuple[str, ...] = ()
+    errors: list[str] = []
+    out = help_text(prog, sub)
+    known_flags = flags(out)
+    for a in args:
+        if a in (">", "2>", "<", "|") or a.startswith((">", "2>", "<")):
+            break
+        if a == "--":
+            break
+        if a.startswith("-") and a != "-":
+            name = a.split("=", 1)[0]
+            if name not in known_flags:
+                errors.append(f"{' '.join((prog, *sub))}: no flag {name}")
+            continue
+        subs = subcommands(out)
+        if subs and a in subs and len(sub) < 2:
+            sub = (*sub, a)
+            out = help_text(prog, sub)
+            known_flags = flags(out) | known_flags
+        elif subs and prog != "sshnp" and re.fullmatch(r"[a-z][a-z-]*", a):
+            errors.append(f"{' '.join((prog, *sub))}: no subcommand {a!r} (has {sorted(subs)})")
+    return errors
+
+
+def _command_lines() -> list[tuple[str, str]]:
+    out = []
+    for b in COMMAND_BLOCKS:
+        for line, cmd in b.commands():
+            out.append((f"{b.page.relative_to(REPO)}:{line}", cmd))
+    return out
+
+
+def test_documented_commands_use_existing_subcommands_and_flags():
+    problems = []
+    seen = 0
+    for where, cmd in _command_lines():
+        for call in _program_calls(cmd):
+            seen += 1
+            problems += [f"{where}: {e}   [{cmd}]" for e in check_call(call)]
+    assert seen > 30, seen
+    assert not problems, "\n".join(problems)
+
+
+def test_flag_check_can_fail():
+    assert check_call(["sshnp", "--no-such-flag"]) == ["sshnp: no flag --no-such-flag"]
+    assert check_call(["noports", "plane", "init", "--dir", "x", "--bogus"])
+    assert check_call(["noports", "plane", "explode"])
+    assert check_call(["noports", "planes"])
+    assert not check_call(["sshnp", "-f", "@a", "uptime"])  # sshnp's positional: the command
+    assert not check_call(["noports", "atsign", "create", "@a", "--dir", "d"])
+
+
+def _make_targets() -> set[str]:
+    text = (REPO / "Makefile").read_text()
+    return set(re.findall(r"^([a-zA-Z][\w-]*):", text, re.M))
+
+
+def test_make_targets_exist():
+    targets = _make_targets()
+    problems = []
+    for where, cmd in _command_lines():
+        m = re.match(r"^make\s+([\w-]+)", cmd)
+        if m and m.group(1) not in targets:
+            problems.append(f"{where}: make has no target {m.group(1)}")
+    assert not problems, "\n".join(problems)
+
+
+# --- troubleshooting messages occur in the sources -----------------------------------------
+
+@functools.cache
+def _source_text() -> str:
+    text = "\n".join(p.read_text(encoding="utf-8")
+                     for root in ("src", "plugins")
+                     for p in sorted((REPO / root).rglob("*.py")))
+    text = re.sub(r"\"\s*\n\s*[fr]?\"", "", text)  # implicit string concatenation across lines
+    return text
+
+
+def test_troubleshooting_messages_are_real():
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    messages = re.findall(r"^#{3,4} `(.+)`\s*$", page, re.M)
+    assert len(messages) >= 20, messages
+    src = _source_text()
+    problems = []
+    for msg in messages:
+        pieces = re.split(r"…|\s\(|\)|: |\?", msg)
+        checked = [p.strip(" ,.") for p in pieces if len(p.strip(" ,.")) >= 8]
+        assert checked, f"nothing to check in {msg!r}"
+        missing = [p for p in checked if p not in src]
+        if missing:
+            problems.append(f"{msg!r}: not in src/ or plugins/: {missing}")
+    assert not problems, "\n".join(problems)
+
+
+# --- links -----------------------------------------------------------------------------------
+
+def test_relative_links_resolve():
+    problems = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue
+            path = target.split("#", 1)[0]
+            if not (page.parent / path).exists():
+                problems.append(f"{page.relative_to(REPO)}: broken link {target}")
+    assert not problems, "\n".join(problems)
+
+
+# --- running the command blocks ------------------------------------------------------------
+
+def _clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ANSIBLE_", "NOPORTS_", "PYTEST", "VIRTUAL_ENV"))
+           and k not in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HOME", "XDG_CONFIG_HOME",
+                         "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME")}
+    env.update(HOME=str(home), PATH=f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+               USER=env.get("USER") or pwd.getpwuid(os.getuid()).pw_name,
+               PYTHONUNBUFFERED="1", LC_ALL="C.UTF-8", ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0")
+    return env
+
+
+PRELUDE = r"""
+set -euo pipefail
+docs_ready() {  # pid log regex: wait until the log matches, fail if the process died
+  local pid=$1 log=$2 re=$3 i
+  for i in $(seq 600); do
+    if grep -Eq "$re" "$log" 2>/dev/null; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "docs-test: background process exited before it was ready:" >&2; cat "$log" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "docs-test: not ready after 60s: $re" >&2; cat "$log" >&2; return 1
+}
+"""
+
+DEVICE_PRELUDE = r"""
+ip link set lo up
+mkdir -p /run/sshd
+cat > "$DOCS_SANDBOX/sshd_config" <<EOF
+ListenAddress 127.0.0.1:22
+HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_ecdsa_key
+HostKey /etc/ssh/ssh_host_rsa_key
+AuthorizedKeysFile $HOME/.ssh/authorized_keys
+StrictModes no
+UsePAM no
+PermitRootLogin prohibit-password
+PidFile $DOCS_SANDBOX/sshd.pid
+Subsystem sftp internal-sftp
+EOF
+/usr/sbin/sshd -D -e -f "$DOCS_SANDBOX/sshd_config" > "$DOCS_SANDBOX/sshd.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/sshd.log" "listening on 127.0.0.1 port 22"
+"""
+
+
+def build_script(page_blocks: list[Block], logdir: Path) -> str:
+    parts = [PRELUDE]
+    n = 0
+    for b in page_blocks:
+        if b.file:
+            tag = "DOCS_TEST_EOF"
+            parts.append(f"echo '::: write {b.file}' >&2\ncat > {shlex.quote(b.file)} <<'{tag}'\n"
+                         f"{b.text}{tag}\n")
+            continue
+        if b.lang not in COMMAND_LANGS or b.skip is not None:
+            continue
+        for line, cmd in b.commands():
+            where = f"{rel_path(b.page)}:{line}"
+            parts.append(f"echo {shlex.quote(f'::: {where}: {cmd}')} >&2")
+            m = re.match(r"^(.*?[^&])&\s*(#.*)?$", cmd)
+            if m:
+                n += 1
+                prog = os.path.basename(shlex.split(m.group(1))[0])
+                assert prog in READY, f"{where}: no READY pattern for background {prog}"
+                log = logdir / f"bg-{n}-{prog}.log"
+                parts.append(f"{{ {m.group(1).strip()} ; }} > {log} 2>&1 &\n"
+                             f"docs_ready $! {log} {shlex.quote(READY[prog])}")
+            else:
+                parts.append(cmd)
+    parts.append("echo '::: done' >&2")
+    return "\n".join(parts) + "\n"
+
+
+def _run_page(rel: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    page = REPO / rel
+    blocks = parse_blocks(page)
+    env_name = ENVIRONMENTS.get(rel, "sandbox")
+    # a short HOME: OpenSSH's ControlPath (~/.ansible/cp/...) must fit a unix socket path
+    short = Path(tempfile.mkdtemp(prefix="np-docs-", dir="/tmp"))
+    home = short / "home"
+    logs = tmp_path / "logs"
+    home.mkdir()
+    logs.mkdir()
+    script = build_script(blocks, logs)
+    argv = ["bash", "-c", script]
+    env = _clean_env(home)
+    env["DOCS_SANDBOX"] = str(tmp_path)
+    if env_name == "device":
+        script = PRELUDE + DEVICE_PRELUDE + script
+        argv = ["unshare", "-n", "bash", "-c", script]
+    (tmp_path / "script.sh").write_text(script)
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=PAGE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        out = ""
+        proc.returncode = -1
+    finally:
+        # every process of the page's session: ours by construction (own session id)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(1.0 if sig == signal.SIGTERM else 0)
+        if proc.poll() is None:
+            out += proc.communicate()[0] or ""
+        shutil.rmtree(short, ignore_errors=True)
+    bg = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                 for p in sorted(logs.glob("*.log")))
+    return subprocess.CompletedProcess(argv, proc.returncode, out, bg)
+
+
+def _device_env_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespace with an sshd on 127.0.0.1:22)"
+    if not (shutil.which("unshare") and Path("/usr/sbin/sshd").exists()
+            and Path("/etc/ssh/ssh_host_ed25519_key").exists()):
+        return "needs unshare, /usr/sbin/sshd and /etc/ssh host keys"
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return f"unshare -n does not work here: {probe.stderr.decode()[:200]}"
+    return None
+
+
+RUN_PAGES = sorted({str(b.page.relative_to(REPO)) for b in COMMAND_BLOCKS if b.skip is None})
+
+
+@pytest.mark.timeout(PAGE_TIMEOUT + 30)
+@pytest.mark.parametrize("rel", RUN_PAGES)
+def test_page_commands_run(rel, tmp_path):
+    if ENVIRONMENTS.get(rel) == "device" and (reason := _device_env_reason()):
+        pytest.skip(reason)
+    result = _run_page(rel, tmp_path)
+    tail = "\n".join(result.stdout.splitlines()[-60:])
+    assert result.returncode == 0 and "::: done" in result.stdout, (
+        f"{rel}: a command failed (the last '::: file:line' is the one):\n{tail}\n"
+        f"background logs:{result.stderr[-4000:]}")
+
+
+def test_runner_fails_on_a_bad_command(tmp_path):
+    page = tmp_path / "bad.md"
+    page.write_text(textwrap.dedent("""\
+        ```console
+        sshnp --help
+        sshnp --definitely-not-a-flag
+        ```
+        """))
+    script = build_script(parse_blocks(page), tmp_path)
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=_clean_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "::: done" not in proc.stderr
+
+
+# --- Ansible options named in the docs exist (ansible-doc of the plugins) -------------------
+
+@functools.cache
+def ansible_doc(kind: str, name: str, tmp: str) -> dict:
+    import json
+    root = Path(tmp) / "ansible_collections" / "noports"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "sshnp").exists():
+        (root / "sshnp").symlink_to(REPO)
+    env = _clean_env(Path(tmp))
+    env["ANSIBLE_COLLECTIONS_PATH"] = tmp
+    proc = subprocess.run([str(BIN / "ansible-doc"), "-t", kind, name, "--json"], cwd=tmp,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)[name]["doc"]
+
+
+def test_ansible_options_in_docs_exist(tmp_path_factory):
+    if not (BIN / "ansible-doc").exists():
+        pytest.skip("ansible-core is not installed")
+    tmp = str(tmp_path_factory.mktemp("acol"))
+    conn = ansible_doc("connection", "noports.sshnp.sshnp", tmp)["options"]
+    inv = ansible_doc("inventory", "noports.sshnp.devices", tmp)["options"]
+    names = set()
+    for opt in (*conn.values(), *inv.values()):
+        names.update(v["name"] for v in opt.get("vars") or [])
+        names.update(e["name"] for e in opt.get("env") or [])
+    problems = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for token in sorted(set(re.findall(r"\b(?:ansible_sshnp_|ANSIBLE_SSHNP_)\w+", text))):
+            if token not in names:
+                problems.append(f"{rel_path(page)}: {token} is not an option of the plugins")
+        # keys of inventory-plugin YAML blocks
+        for b in parse_blocks(page):
+            if b.lang == "yaml" and re.search(r"^plugin: noports\.sshnp\.devices", b.text, re.M):
+                for key in re.findall(r"^([a-z_]+):", b.text, re.M):
+                    if key not in inv and key != "plugin":
+                        problems.append(f"{b.where}: {key} is not an inventory option")
+    assert not problems, "\n".join(problems)
