@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"atDirectory port (default: {DEFAULT_DIRECTORY_PORT}; the public "
                         "atPlatform uses 64)")
     p.add_argument("--store", default=None, metavar="SPEC",
-                   help="directory store: sqlite:///ABS/PATH.db or redis://[:PASSWORD@]HOST:"
-                        "PORT/DB (default: sqlite:///D/directory.db)")
+                   help="directory store: sqlite:///ABS/PATH.db or redis://HOST:PORT/DB "
+                        "(default: sqlite:///D/directory.db)")
+    p.add_argument("--store-password-file", default=None, metavar="FILE", type=Path,
+                   help="file holding the Redis password; it is kept in D/redis.password "
+                        "(0600), never in plane.json or a command line")
     p.add_argument("--name", action="append", default=[], metavar="EXTRA",
                    help="extra DNS name or IP for the server certificate (repeatable)")
     p.add_argument("--bind", default=None, metavar="ADDR",
@@ -266,7 +270,7 @@ def _open_store(cfg: PlaneConfig):  # noqa: ANN202 - DirectoryStore protocol
     except ImportError as exc:
         raise AdminError(f"the directory package is not usable: {exc}") from None
     try:
-        return open_store(cfg.store_spec)
+        return open_store(cfg.store_spec, password=cfg.store_password)
     except Exception as exc:  # the store's own errors are one-line and name the spec
         raise AdminError(f"cannot open the directory store: {exc}") from None
 
@@ -314,8 +318,18 @@ def cmd_plane_init(args: argparse.Namespace) -> int:
     d = args.dir or (Path(os.environ[PLANE_DIR_ENV]) if os.environ.get(PLANE_DIR_ENV) else None)
     if d is None:
         raise AdminError(f"no plane directory: pass --dir D (or set ${PLANE_DIR_ENV})")
+    store = args.store
+    if args.store_password_file is not None:
+        if not store or not store.startswith(("redis://", "rediss://")):
+            raise AdminError("--store-password-file goes with --store redis://HOST:PORT/DB")
+        try:
+            password = args.store_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise AdminError(f"cannot read {args.store_password_file}: {exc.strerror}") from None
+        scheme, rest = store.split("://", 1)
+        store = f"{scheme}://:{urllib.parse.quote(password, safe='')}@{rest}"
     cfg = init_plane(d, host=args.host, directory_port=args.directory_port,
-                     store_spec=args.store, extra_names=args.name, directory_bind=args.bind,
+                     store_spec=store, extra_names=args.name, directory_bind=args.bind,
                      atserver_bind=args.bind, force=args.force)
     _out(args, f"plane initialised in {cfg.directory}\n"
                f"  directory: {cfg.root_address} (store {_redact(cfg.store_spec)})\n"
@@ -358,14 +372,15 @@ def _stderr_fd() -> int:
 class _Child:
     """A server child process whose stderr we forward and scan for 'listening' lines."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.lines: list[str] = []
         self.cond = threading.Condition()
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=_stderr_fd(),
                                           stderr=subprocess.PIPE, text=True, errors="replace",
-                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                               **(env or {})})
         except OSError as exc:
             raise AdminError(f"cannot start {name} ({argv[0]}): {exc.strerror or exc}") from None
         threading.Thread(target=self._pump, daemon=True, name=f"{name}-stderr").start()
@@ -463,7 +478,8 @@ def cmd_plane_up(args: argparse.Namespace) -> int:
         directory = _Child("atdirectory", [
             *_tool("atdirectory"), "serve", "--host", cfg.directory_bind,
             "--port", str(cfg.directory_port), "--store", cfg.store_spec,
-            "--tls-dir", str(cfg.tls.directory)])
+            "--tls-dir", str(cfg.tls.directory)],
+            env={"NOPORTS_REDIS_PASSWORD": cfg.store_password} if cfg.store_password else None)
         children.append(directory)
         dir_addr = _wait_listening(directory, "atdirectory", {""}, deadline)[""]
         server = _Child("atserver", [

@@ -60,6 +60,9 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                    help="registration store: sqlite:///ABS/PATH.db, a file path (SQLite), or "
                         "redis://[:PASSWORD@]HOST:PORT/DB (official root layout) "
                         "(default: SQLite file directory.db in --state-dir)")
+    p.add_argument("--store-password-file", default=None, metavar="FILE", type=Path,
+                   help="file holding the Redis password (keep it out of the URL: argv is "
+                        "visible to every user); $NOPORTS_REDIS_PASSWORD also works")
 
 
 def _non_negative(text: str) -> float:
@@ -193,7 +196,14 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _open(args: argparse.Namespace) -> DirectoryStore:
     spec = args.store or f"sqlite://{(_state_dir(args) / 'directory.db').resolve()}"
-    return open_store(spec)
+    password = None
+    if args.store_password_file is not None:
+        try:
+            password = args.store_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise DirectoryStoreError(f"cannot read --store-password-file "
+                                      f"{args.store_password_file}: {exc.strerror}") from None
+    return open_store(spec, password=password)
 
 
 def _tls_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, TlsFiles]:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATSIGN_BYTES = 253  # the wire line limit is 255 bytes including '\r\n'
 REDIS_SANITY_KEY = "ping"
+REDIS_PASSWORD_ENV = "NOPORTS_REDIS_PASSWORD"  # keeps the password out of argv
 REDIS_SANITY_VALUE = "pong"
 
 
@@ -171,8 +172,10 @@ class RedisDirectoryStore:
 
     may_block = True
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 5.0, password: str | None = None) -> None:
         self.url = url
+        if password is None:
+            password = os.environ.get(REDIS_PASSWORD_ENV) or None
         self.safe_url = redact_url(url)
         try:
             import redis
@@ -181,9 +184,10 @@ class RedisDirectoryStore:
                 "Redis store needs the 'redis' package (pip install 'noports[redis]')") from exc
         self._redis_mod = redis
         try:
+            extra = {"password": password} if password is not None else {}
             self._r = redis.Redis.from_url(url, decode_responses=True,
                                            socket_connect_timeout=timeout,
-                                           socket_timeout=timeout)
+                                           socket_timeout=timeout, **extra)
             sanity = self._r.get(REDIS_SANITY_KEY)
             if sanity is None:
                 self._r.set(REDIS_SANITY_KEY, REDIS_SANITY_VALUE)
@@ -259,10 +263,12 @@ class RedisDirectoryStore:
 # --------------------------------------------------------------------------- spec
 
 
-def open_store(spec: str) -> DirectoryStore:
+def open_store(spec: str, *, password: str | None = None) -> DirectoryStore:
     """Open a store from ``sqlite:///abs/path.db``, a bare path, or ``redis://...``.
 
-    Redis specs: ``redis://[[user]:password@]host:port/db`` (or ``rediss://`` for TLS).
+    Redis specs: ``redis://[[user]:password@]host:port/db`` (or ``rediss://`` for TLS). Keep
+    the password out of the URL (argv is world-readable): pass `password`, or set
+    $NOPORTS_REDIS_PASSWORD.
     """
     if not spec or not spec.strip():
         raise DirectoryStoreError("empty store spec")
@@ -277,7 +283,7 @@ def open_store(spec: str) -> DirectoryStore:
                 f"bad store spec {spec!r}: use sqlite:///ABSOLUTE/PATH.db (three slashes)")
         return SqliteDirectoryStore(path)
     if scheme in ("redis", "rediss"):
-        return RedisDirectoryStore(spec)
+        return RedisDirectoryStore(spec, password=password)
     raise DirectoryStoreError(
         f"bad store spec {redact_url(spec)!r}: unsupported scheme {scheme!r} "
         "(use sqlite:///PATH, a file path, or redis://[:PASSWORD@]HOST:PORT/DB)")

@@ -17,12 +17,14 @@ import ipaddress
 import json
 import os
 import tempfile
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from noports.keys.ca import TlsFiles, ensure_plane_tls
 
 CONFIG_FILE = "plane.json"
+STORE_PASSWORD_FILE = "redis.password"
 RUN_FILE = "run.json"
 CONFIG_VERSION = 1
 DEFAULT_DIRECTORY_PORT = 6464
@@ -84,6 +86,18 @@ class PlaneConfig:
     @property
     def store_spec(self) -> str:
         return self.directory_store or f"sqlite://{self._path('directory.db')}"
+
+    @property
+    def store_password_file(self) -> Path:
+        return self.directory / STORE_PASSWORD_FILE
+
+    @property
+    def store_password(self) -> str | None:
+        """The Redis password, kept in a 0600 file, never in plane.json or argv."""
+        try:
+            return self.store_password_file.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
 
     @property
     def root(self) -> tuple[str, int]:
@@ -154,6 +168,20 @@ class PlaneConfig:
             return None
 
 
+def split_store_password(spec: str | None) -> tuple[str | None, str | None]:
+    """`redis://:pw@host:port/db` -> (`redis://host:port/db`, `pw`): the password goes to a
+    0600 file, the rest to plane.json (0644) and the children's argv."""
+    if not spec or "://" not in spec or "@" not in spec.split("://", 1)[1].split("/", 1)[0]:
+        return spec, None
+    u = urllib.parse.urlsplit(spec)
+    if u.password is None:
+        return spec, None
+    host = u.hostname or ""
+    netloc = (f"{u.username}@" if u.username else "") + host + (f":{u.port}" if u.port else "")
+    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, u.query, u.fragment)), \
+        urllib.parse.unquote(u.password)
+
+
 def init_plane(directory: str | os.PathLike[str], host: str = "127.0.0.1",
                directory_port: int = DEFAULT_DIRECTORY_PORT, store_spec: str | None = None,
                extra_names: tuple[str, ...] | list[str] = (), directory_bind: str | None = None,
@@ -165,6 +193,7 @@ def init_plane(directory: str | os.PathLike[str], host: str = "127.0.0.1",
     certificate is re-issued if names were added).
     """
     d = Path(directory).expanduser().resolve()
+    store_spec, password = split_store_password(store_spec)
     if not 0 < int(directory_port) < 65536:
         raise PlaneError(f"directory port out of range: {directory_port}")
     cfg = PlaneConfig(directory=d, host=host,
@@ -182,6 +211,10 @@ def init_plane(directory: str | os.PathLike[str], host: str = "127.0.0.1",
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ensure_plane_tls(cfg.tls.directory, cfg.tls_names)
+        if password is not None:
+            fd = os.open(cfg.store_password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(password + "\n")
         cfg.save()
     except OSError as exc:
         raise PlaneError(f"cannot initialise plane in {d}: {exc.strerror or exc}") from None
