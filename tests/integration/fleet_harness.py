@@ -455,7 +455,10 @@ def ssh_inventory(f: Fleet, devices: Sequence[int], run: str) -> dict:
         dev = f.device(i)
         opts = [f"-o HostKeyAlias=fleet-{device_name(i)}", f"-o UserKnownHostsFile={kh}",
                 "-o StrictHostKeyChecking=yes", "-o IdentitiesOnly=yes"]
-        hv = {**_hostvars_common(f, i, run), "ansible_host": "127.0.0.1"}
+        # a distinct host name per device keeps OpenSSH's %C ControlPath distinct (every
+        # namespaced sshd is 127.0.0.1:22); the ProxyCommand means it is never resolved
+        hv = {**_hostvars_common(f, i, run),
+              "ansible_host": f"fleet-{device_name(i)}" if f.namespaced else "127.0.0.1"}
         if f.namespaced:
             proxy = shlex.join(["ip", "netns", "exec", str(dev.ns), SOCAT, "STDIO",
                                 f"TCP:127.0.0.1:{dev.ssh_port}"])

@@ -1,0 +1,149 @@
+"""Ansible end to end, the way users will do it (ansible_harness.py has the topology).
+
+1. Hosts reachable by plain SSH: ``control_plane`` + ``srvd`` on the relay namespace and
+   ``sshnpd`` on two device namespaces, as root over ``ansible_connection: ssh``, with
+   ``service_manager: none``; atSigns activated where they are used (CRAM secrets from the
+   control plane, ``atsign_keys`` activate on the relay and the devices, ``noports atsign
+   activate`` on the controller for the client). A second run reports changed=0 everywhere.
+2. Every inbound connection on the devices dropped again (setup sshd stopped, drop-all
+   ruleset restored): a direct TCP connect to device:22 from the controller fails.
+3. A playbook whose inventory says ``ansible_connection: sshnp`` (short name): facts, command,
+   copy with become, template, fetch, file and a 100-item loop all succeed, and the control
+   plane saw exactly ONE rendezvous per host for the whole run (srvd's ``session ... opened``
+   lines, and sshnpd's session lines, both == 1 per host).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ansible_harness import (
+    CLIENT_ATSIGN,
+    RELAY_ATSIGN,
+    AnsibleE2E,
+    PlaybookRun,
+    ansible_world,
+    device_atsign,
+    skip_reason,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+N_DEVICES = 2
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[AnsibleE2E, PlaybookRun, PlaybookRun]]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with ansible_world(tmp_path_factory.mktemp("ansible-e2e"), n_devices=N_DEVICES) as world:
+        inventory = world.provision_inventory()
+        first = world.playbook("provision.yml", inventory, timeout=200).check()
+        second = world.playbook("provision.yml", inventory, timeout=120).check()
+        print(f"provisioning over plain ssh: first run {first.seconds:.1f}s, "
+              f"second run {second.seconds:.1f}s")
+        yield world, first, second
+
+
+def _private_key_files(root: Path) -> set[str]:
+    return {p.name for p in root.rglob("*.atKeys")}
+
+
+def test_roles_over_plain_ssh_converge_and_rerun_changes_nothing(provisioned):
+    world, first, second = provisioned
+    hosts = {"relay", *(h.name for h in world.devices)}
+    assert set(first.recap) == hosts, first.tail()
+    assert all(first.recap[h]["changed"] > 0 for h in hosts), first.recap
+
+    # idempotence in the namespaces, over plain SSH: every host changed=0
+    assert set(second.recap) == hosts, second.tail()
+    for host in hosts:
+        assert second.recap[host]["changed"] == 0, (host, second.recap, second.tail())
+        assert second.recap[host]["failed"] == second.recap[host]["unreachable"] == 0
+
+    # the daemons run inside their namespaces (started there by the pid-file runner over ssh)
+    for host in (world.relay, *world.devices):
+        for pid_file in (host.root / "run" / "noports").glob("*.pid"):
+            pid = pid_file.read_text().split()[0]
+            ns_of = world.topo.run_in(None, ["ip", "netns", "identify", pid]).stdout.strip()
+            assert ns_of == host.ns, (pid_file, ns_of, host.ns)
+    names = {p.stem for p in (world.relay.root / "run" / "noports").glob("*.pid")}
+    assert names == {"noports-plane", "srvd"}, names
+    for dev in world.devices:
+        assert {p.stem for p in (dev.root / "run" / "noports").glob("*.pid")} == {"sshnpd"}
+
+    # zero trust: each private key file exists only on the host that uses it
+    assert _private_key_files(world.relay.root) == {f"{RELAY_ATSIGN}_key.atKeys"}
+    for dev in world.devices:
+        assert _private_key_files(dev.root) == {f"{device_atsign(dev.index)}_key.atKeys"}
+    assert _private_key_files(world.controller_dir) == {f"{CLIENT_ATSIGN}_key.atKeys"}
+    for keys in [world.client_keys(), *world.controller_dir.rglob("*.atKeys"),
+                 *world.relay.root.rglob("*.atKeys"),
+                 *(k for d in world.devices for k in d.root.rglob("*.atKeys"))]:
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600, keys
+    # the one-time CRAM secrets never appear in the output (no_log everywhere they travel)
+    for cram in (world.relay.root / "var" / "lib" / "noports" / "plane" / "cram").glob("*.cram"):
+        secret = cram.read_text().strip()
+        assert secret and secret not in first.output and secret not in second.output
+
+
+def test_playbook_over_sshnp_with_inbound_dropped_makes_one_rendezvous_per_host(provisioned):
+    world, _first, _second = provisioned
+
+    # close the setup access: masters closed, setup sshd stopped, drop-all guard restored
+    probes = world.close_inbound()
+    assert probes == {h.name: "timeout" for h in world.devices}, probes  # dropped, not refused
+    for h in world.devices:
+        rules = world.ruleset(h)
+        assert "policy drop" in rules and "dport 22" not in rules, rules
+        assert world.established_inbound(h) == [], world.established_inbound(h)
+
+    # the daemons are still up (they never needed inbound connections)
+    for h in world.devices:
+        assert "ready" in world.sshnpd_log(h).read_text()
+
+    inventory = world.sshnp_inventory()
+    assert json.loads(inventory.read_text())["all"]["children"]["devices"]["vars"][
+        "ansible_connection"] == "sshnp"  # the SHORT name, as users write it
+    mark = world.log_mark()
+    run = world.playbook("exercise.yml", inventory, timeout=180)
+    if run.returncode != 0:  # the relay's and the devices' view of what went wrong
+        logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in world.log_mark() if p.exists())
+        raise AssertionError(f"sshnp run failed:\n{run.tail()}\n{logs}")
+    run.check()
+    print(f"sshnp run: {run.seconds:.1f}s")
+
+    hosts = {h.name for h in world.devices}
+    assert set(run.recap) == hosts, run.tail()
+    for h in world.devices:
+        r = run.recap[h.name]
+        assert r["failed"] == 0 and r["unreachable"] == 0, (h.name, r)
+        # the copy with become, the template, the work dir, the file mode, the record
+        assert r["changed"] >= 4, (h.name, r, run.tail())
+        record = json.loads((world.controller_dir / "fetched" / f"{h.name}.json").read_text())
+        assert record["loop"] == 100 and h.address in record["eth0"], record
+        assert record["become_copy_changed"] is True
+        fetched = (world.controller_dir / "fetched" / f"{h.name}.motd").read_text()
+        assert f"managed by noports.sshnp on {h.name}" in fetched
+        copied = h.root / "tmp" / "sshnp-e2e" / "become.txt"
+        assert copied.read_text() == f"hello from {h.name}\n"
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o600  # the file task ran after copy
+
+    # exactly one rendezvous per host for the whole run, seen by the relay and the device
+    seen = world.rendezvous_since(mark)
+    counts = {name: {k: len(v) for k, v in s.items()} for name, s in seen.items()}
+    print(f"rendezvous per host during the sshnp run: {counts}")
+    for name, lines in seen.items():
+        print(f"{name}: srvd: {lines['srvd']}\n{name}: sshnpd: {lines['sshnpd']}")
+    assert counts == {h: {"srvd": 1, "sshnpd": 1} for h in hosts}, seen
+
+    # still no way in from outside after the run
+    for h in world.devices:
+        assert world.established_inbound(h) == []
