@@ -8,7 +8,7 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 demo: bootstrap
-	$(VENV)/bin/python -m noports.demo
+	$(VENV)/bin/python -m noports.demo $(DEMO_ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check src tests bench

@@ -278,6 +278,7 @@ async def _host_lock(name: str, timeout: float = 30.0) -> AsyncIterator[None]:
     finally:
         os.close(fd)  # releases the flock
 
+
 class AtClient:
     """An authenticated atProtocol client for one atSign (create with `await AtClient.connect`)."""
 
