@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from noports.relay import splice as splice_mod
 from noports.relay.pump import _auth_bytes
 from noports.relay.splice import HAS_OS_SPLICE, splice_sockets
 
@@ -79,3 +80,48 @@ async def _os_splice_with_transform() -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("honour_pause", [True, False])
+def test_bytes_and_eof_waiting_before_wiring_are_kept(monkeypatch, honour_pause: bool) -> None:
+    """Python <= 3.11.2 ignores pause_reading() from connection_made (Debian 12's python3).
+
+    ``honour_pause=False`` reproduces that on any version: the transport starts reading
+    before the splice has both ends, and those bytes (and the EOF) must still arrive.
+    """
+    if not honour_pause:
+        def eager(self, transport):  # connection_made without the pause
+            self.transport = transport
+        monkeypatch.setattr(splice_mod._SockEnd, "connection_made", eager)
+
+    async def main() -> None:
+        a_app, a_relay = socket.socketpair()
+        b_app, b_relay = socket.socketpair()
+        payload = bytes(range(256)) * 4096  # 1 MiB: more than one read
+        a_app.sendall(b"x")  # kernel buffers are small; the rest is sent once spliced
+        b_app.sendall(b"BACK")  # ... and B's whole stream, EOF included, is already there
+        b_app.shutdown(socket.SHUT_WR)
+        loop = asyncio.get_running_loop()
+        for s in (a_app, b_app):
+            s.setblocking(False)
+        sp = await splice_sockets(a_relay, b_relay, mode="protocol",
+                                  transform_ab=bytes.upper, transform_ba=bytes.lower)
+
+        async def send_a() -> None:
+            await loop.sock_sendall(a_app, payload)
+            a_app.shutdown(socket.SHUT_WR)
+
+        async def recv_b() -> bytes:
+            got = bytearray()
+            while chunk := await loop.sock_recv(b_app, 1 << 20):
+                got += chunk
+            return bytes(got)
+
+        _, got_b = await asyncio.wait_for(asyncio.gather(send_a(), recv_b()), 20)
+        assert got_b == b"X" + payload.upper()
+        assert await loop.sock_recv(a_app, 100) == b"back"
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        a_app.close()
+        b_app.close()
+
+    asyncio.run(main())

@@ -74,6 +74,16 @@ class Deliverer:
                                                        name=f"deliver {k[0]}->{k[1]}")
 
     async def _deliver(self, me: str, to: str, rows: list[NotificationRow]) -> None:
+        try:
+            await self._deliver_rows(me, to, rows)
+        finally:
+            # Rows queued for this recipient while we were busy were skipped by _dispatch
+            # (one worker per pair keeps order); look again now instead of at the next tick.
+            # A shared-key update followed by its first notify is exactly that case.
+            if not self._stopping:
+                self.nudge()
+
+    async def _deliver_rows(self, me: str, to: str, rows: list[NotificationRow]) -> None:
         for i, row in enumerate(rows):
             current = self.store.get_notification(me, row.id)
             if current is None or current.status not in ("queued", "errored"):

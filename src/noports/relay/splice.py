@@ -151,7 +151,8 @@ class Splice:
 class _Flow:
     """One direction: bytes read from ``src`` are (transformed and) written to ``dst``."""
 
-    __slots__ = ("splice", "src", "dst", "transform", "nbytes", "eof")
+    __slots__ = ("splice", "src", "dst", "transform", "nbytes", "eof", "wired", "early",
+                 "early_eof")
 
     def __init__(self, splice: ProtocolSplice, transform: Transform | None) -> None:
         self.splice = splice
@@ -160,6 +161,37 @@ class _Flow:
         self.transform = transform
         self.nbytes = 0
         self.eof = False
+        # Bytes (and an EOF) that arrived before both ends were wired; see ``hold_early``.
+        self.wired = False
+        self.early: bytearray | None = None
+        self.early_eof = False
+
+    def hold_early(self, transport: asyncio.BaseTransport | None, data: bytes | memoryview,
+                   eof: bool = False) -> None:
+        """Keep bytes read before ``_begin`` and stop the source again.
+
+        Why: Python <= 3.11.2 (Debian 12's) ignores ``pause_reading()`` called from
+        ``connection_made`` - the transport adds its reader afterwards anyway - so a source
+        can deliver data before its destination exists. Dropping it would corrupt the
+        stream. A resume/pause pair re-syncs the transport's paused flag with its reader.
+        """
+        if data:
+            if self.early is None:
+                self.early = bytearray()
+            self.early += data
+        self.early_eof = self.early_eof or eof
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()  # type: ignore[attr-defined]
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def release_early(self) -> None:
+        """Mark the flow wired and forward what ``hold_early`` kept, in order."""
+        self.wired = True
+        early, self.early = self.early, None
+        if early:
+            self.forward(bytes(early))
+        if self.early_eof:
+            self.on_eof()
 
     def forward(self, data: bytes | memoryview) -> None:
         self.nbytes += len(data)
@@ -226,18 +258,30 @@ class _SockEnd(asyncio.BufferedProtocol):
         flow = self.inflow
         if flow is None:
             return
+        if not flow.wired:
+            flow.hold_early(self.transport, _shared_view()[:nbytes])
+            return
         flow.forward(_shared_view()[:nbytes])
         if not _WRITE_COPIES and flow.transform is None and flow.dst is not None \
                 and flow.dst.get_write_buffer_size():
             _renew_shared_view()
 
     def data_received(self, data: bytes) -> None:  # pipes (stdin) use plain Protocol calls
-        if self.inflow is not None:
-            self.inflow.forward(data)
+        flow = self.inflow
+        if flow is None:
+            return
+        if not flow.wired:
+            flow.hold_early(self.transport, data)
+            return
+        flow.forward(data)
 
     def eof_received(self) -> bool:
-        if self.inflow is not None:
-            self.inflow.on_eof()
+        flow = self.inflow
+        if flow is not None:
+            if flow.wired:
+                flow.on_eof()
+            else:
+                flow.hold_early(None, b"", eof=True)
         return True  # keep the write side open: half-close
 
     def pause_writing(self) -> None:
@@ -268,7 +312,7 @@ class _PipeEnd(_SockEnd, asyncio.Protocol):
         # A pipe transport closes itself after EOF (stdin) or after write_eof (stdout);
         # that ends one direction only, the other may still be flowing.
         flow = self.inflow or self.outflow
-        if exc is None and flow is not None and flow.eof:
+        if exc is None and flow is not None and (flow.eof or flow.early_eof):
             self.splice._end_gone()
         else:
             self.splice._end_lost(self, exc)
@@ -308,10 +352,13 @@ class ProtocolSplice(Splice):
 
     def _begin(self, head_ab: bytes, head_ba: bytes, eof_a: bool, eof_b: bool) -> None:
         """Both ends are connected: push early bytes, then start reading."""
+        self.ab.wired = self.ba.wired = True
         if head_ab:
             self.ab.forward(head_ab)
         if head_ba:
             self.ba.forward(head_ba)
+        self.ab.release_early()
+        self.ba.release_early()
         if eof_a:
             self.ab.on_eof()
         if eof_b:
