@@ -74,12 +74,13 @@ class FakeServer:
     async def stop(self) -> None:
         assert self.server is not None
         self.server.close()
-        for w in self.writers:
-            w.transport.abort()
+        self.abort_all()
 
     def abort_all(self) -> None:
         for w in self.writers:
-            w.transport.abort()
+            # Python 3.11.2's SSL transport raises from abort() once it is closed
+            if not w.transport.is_closing():
+                w.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -1,0 +1,110 @@
+"""The README's two commands as a non-root user, from a fresh clone, with no manual step.
+
+Why a test: the root path is what CI runs every time, and the non-root path breaks in ways
+root never sees - a ``.venv`` pointing at root's own Python, Debian's python3 (3.11.2 ignored
+``pause_reading`` in ``connection_made`` and the tunnel lost its first bytes), files in
+root-only directories. As root, this makes a throw-away user, clones HEAD into a directory
+that user owns, and runs, as that user with a clean environment:
+
+* ``make demo`` - bootstraps ``.venv`` with the system python3 and runs the demo on loopback;
+* ``make test`` restricted by ``PYTEST_ARGS`` to the unit tests and the tunnel end-to-end
+  tests (the whole suite as non-root is run by hand; it doubles CI's time).
+
+It tests the committed HEAD, not uncommitted edits: that is what a fresh clone is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+USER = "npnonroot"
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
+SUBSET = "tests/unit tests/integration/test_relay_pump.py tests/integration/test_client_e2e.py"
+
+
+def _needs() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create a throw-away user (as non-root, run the commands directly)"
+    for tool in ("runuser", "useradd", "userdel", "git", "make"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found"
+    if not (REPO / ".git").exists():
+        return "not a git checkout"
+    return None
+
+
+@pytest.fixture(scope="module")
+def checkout():
+    why = _needs()
+    if why:
+        pytest.skip(why)
+    base = Path(tempfile.mkdtemp(prefix="np-nonroot-", dir="/tmp"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    made_user = subprocess.run(["id", "-u", USER], capture_output=True).returncode != 0
+    if made_user:
+        subprocess.run(["useradd", "--no-create-home", "--home-dir", str(home),
+                        "--shell", "/bin/bash", "--user-group", USER], check=True)
+    try:
+        subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(base / "main")],
+                       check=True)
+        shared = REPO.parent / "shared"
+        if shared.is_dir():
+            (base / "shared").symlink_to(shared)
+        subprocess.run(["chown", "-R", f"{USER}:{USER}", str(base / "main"), str(home)],
+                       check=True)
+        yield base
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
+        if made_user:
+            subprocess.run(["userdel", USER], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _as_user(base: Path, *cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = ["env", "-i", f"HOME={base / 'home'}", f"PATH={CLEAN_PATH}", "LANG=C.UTF-8",
+           f"USER={USER}", f"LOGNAME={USER}"]
+    return subprocess.run(["runuser", "-u", USER, "--", *env, *cmd], cwd=base / "main",
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def _tail(res: subprocess.CompletedProcess[str]) -> str:
+    return f"rc={res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
+
+
+def test_make_demo_as_non_root(checkout: Path) -> None:
+    res = _as_user(checkout, "make", "demo", timeout=1200)
+    assert res.returncode == 0, _tail(res)
+    assert "bootstrap: creating virtualenv .venv" in res.stderr, _tail(res)
+    summary = [line for line in res.stdout.splitlines() if line.startswith("demo OK:")]
+    assert summary, _tail(res)
+    # not root: no namespaces, so the loopback fallback, with its own proof line per device
+    assert summary[0].endswith("mode=loopback"), summary
+    assert "3/3 hosts reached" in summary[0] and "failed=0 unreachable=0" in summary[0], summary
+    assert "0 listening sockets of sshnpd" in summary[0], summary
+    assert sum("listens on nothing" in ln for ln in res.stdout.splitlines()) == 3, res.stdout
+    # the venv is the user's own: its interpreter is not under /root
+    venv_python = os.path.realpath(checkout / "main" / ".venv" / "bin" / "python")
+    assert not venv_python.startswith("/root/"), venv_python
+    # the demo cleaned up: nothing of the user's is left running
+    left = subprocess.run(["pgrep", "-u", USER, "-a"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout
+
+
+def test_make_test_as_non_root(checkout: Path) -> None:
+    res = _as_user(checkout, "make", "test", f"PYTEST_ARGS={SUBSET}", timeout=1200)
+    assert res.returncode == 0, _tail(res)
+    assert "All checks passed!" in res.stdout + res.stderr, _tail(res)  # ruff ran
+    last = res.stdout.strip().splitlines()[-1]
+    assert " passed" in last and "failed" not in last and "error" not in last, _tail(res)
