@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -36,6 +37,7 @@ import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
+from noports.cliargs import arg_type, pid_alive, port_type
 from noports.keys.atkeys import (
     AtKeys,
     AtKeysError,
@@ -60,24 +62,9 @@ class AdminError(Exception):
 
 # --- argument parsing ---------------------------------------------------------------------
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
-    return value
+_port = port_type("port out of range 0-65535: {value}")
+_positive = arg_type(float, "a number", lambda v: math.isfinite(v) and v > 0,
+                     "must be a finite number > 0: {text!r}")
 
 
 def _add_dir(p: argparse.ArgumentParser) -> None:
@@ -445,22 +432,10 @@ def _wait_listening(child: _Child, prefix: str, want: set[str], deadline: float,
             child.cond.wait(min(left, 0.2))
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cmd_plane_up(args: argparse.Namespace) -> int:
     cfg = _plane(args)
     state = cfg.read_run_state()
-    if state and _pid_alive(state.get("pid")):
+    if state and pid_alive(state.get("pid")):
         raise AdminError(f"the plane in {cfg.directory} is already up (pid {state['pid']}); "
                          "stop it first")
     admin = _atserver_admin()
@@ -536,7 +511,7 @@ def cmd_plane_status(args: argparse.Namespace) -> int:
     cfg = _plane(args)
     ctx = _ssl_ctx(cfg)
     run = cfg.read_run_state()
-    running = bool(run and _pid_alive(run.get("pid")))
+    running = bool(run and pid_alive(run.get("pid")))
     dir_problem = _probe(cfg.host, cfg.directory_port, ctx)
     admin = _atserver_admin()
     hosted = admin.list_atsigns(cfg.state_dir)

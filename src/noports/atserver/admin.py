@@ -13,6 +13,8 @@ import re
 import time
 from pathlib import Path
 
+from noports.cliargs import pid_alive
+
 from .store import Store, db_path
 
 _ATSIGN_BODY = re.compile(r"^[^\s:@/\\]{1,55}$")
@@ -71,18 +73,6 @@ def remove_atsign(state_dir: str | os.PathLike[str], atsign: str, purge: bool = 
         store.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def wait_for_port(state_dir: str | os.PathLike[str], atsign: str, timeout: float = 30.0) -> int:
     """Block until a running server listens for `atsign`; return its port (TimeoutError else)."""
     at = normalize_atsign(atsign)
@@ -95,7 +85,7 @@ def wait_for_port(state_dir: str | os.PathLike[str], atsign: str, timeout: float
                 row = store.hosted().get(at)
             finally:
                 store.close()
-            if row is not None and row.listening and row.port and _pid_alive(row.pid):
+            if row is not None and row.listening and row.port and pid_alive(row.pid):
                 return row.port
         if time.monotonic() >= deadline:
             raise TimeoutError(f"no running atserver is listening for {at} in {state_dir}")

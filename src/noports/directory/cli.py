@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from noports.cliargs import arg_type, port_type
 from noports.keys.ca import TlsFiles, ensure_plane_tls, server_context
 
 from .protocol import MissPolicy
@@ -65,24 +66,9 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
                         "visible to every user); $NOPORTS_REDIS_PASSWORD also works")
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535: {text!r}")
-    return value
+_non_negative = arg_type(float, "a number", lambda v: math.isfinite(v) and v >= 0,
+                         "must be a finite number >= 0: {text!r}")
+_port = port_type("port must be 0-65535: {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from noports.cliargs import arg_type
 from noports.npproto.errors import ProtocolError
 from noports.npproto.keys import normalize_atsign
 
@@ -47,14 +48,7 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return v
+_positive_int = arg_type(int, "an integer", lambda v: v > 0, "must be > 0: {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
