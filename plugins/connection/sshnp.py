@@ -502,7 +502,16 @@ class Connection(SshConnection):
     def _bare_run(self, cmd: list[bytes], in_data: bytes | None, sudoable: bool = True,
                   checkrc: bool = True) -> tuple[int, bytes, bytes]:
         started = time.time()
-        rc, b_out, b_err = super()._bare_run(cmd, in_data, sudoable=sudoable, checkrc=checkrc)
+        try:
+            rc, b_out, b_err = super()._bare_run(cmd, in_data, sudoable=sudoable,
+                                                 checkrc=checkrc)
+        except AnsibleConnectionFailure as exc:
+            # With pipelining (in_data), ssh.py raises its own generic "Data could not be
+            # sent" on exit 255 before returning: name the tunnel's failed step instead.
+            message = self.failure_message(to_text(exc), self.client_log_since(started))
+            if message:
+                raise AnsibleConnectionFailure(message) from exc
+            raise
         if rc == 255:
             message = self.failure_message(b_err, self.client_log_since(started))
             if message:
