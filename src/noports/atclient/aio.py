@@ -114,7 +114,7 @@ class _Stream:
         except ssl.SSLCertVerificationError as exc:
             raise AtConnectError(
                 f"TLS certificate of {peer} is not trusted: {exc.verify_message}; trust the "
-                "server's CA (e.g. export SSL_CERT_FILE=<plane>/tls/ca.pem)") from None
+                "server's CA (--ca-file / ca_file, or export SSL_CERT_FILE=<plane>/tls/ca.pem)") from None
         except ConnectionRefusedError:
             raise AtConnectError(f"cannot connect to {peer}: connection refused") from None
         except (OSError, ssl.SSLError) as exc:

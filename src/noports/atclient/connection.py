@@ -337,7 +337,7 @@ def _open_tls(host: str, port: int, ssl_ctx: ssl.SSLContext | None, connect_time
         raw.close()
         raise AtConnectError(
             f"TLS certificate of {where} is not trusted: {exc.verify_message}; trust the "
-            "server's CA (e.g. export SSL_CERT_FILE=<plane>/tls/ca.pem)") from None
+            "server's CA (--ca-file / ca_file, or export SSL_CERT_FILE=<plane>/tls/ca.pem)") from None
     except TimeoutError:
         raw.close()
         raise AtTimeoutError(f"TLS handshake with {where} timed out") from None
