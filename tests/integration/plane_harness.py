@@ -21,8 +21,8 @@ from pathlib import Path
 from noports.keys.ca import TlsFiles, ensure_plane_tls
 
 BIN = Path(sys.executable).parent
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-DEMO_ATKEYS = SHARED / "fixtures" / "official-demo-atkeys"
+# the official demo .atKeys files, vendored (tests/fixtures/official-demo-atkeys/README.md)
+DEMO_ATKEYS = Path(__file__).resolve().parents[1] / "fixtures" / "official-demo-atkeys"
 
 
 def tool(name: str) -> str:

@@ -58,9 +58,6 @@ def checkout():
     try:
         subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(base / "main")],
                        check=True)
-        shared = REPO.parent / "shared"
-        if shared.is_dir():
-            (base / "shared").symlink_to(shared)
         subprocess.run(["chown", "-R", f"{USER}:{USER}", str(base / "main"), str(home)],
                        check=True)
         yield base

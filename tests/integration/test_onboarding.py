@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 NOPORTS = [str(BIN / "noports")] if (BIN / "noports").exists() else [
     sys.executable, "-m", "noports.admin"]
-DEMO = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-demo-atkeys"
+DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "official-demo-atkeys"
 DEMO_FILES = sorted(DEMO.glob("*.atKeys"))
 
 SDK_PKAM = """

@@ -9,7 +9,7 @@ from at_client.util.encryptionutil import EncryptionUtil
 
 from noports import crypto
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-demo-atkeys"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official-demo-atkeys"
 
 
 def test_aes_matches_sdk_both_ways():

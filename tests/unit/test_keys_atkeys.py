@@ -23,7 +23,7 @@ from noports.keys.atkeys import (
     save_atkeys,
 )
 
-DEMO = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official-demo-atkeys"
+DEMO = Path(__file__).resolve().parents[1] / "fixtures" / "official-demo-atkeys"
 DEMO_FILES = sorted(DEMO.glob("*.atKeys"))
 DEMO_ATSIGNS = ["@alice🛠", "@bob🛠", "@gateway1", "@relay1"]
 
