@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
 
 import pytest
 
@@ -125,3 +127,56 @@ def test_bytes_and_eof_waiting_before_wiring_are_kept(monkeypatch, honour_pause:
         b_app.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("stdin_kind", ["devnull", "file"])
+def test_stdio_splice_on_ends_epoll_cannot_watch(tmp_path, stdin_kind: str) -> None:
+    """``sshnp --stdio < /dev/null > out.bin``: asyncio refuses such fds; they still work.
+
+    Before: ``PermissionError: [Errno 1] Operation not permitted`` from connect_read_pipe,
+    reported as an unexpected error.
+    """
+    payload = b"" if stdin_kind == "devnull" else bytes(range(256)) * 4096  # 1 MiB
+    src = tmp_path / "in.bin"
+    src.write_bytes(payload)
+    out = tmp_path / "out.bin"
+
+    async def main() -> None:
+        app, relay = socket.socketpair()
+        app.setblocking(False)
+        in_path = "/dev/null" if stdin_kind == "devnull" else str(src)
+        in_fd = os.open(in_path, os.O_RDONLY)
+        out_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        assert not splice_mod._pollable(in_fd) and not splice_mod._pollable(out_fd)
+        try:
+            sp = await splice_mod.splice_stdio(relay, stdin_fd=in_fd, stdout_fd=out_fd)
+        finally:
+            os.close(in_fd)  # the splice holds its own copies
+            os.close(out_fd)
+        loop = asyncio.get_running_loop()
+        got = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(app, 1 << 16), 5):
+            got += chunk
+        assert bytes(got) == payload  # stdin's EOF arrives as EOF
+        await loop.sock_sendall(app, b"from the device")
+        app.close()
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        assert (sp.bytes_ab, sp.bytes_ba) == (len(payload), 15)
+
+    asyncio.run(main())
+    for t in threading.enumerate():  # the copy threads end with the splice
+        if t.name.startswith("stdio-"):
+            t.join(5)
+            assert not t.is_alive()
+    assert out.read_bytes() == b"from the device"
+
+
+def test_pollable_tells_pipes_from_files(tmp_path) -> None:
+    r, w = os.pipe()
+    f = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        assert splice_mod._pollable(r) and splice_mod._pollable(w)
+        assert not splice_mod._pollable(f)
+    finally:
+        for fd in (r, w, f):
+            os.close(fd)

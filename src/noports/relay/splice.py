@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 import sys
@@ -605,6 +606,53 @@ async def splice_sockets(sock_a: socket.socket, sock_b: socket.socket, *,
     return sp
 
 
+def _pollable(fd: int) -> bool:
+    """Whether epoll can watch ``fd``: pipes, sockets, ttys yes; regular files and
+    ``/dev/null`` no (``EPERM``), and asyncio's pipe transports refuse those."""
+    try:
+        ep = select.epoll()
+    except (AttributeError, OSError):  # not Linux: let asyncio decide
+        return True
+    try:
+        ep.register(fd, select.EPOLLIN)
+        return True
+    except PermissionError:
+        return False
+    finally:
+        ep.close()
+
+
+def _via_thread_pipe(fd: int, direction: Literal["in", "out"]) -> int:
+    """A pipe end standing in for ``fd``, which the loop cannot watch; a thread copies.
+
+    ``"in"``: a thread reads ``fd`` (which never blocks for long: a regular file or
+    /dev/null) into a pipe and closes it at EOF; returns the read end. ``"out"``: a thread
+    copies a pipe to ``fd``; returns the write end. The out thread is not a daemon, so the
+    interpreter waits for the last bytes to reach ``fd`` before exiting.
+    """
+    src = os.dup(fd)
+    r, w = os.pipe()
+    if direction == "in":
+        copy_from, copy_to, keep = src, w, r
+    else:
+        copy_from, copy_to, keep = r, src, w
+
+    def copy() -> None:
+        try:
+            while chunk := os.read(copy_from, 1 << 16):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(copy_to, view):]
+        except OSError as exc:  # the splice closed its end early (EPIPE), or fd went away
+            log.debug("stdio %s copy thread ends: %s", direction, exc)
+        finally:
+            os.close(copy_from)
+            os.close(copy_to)
+
+    threading.Thread(target=copy, name=f"stdio-{direction}", daemon=direction == "in").start()
+    return keep
+
+
 async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int = 1,
                        transform_in: Transform | None = None,
                        transform_out: Transform | None = None, high_water: int = HIGH_WATER,
@@ -614,8 +662,9 @@ async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int
 
     ``transform_in`` applies to stdin->socket bytes, ``transform_out`` to socket->stdout.
     The fds are duplicated, so closing the splice does not close the process's 0/1.
-    Needs pipes, sockets or character devices (asyncio pipe transports); regular files
-    are refused by asyncio.
+    Pipes, sockets and ttys are watched by the loop directly; an end epoll cannot watch (a
+    regular file, ``/dev/null``: ``sshnp --stdio < /dev/null``, ``> out.bin``) goes through
+    a pipe fed by a thread (:func:`_via_thread_pipe`), so every stdin/stdout works.
     """
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
@@ -624,8 +673,10 @@ async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int
     end_in = _PipeEnd(sp, sp.ab, None)
     end_out = _PipeEnd(sp, None, sp.ba)
     end_sock = _SockEnd(sp, sp.ba, sp.ab)
-    rfile = open(os.dup(stdin_fd), "rb", buffering=0)  # noqa: SIM115 - owned by transport
-    wfile = open(os.dup(stdout_fd), "wb", buffering=0)  # noqa: SIM115
+    in_fd = os.dup(stdin_fd) if _pollable(stdin_fd) else _via_thread_pipe(stdin_fd, "in")
+    out_fd = os.dup(stdout_fd) if _pollable(stdout_fd) else _via_thread_pipe(stdout_fd, "out")
+    rfile = open(in_fd, "rb", buffering=0)  # noqa: SIM115 - owned by transport
+    wfile = open(out_fd, "wb", buffering=0)  # noqa: SIM115
     try:
         tin, _proto_in = await loop.connect_read_pipe(lambda: end_in, rfile)
         sp._add(end_in)
