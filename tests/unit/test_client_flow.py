@@ -26,6 +26,7 @@ from noports.client.errors import (
     DeviceTimeout,
     RelayError,
     SecurityError,
+    SshnpError,
 )
 from noports.client.flow import fast_sign_envelope, open_session
 from noports.client.params import SessionParams
@@ -257,6 +258,54 @@ def test_relay_port_unreachable_falls_back_with_new_session(tmp_path: Path) -> N
     s.close()
 
 
+class FailingNotifyPlane(FakePlane):
+    """Notifies to atSigns in ``fail`` raise the given atclient error."""
+
+    def __init__(self, fail: dict[str, BaseException], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fail = fail
+        self.tried: list[str] = []
+
+    async def notify(self, to: str, key_name: str, value: str, **kw: Any) -> str:
+        self.tried.append(to)
+        if to in self.fail:
+            raise self.fail[to]
+        return await super().notify(to, key_name, value, **kw)
+
+
+def test_unknown_relay_atsign_falls_back_to_the_next(tmp_path: Path) -> None:
+    from noports.atclient.connection import AtProtocolError
+    plane = FailingNotifyPlane({R1: AtProtocolError("AT0007", "Secondary server not found")},
+                               relays={R2: True})
+    prog = Progress(quiet=True)
+    s = run(open_session(params(tmp_path, relays=[R1, R2]), progress=prog, client=plane,
+                         connect_relay=RelayDialer()))
+    assert s.relay_atsign == R2
+    assert any("sending the relay request to @r1" in ln and "trying the next relay" in ln
+               for ln in prog.lines), prog.lines
+    s.close()
+
+
+def test_unknown_single_relay_is_a_relay_error(tmp_path: Path) -> None:
+    from noports.atclient.connection import AtSecondaryNotFound
+    plane = FailingNotifyPlane({R1: AtSecondaryNotFound("@r1 is not in the directory")})
+    with pytest.raises(RelayError) as ei:
+        run(open_session(params(tmp_path), client=plane, connect_relay=RelayDialer()))
+    assert ei.value.exit_code == 5
+    assert "registered in the directory" in (ei.value.hint or "")
+
+
+def test_own_atserver_failure_does_not_walk_the_relay_list(tmp_path: Path) -> None:
+    from noports.atclient.connection import AtConnectError
+    plane = FailingNotifyPlane({R1: AtConnectError("connection reset"),
+                                R2: AtConnectError("connection reset")})
+    with pytest.raises(SshnpError) as ei:
+        run(open_session(params(tmp_path, relays=[R1, R2]), client=plane,
+                         connect_relay=RelayDialer()))
+    assert not isinstance(ei.value, RelayError) and ei.value.exit_code == 4
+    assert plane.tried == [R1]  # stopped at the first relay
+
+
 def test_no_relay_answers(tmp_path: Path) -> None:
     plane = FakePlane(relays={})
     with pytest.raises(RelayError) as ei:
@@ -365,6 +414,23 @@ def test_send_ssh_public_key_before_session_request(tmp_path: Path) -> None:
     names = [name for _, name, _ in plane.sent]
     assert names.index("sshpublickey.box.sshnp") < names.index("ssh_request.box.sshnp")
     assert [v for _, n, v in plane.sent if n == "sshpublickey.box.sshnp"] == [HOST_KEY]
+
+
+def test_send_ssh_public_key_also_when_the_first_relay_is_down(tmp_path: Path) -> None:
+    """-s with a relay list: the key goes out once, before the request via the second relay
+    (it used to be sent only when the first relay answered)."""
+    ident = tmp_path / "id_ed25519"
+    (tmp_path / "id_ed25519.pub").write_text(HOST_KEY + "\n")
+    plane = FakePlane(relays={R1: False, R2: True},
+                      heartbeat={"srAuth": True, "srE2ee": True, "acceptsPublicKeys": True})
+    s = run(open_session(params(tmp_path, identity_file=ident, send_ssh_public_key=True,
+                                relays=[R1, R2], relay_timeout=0.2),
+                         client=plane, connect_relay=RelayDialer()))
+    s.close()
+    assert s.relay_atsign == R2
+    names = [name for _, name, _ in plane.sent]
+    assert names.count("sshpublickey.box.sshnp") == 1
+    assert names.index("sshpublickey.box.sshnp") < names.index("ssh_request.box.sshnp")
 
 
 def test_send_ssh_public_key_missing_pub(tmp_path: Path) -> None:

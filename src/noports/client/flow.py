@@ -155,6 +155,15 @@ def _plane_error(exc: BaseException, params: SessionParams, doing: str) -> Sshnp
     return AtServerError(f"{doing}: {exc}")
 
 
+def _names_the_recipient(exc: BaseException) -> bool:
+    """Whether a failed notify is about the recipient atSign (unknown to the directory, no
+    public key), not about our own atServer connection: a relay list moves on for those."""
+    from noports.atclient.aio import AtProtocolError, AtSecondaryNotFound
+    if isinstance(exc, AtSecondaryNotFound):
+        return True
+    return isinstance(exc, AtProtocolError) and exc.code in ("AT0007", "AT0015")
+
+
 def _at_errors() -> tuple[type[BaseException], ...]:
     from noports.atclient.aio import AtClientError
     from noports.atclient.e2e import E2EError
@@ -257,6 +266,9 @@ class _Flow:
         self.t0 = time.monotonic()
         self.tasks: list[asyncio.Task[Any]] = []
         self.device_pk_task: asyncio.Task[str] | None = None
+        # started with the first relay request that went out, not per relay attempt
+        self.side_tasks_started = False
+        self.public_key_sent = False
         self.username_task: asyncio.Task[str | None] | None = None
         self.keygen: asyncio.Future[tuple[str, Any]] | None = None
         self.ping_sent = False
@@ -354,13 +366,11 @@ class _Flow:
         self.progress(f"connecting to the atServer of {p.client_atsign}")
 
         last: SshnpError | None = None
-        first = True
         for i, relay in enumerate(p.relays):
             try:
-                return await self.attempt(relay, first)
+                return await self.attempt(relay)
             except RelayError as exc:
                 last = exc
-                first = False
                 more = i + 1 < len(p.relays)
                 self.progress(f"{exc.message}{'; trying the next relay' if more else ''}")
         assert last is not None
@@ -369,7 +379,7 @@ class _Flow:
                              f"{last.message}", hint=last.hint)
         raise last
 
-    async def attempt(self, relay: str, first: bool) -> Session:
+    async def attempt(self, relay: str) -> Session:
         p = self.p
         sid = npkeys.new_session_id()
         cnonce = dart_iso_now()
@@ -377,9 +387,18 @@ class _Flow:
                           client_nonce=cnonce)
         relay_fut = self.router.expect_relay(relay, sid)
         self.progress(f"asking relay {relay} for ports")
-        await self.notify(relay, npkeys.relay_request_key(relay, p.device, p.client_atsign),
-                          m1.to_json(), what="the relay request")
-        if first:
+        try:
+            await self.client.notify(relay, _name(npkeys.relay_request_key(
+                relay, p.device, p.client_atsign)), m1.to_json(), ttl_ms=NOTIFY_TTL_MS,
+                ttln_ms=NOTIFY_TTLN_MS)
+        except _at_errors() as exc:
+            err = _plane_error(exc, p, f"sending the relay request to {relay}")
+            if _names_the_recipient(exc):  # this relay, not our own atServer: try the next
+                raise RelayError(err.message, hint=f"is {relay} a relay atSign registered in "
+                                 f"the directory {p.root[0]}:{p.root[1]}?") from None
+            raise err from None
+        if not self.side_tasks_started:  # once per session, whichever relay got it first
+            self.side_tasks_started = True
             self.mark("relay_request_sent")
             self.progress(f"connected as {p.client_atsign}; relay request sent")
             # FIFO on the command connection: most urgent first
@@ -407,8 +426,9 @@ class _Flow:
         self.mark("relay_answered")
         self.progress(f"relay {relay} opened {rr.host}:{rr.port_a}")
 
-        if first and p.send_ssh_public_key:
+        if p.send_ssh_public_key and not self.public_key_sent:
             await self.send_public_key()
+            self.public_key_sent = True
 
         pub = priv = None
         if p.tunnel_mode == "aes":
