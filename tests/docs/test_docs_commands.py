@@ -8,7 +8,11 @@ Convention (docs/index.md, "Commands in these pages"):
 * A command block is **run**, unless the line right before its fence is
   ``<!-- docs-test: skip: REASON -->`` (the reason is required).
 * ``<!-- docs-test: file: NAME -->`` before any block: the test writes the block to NAME (in
-  the page's current directory at that point) before running the next command block.
+  the page's current directory at that point; ``~/`` is HOME; directories are created) before
+  running the next command block.
+* ``<!-- docs-test: setup: NAME -->`` before a command block: run ``SETUPS[NAME]`` first, a
+  small hidden preparation a reader has done before (key files from elsewhere, ssh access to
+  the device, a Redis, a running plane...). Keep them few; the page itself should say the rest.
 * Pages are run as one bash session each (``set -euo pipefail``, so ``cd`` and ``export``
   carry over), in a sandbox: a temporary HOME, no ``ANSIBLE_*``/``NOPORTS_*``/``SSL_CERT_FILE``
   from the caller, the repository as the starting directory, the virtualenv first on PATH.
@@ -16,7 +20,12 @@ Convention (docs/index.md, "Commands in these pages"):
   for its "ready" line (``READY``) and stops every process of the session at the end.
 * Pages that need a special environment are listed in ``ENVIRONMENTS``. ``device``: root,
   a private network namespace (``unshare -n``) with an OpenSSH sshd on 127.0.0.1:22 that
-  reads ``$HOME/.ssh/authorized_keys``, like a device's.
+  reads ``$HOME/.ssh/authorized_keys``, like a device's. ``host``: root, a private mount and
+  network namespace (``unshare -m -n``) that looks like a server of the examples: overlays
+  over /etc, /srv, /var/lib and /root (writes stay in the test's tmp dir), fresh /run and
+  /tmp, the example host names in /etc/hosts as 127.0.0.1, HOME=/root as the starting
+  directory, and the sshd of ``device``. Both skip themselves when they cannot be set up.
+* A page's stdin is a pipe at EOF (never the terminal).
 
 Checks on every command line, run or skipped: each of our programs (noports, atdirectory,
 atserver, srvd, sshnpd, sshnp) is called with subcommands and flags that its real ``--help``
@@ -39,7 +48,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -58,9 +67,19 @@ READY = {
     "sshnpd": r"sshnpd \S+ ready",
     "atdirectory": r"atdirectory listening on",
     "atserver": r"atserver \S+ listening on",
+    "redis-server": r"Ready to accept connections",
 }
 # pages run in a special environment (others: the plain sandbox)
-ENVIRONMENTS = {"docs/quickstart.md": "device"}
+ENVIRONMENTS = {
+    "docs/quickstart.md": "device",
+    "docs/atserver.md": "host",
+    "docs/cli.md": "host",
+    "docs/control-plane.md": "host",
+    "docs/directory.md": "host",
+    "docs/keys-and-onboarding.md": "host",
+    "docs/scale.md": "host",
+    "docs/sshnpd.md": "host",
+}
 PAGE_TIMEOUT = 150
 # skips for blocks whose page must not carry a marker (README's first lines stay as they are):
 # (page, a line of the block) -> reason
@@ -69,7 +88,7 @@ SKIPS = {
                                 "demo (tests/integration/test_demo.py)",
 }
 
-MARK_RE = re.compile(r"^\s*<!--\s*docs-test:\s*(skip|file):\s*(.*?)\s*-->\s*$")
+MARK_RE = re.compile(r"^\s*<!--\s*docs-test:\s*(skip|file|setup):\s*(.*?)\s*-->\s*$")
 FENCE_RE = re.compile(r"^(\s*)```(.*)$")
 
 
@@ -81,6 +100,7 @@ class Block:
     text: str
     skip: str | None = None
     file: str | None = None
+    setup: list[str] = field(default_factory=list)
 
     @property
     def where(self) -> str:
@@ -133,6 +153,8 @@ def parse_blocks(page: Path) -> list[Block]:
         while k >= 0 and (mm := MARK_RE.match(lines[k])):
             if mm.group(1) == "skip":
                 block.skip = mm.group(2)
+            elif mm.group(1) == "setup":
+                block.setup.insert(0, mm.group(2))
             else:
                 block.file = mm.group(2)
             k -= 1
@@ -157,6 +179,11 @@ def test_every_block_is_tagged_and_every_skip_has_a_reason():
             problems.append(f"{b.where}: docs-test skip needs a reason")
         if b.skip is not None and b.lang not in COMMAND_LANGS:
             problems.append(f"{b.where}: docs-test skip on a {b.lang or 'untagged'} block")
+        for name in b.setup:
+            if name not in SETUPS:
+                problems.append(f"{b.where}: no docs-test setup {name!r} (has {sorted(SETUPS)})")
+            if b.lang not in COMMAND_LANGS or b.skip is not None:
+                problems.append(f"{b.where}: docs-test setup on a block that is not run")
     assert not problems, "\n".join(problems)
 
 
@@ -393,6 +420,93 @@ EOF
 docs_ready $! "$DOCS_SANDBOX/sshd.log" "listening on 127.0.0.1 port 22"
 """
 
+# names the example commands use; in the "host" environment they all resolve to loopback
+EXAMPLE_HOSTS = ("plane.example.net", "plane.example.com", "root.example.org", "root.example.net",
+                 "shard1.example.org", "relay1.example.org", "relay2.example.org",
+                 "relay.example.net", "vip.example.org", "vip.example.net",
+                 "atserver.example.net", "dev1")
+
+# "host": a private mount and network namespace (unshare -m -n) that looks like a server of
+# the examples: overlays over /etc, /srv, /var/lib and /root (writes stay in the test's tmp
+# dir), fresh /run and /tmp, the example host names in /etc/hosts, HOME=/root, and the
+# device's sshd on 127.0.0.1:22 (as in "device"). The page starts in $HOME.
+HOST_PRELUDE = r"""
+mount --make-rprivate /
+for d in /etc /srv /var/lib /root; do
+  mkdir -p "$DOCS_SANDBOX/overlay/upper$d" "$DOCS_SANDBOX/overlay/work$d" "$d"
+  mount -t overlay overlay \
+    -o "lowerdir=$d,upperdir=$DOCS_SANDBOX/overlay/upper$d,workdir=$DOCS_SANDBOX/overlay/work$d" "$d"
+done
+mount -t tmpfs tmpfs /run
+# a fresh /tmp, but the test's own dirs under it (its tmp dir; the checkout and its .venv
+# when CI cloned it into /tmp) stay visible at the same paths
+keep=()
+for k in "$DOCS_SANDBOX" "$DOCS_REPO"; do
+  case "$k" in /tmp/*) keep+=("$k") ;; esac
+done
+i=0
+for k in "${keep[@]}"; do
+  mkdir -p "/run/docs-keep/$i"; mount --bind "$k" "/run/docs-keep/$i"; i=$((i+1))
+done
+mount -t tmpfs tmpfs /tmp
+i=0
+for k in "${keep[@]}"; do
+  mkdir -p "$k"; mount --bind "/run/docs-keep/$i" "$k"; i=$((i+1))
+done
+""" + f"""echo "127.0.0.1 {' '.join(EXAMPLE_HOSTS)}" >> /etc/hosts
+cd "$HOME"
+"""
+
+# hidden preparation a reader has done before a block (`<!-- docs-test: setup: NAME -->`):
+# keep these few and small; everything else belongs in the page itself
+SETUPS = {
+    # atSign key files from elsewhere: the official demo files (tests/fixtures), in the
+    # current directory
+    "atkeys-files": r"""
+cp "$DOCS_REPO"/tests/fixtures/official-demo-atkeys/*.atKeys .
+""",
+    # ssh access to the device "dev1" (this host's sshd) with the reader's own key
+    "ssh-dev1": r"""
+mkdir -p -m 700 ~/.ssh
+ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519
+cat ~/.ssh/id_ed25519.pub >> ~/.ssh/authorized_keys
+ssh-keyscan -p 22 127.0.0.1 2>/dev/null | sed 's/^127.0.0.1/dev1/' >> ~/.ssh/known_hosts
+""",
+    # CRAM secrets of provisioned atSigns, 0600 files in /run
+    "cram-files": r"""
+(umask 077 && for a in relay1 relay2 dev1; do openssl rand -hex 32 > /run/$a.cram; done)
+""",
+    # a running plane at ~/plane (plane.example.net:6464) with @alice_client and
+    # @alice_device (keys in ~/.atsign/keys), its CA in /etc/noports/ca.pem
+    "plane-alice": r"""
+noports plane init -q --dir ~/plane --name plane.example.net
+noports plane up --dir ~/plane > "$DOCS_SANDBOX/plane.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/plane.log" "press Ctrl-C to stop"
+noports atsign create -q @alice_client --dir ~/plane
+noports atsign create -q @alice_device --dir ~/plane
+install -D -m 644 ~/plane/tls/ca.pem /etc/noports/ca.pem
+""",
+    # the plane's CA where a relay or device host keeps it
+    "etc-noports-ca": r"""
+install -D -m 644 ~/plane/tls/ca.pem /etc/noports/ca.pem
+""",
+    # a Redis on 127.0.0.1:6379 (no password: loopback only)
+    "redis": r"""
+mkdir -p /var/lib/redis-docs
+redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/redis-docs \
+  > "$DOCS_SANDBOX/redis.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/redis.log" "Ready to accept connections"
+""",
+    # a Redis on 127.0.0.1:6379 (appendonly) whose password is in /root/redis.pw
+    "redis-password": r"""
+umask 077; head -c 24 /dev/urandom | base64 > /root/redis.pw; umask 022
+mkdir -p /var/lib/redis-docs
+redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/redis-docs --appendonly yes \
+  --requirepass "$(cat /root/redis.pw)" > "$DOCS_SANDBOX/redis.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/redis.log" "Ready to accept connections"
+""",
+}
+
 
 def build_script(page_blocks: list[Block], logdir: Path) -> str:
     parts = [PRELUDE]
@@ -400,11 +514,16 @@ def build_script(page_blocks: list[Block], logdir: Path) -> str:
     for b in page_blocks:
         if b.file:
             tag = "DOCS_TEST_EOF"
-            parts.append(f"echo '::: write {b.file}' >&2\ncat > {shlex.quote(b.file)} <<'{tag}'\n"
-                         f"{b.text}{tag}\n")
+            dest = (f'"$HOME"/{shlex.quote(b.file[2:])}' if b.file.startswith("~/")
+                    else shlex.quote(b.file))
+            parts.append(f"echo '::: write {b.file}' >&2\nmkdir -p \"$(dirname {dest})\"\n"
+                         f"cat > {dest} <<'{tag}'\n{b.text}{tag}\n")
             continue
         if b.lang not in COMMAND_LANGS or b.skip is not None:
             continue
+        for name in b.setup:
+            assert name in SETUPS, f"{b.where}: no docs-test setup {name!r} (has {sorted(SETUPS)})"
+            parts.append(f"echo '::: setup {name}' >&2\n{SETUPS[name]}")
         for line, cmd in b.commands():
             where = f"{rel_path(b.page)}:{line}"
             parts.append(f"echo {shlex.quote(f'::: {where}: {cmd}')} >&2")
@@ -436,11 +555,17 @@ def _run_page(rel: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     argv = ["bash", "-c", script]
     env = _clean_env(home)
     env["DOCS_SANDBOX"] = str(tmp_path)
+    env["DOCS_REPO"] = str(REPO)
     if env_name == "device":
         script = PRELUDE + DEVICE_PRELUDE + script
         argv = ["unshare", "-n", "bash", "-c", script]
+    elif env_name == "host":
+        env["HOME"] = "/root"
+        script = PRELUDE + "ip link set lo up\n" + HOST_PRELUDE + DEVICE_PRELUDE + script
+        argv = ["unshare", "-m", "-n", "bash", "-c", script]
     (tmp_path / "script.sh").write_text(script)
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    # stdin: a pipe at EOF (as under ssh or CI), never the terminal
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _err = proc.communicate(timeout=PAGE_TIMEOUT)
@@ -475,6 +600,25 @@ def _device_env_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _host_env_reason() -> str | None:
+    if reason := _device_env_reason():
+        return reason
+    if not shutil.which("redis-server"):
+        return "needs redis-server"
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in ("u", "w", "m"):
+            os.mkdir(os.path.join(tmp, d))
+        probe = subprocess.run(
+            ["unshare", "-m", "-n", "sh", "-c",
+             f"mount --make-rprivate / && mount -t overlay overlay "
+             f"-o lowerdir=/etc,upperdir={tmp}/u,workdir={tmp}/w {tmp}/m"],
+            capture_output=True, check=False)
+    if probe.returncode != 0:
+        return f"unshare -m -n with overlayfs does not work here: {probe.stderr.decode()[:200]}"
+    return None
+
+
 RUN_PAGES = sorted({str(b.page.relative_to(REPO)) for b in COMMAND_BLOCKS if b.skip is None})
 
 
@@ -482,6 +626,8 @@ RUN_PAGES = sorted({str(b.page.relative_to(REPO)) for b in COMMAND_BLOCKS if b.s
 @pytest.mark.parametrize("rel", RUN_PAGES)
 def test_page_commands_run(rel, tmp_path):
     if ENVIRONMENTS.get(rel) == "device" and (reason := _device_env_reason()):
+        pytest.skip(reason)
+    if ENVIRONMENTS.get(rel) == "host" and (reason := _host_env_reason()):
         pytest.skip(reason)
     result = _run_page(rel, tmp_path)
     tail = "\n".join(result.stdout.splitlines()[-60:])
