@@ -22,9 +22,19 @@ Convention (docs/index.md, "Commands in these pages"):
   a private network namespace (``unshare -n``) with an OpenSSH sshd on 127.0.0.1:22 that
   reads ``$HOME/.ssh/authorized_keys``, like a device's. ``host``: root, a private mount and
   network namespace (``unshare -m -n``) that looks like a server of the examples: overlays
-  over /etc, /srv, /var/lib and /root (writes stay in the test's tmp dir), fresh /run and
-  /tmp, the example host names in /etc/hosts as 127.0.0.1, HOME=/root as the starting
+  over /etc, /srv, /var/lib, /root and /home (writes stay in the test's tmp dir), fresh /run
+  and /tmp, the example host names in /etc/hosts as 127.0.0.1, HOME=/root as the starting
   directory, and the sshd of ``device``. Both skip themselves when they cannot be set up.
+* The public atPlatform (the programs' defaults: ``--root-domain root.atsign.org:64``, TLS
+  trusted through the system CA store) is played, in the ``host`` environment, by the setup
+  ``public-atplatform``: our own plane (``noports plane up``) in a nested network namespace
+  reached over a veth pair at 198.51.100.64, which /etc/hosts (overlay) names
+  ``root.atsign.org`` (its atDirectory on port 64) and ``standin.atsign.zone`` (the atServer
+  host its directory hands out); its server certificate names both and its CA is appended to
+  /etc/ssl/certs/ca-certificates.crt (overlay), the bundle Python's default SSL context
+  loads. The atSigns whose keys are in ~/.atsign/keys are hosted there with those keys. So
+  the documented commands run unchanged, without ``--root-domain``, ``--ca-file`` or
+  ``SSL_CERT_FILE``; what the stand-in cannot show is Atsign's registrar and activation.
 * A page's stdin is a pipe at EOF (never the terminal).
 
 Checks on every command line, run or skipped: each of our programs (noports, atdirectory,
@@ -77,6 +87,7 @@ ENVIRONMENTS = {
     "docs/control-plane.md": "host",
     "docs/directory.md": "host",
     "docs/keys-and-onboarding.md": "host",
+    "docs/public-atplatform.md": "host",
     "docs/scale.md": "host",
     "docs/sshnpd.md": "host",
 }
@@ -409,7 +420,7 @@ ListenAddress 127.0.0.1:22
 HostKey /etc/ssh/ssh_host_ed25519_key
 HostKey /etc/ssh/ssh_host_ecdsa_key
 HostKey /etc/ssh/ssh_host_rsa_key
-AuthorizedKeysFile $HOME/.ssh/authorized_keys
+AuthorizedKeysFile $HOME/.ssh/authorized_keys .ssh/authorized_keys
 StrictModes no
 UsePAM no
 PermitRootLogin prohibit-password
@@ -427,12 +438,12 @@ EXAMPLE_HOSTS = ("plane.example.net", "plane.example.com", "root.example.org", "
                  "atserver.example.net", "dev1")
 
 # "host": a private mount and network namespace (unshare -m -n) that looks like a server of
-# the examples: overlays over /etc, /srv, /var/lib and /root (writes stay in the test's tmp
-# dir), fresh /run and /tmp, the example host names in /etc/hosts, HOME=/root, and the
+# the examples: overlays over /etc, /srv, /var/lib, /root and /home (writes stay in the test's
+# tmp dir), fresh /run and /tmp, the example host names in /etc/hosts, HOME=/root, and the
 # device's sshd on 127.0.0.1:22 (as in "device"). The page starts in $HOME.
 HOST_PRELUDE = r"""
 mount --make-rprivate /
-for d in /etc /srv /var/lib /root; do
+for d in /etc /srv /var/lib /root /home; do
   mkdir -p "$DOCS_SANDBOX/overlay/upper$d" "$DOCS_SANDBOX/overlay/work$d" "$d"
   mount -t overlay overlay \
     -o "lowerdir=$d,upperdir=$DOCS_SANDBOX/overlay/upper$d,workdir=$DOCS_SANDBOX/overlay/work$d" "$d"
@@ -457,6 +468,12 @@ done
 cd "$HOME"
 """
 
+SSH_KEY = r"""
+mkdir -p -m 700 ~/.ssh
+ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519
+cat ~/.ssh/id_ed25519.pub >> ~/.ssh/authorized_keys
+"""
+
 # hidden preparation a reader has done before a block (`<!-- docs-test: setup: NAME -->`):
 # keep these few and small; everything else belongs in the page itself
 SETUPS = {
@@ -466,11 +483,59 @@ SETUPS = {
 cp "$DOCS_REPO"/tests/fixtures/official-demo-atkeys/*.atKeys .
 """,
     # ssh access to the device "dev1" (this host's sshd) with the reader's own key
-    "ssh-dev1": r"""
-mkdir -p -m 700 ~/.ssh
-ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519
-cat ~/.ssh/id_ed25519.pub >> ~/.ssh/authorized_keys
+    "ssh-dev1": SSH_KEY + r"""
 ssh-keyscan -p 22 127.0.0.1 2>/dev/null | sed 's/^127.0.0.1/dev1/' >> ~/.ssh/known_hosts
+""",
+    # the reader's ssh key ~/.ssh/id_ed25519, authorized for root on the device (this host)
+    "ssh-key": SSH_KEY,
+    # a user pi on the device (this host; /etc and /home are overlays) that accepts the
+    # reader's ~/.ssh/id_ed25519
+    "user-pi": r"""
+useradd -m -l -p '*' -s /bin/bash pi
+install -d -m 700 -o pi -g pi /home/pi/.ssh
+install -m 600 -o pi -g pi ~/.ssh/id_ed25519.pub /home/pi/.ssh/authorized_keys
+""",
+    # the relay host's public address 203.0.113.7 (srvd -i), here on lo
+    "relay-address": r"""
+ip addr add 203.0.113.7/32 dev lo
+""",
+    # A local stand-in for the public atPlatform, so that the programs' defaults run: no
+    # --root-domain (root.atsign.org:64), no --ca-file (the system CA store). It is our own
+    # plane on "another host": the network namespace `atplatform` behind a veth pair, at
+    # 198.51.100.64, which /etc/hosts gives the names root.atsign.org (its atDirectory, on
+    # port 64) and standin.atsign.zone (its atServers, the host name the directory hands
+    # out). Its server certificate names both; its CA is appended to the system bundle
+    # /etc/ssl/certs/ca-certificates.crt (in the /etc overlay), where Python's default
+    # SSL context looks. Every atSign whose keys are in ~/.atsign/keys is hosted there with
+    # those keys (`noports atsign import`), as if the reader had activated them on the
+    # public atPlatform.
+    "public-atplatform": r"""
+ip netns add atplatform
+ip link add np-atplatform type veth peer name eth0 netns atplatform
+ip addr add 198.51.100.1/24 dev np-atplatform
+ip link set np-atplatform up
+ip -n atplatform addr add 198.51.100.64/24 dev eth0
+ip -n atplatform link set eth0 up
+ip -n atplatform link set lo up
+echo "198.51.100.64 root.atsign.org standin.atsign.zone" >> /etc/hosts
+noports plane init -q --dir "$DOCS_SANDBOX/atplatform" --host standin.atsign.zone \
+  --directory-port 64 --name root.atsign.org
+cat "$DOCS_SANDBOX/atplatform/tls/ca.pem" >> /etc/ssl/certs/ca-certificates.crt
+ip netns exec atplatform noports plane up --dir "$DOCS_SANDBOX/atplatform" \
+  > "$DOCS_SANDBOX/atplatform.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/atplatform.log" "press Ctrl-C to stop"
+for k in ~/.atsign/keys/*_key.atKeys; do
+  if [ -e "$k" ]; then
+    noports atsign import -q --no-copy --dir "$DOCS_SANDBOX/atplatform" "$k"
+  fi
+done
+""",
+    # the atSigns of docs/public-atplatform.md, activated on this host (keys in
+    # ~/.atsign/keys): made on the stand-in of "public-atplatform"
+    "public-my-atsigns": r"""
+for a in @my_client @my_devices @my_relay; do
+  noports atsign create -q --dir "$DOCS_SANDBOX/atplatform" "$a"
+done
 """,
     # CRAM secrets of provisioned atSigns, 0600 files in /run
     "cram-files": r"""
@@ -619,6 +684,17 @@ def _host_env_reason() -> str | None:
     return None
 
 
+@functools.cache
+def _veth_reason() -> str | None:
+    """The "public-atplatform" stand-in runs in a nested network namespace behind a veth pair."""
+    probe = subprocess.run(
+        ["unshare", "-n", "ip", "link", "add", "np-probe0", "type", "veth", "peer", "name",
+         "np-probe1"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return f"no veth pairs here (public atPlatform stand-in): {probe.stderr.decode()[:200]}"
+    return None
+
+
 RUN_PAGES = sorted({str(b.page.relative_to(REPO)) for b in COMMAND_BLOCKS if b.skip is None})
 
 
@@ -628,6 +704,9 @@ def test_page_commands_run(rel, tmp_path):
     if ENVIRONMENTS.get(rel) == "device" and (reason := _device_env_reason()):
         pytest.skip(reason)
     if ENVIRONMENTS.get(rel) == "host" and (reason := _host_env_reason()):
+        pytest.skip(reason)
+    if (any("public-atplatform" in b.setup for b in parse_blocks(REPO / rel) if b.skip is None)
+            and (reason := _veth_reason())):
         pytest.skip(reason)
     result = _run_page(rel, tmp_path)
     tail = "\n".join(result.stdout.splitlines()[-60:])
