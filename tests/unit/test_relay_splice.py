@@ -162,6 +162,8 @@ def test_stdio_splice_on_ends_epoll_cannot_watch(tmp_path, stdin_kind: str) -> N
         app.close()
         await asyncio.wait_for(sp.wait_closed(), 5)
         assert (sp.bytes_ab, sp.bytes_ba) == (len(payload), 15)
+        # wait_closed returns once the copy thread wrote the last bytes to the file
+        assert out.read_bytes() == b"from the device"
 
     asyncio.run(main())
     for t in threading.enumerate():  # the copy threads end with the splice

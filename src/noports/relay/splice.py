@@ -103,6 +103,8 @@ class Splice:
         self.closed = False
         self.close_reason = ""
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # set when bytes handed on after close have reached their end (stdio copy threads)
+        self._drains: list[asyncio.Future[None]] = []
 
     @property
     def bytes_ab(self) -> int:
@@ -137,6 +139,8 @@ class Splice:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._done)
+        if self._drains:
+            await asyncio.shield(asyncio.gather(*self._drains))
 
     def _finished(self) -> None:
         if not self._done.done():
@@ -622,14 +626,17 @@ def _pollable(fd: int) -> bool:
         ep.close()
 
 
-def _via_thread_pipe(fd: int, direction: Literal["in", "out"]) -> int:
-    """A pipe end standing in for ``fd``, which the loop cannot watch; a thread copies.
+def _via_thread_pipe(fd: int, direction: Literal["in", "out"],
+                     drained: asyncio.Future[None] | None = None) -> int:
+    """A pipe end standing in for ``fd``, which the loop cannot watch; a daemon thread copies.
 
-    ``"in"``: a thread reads ``fd`` (which never blocks for long: a regular file or
-    /dev/null) into a pipe and closes it at EOF; returns the read end. ``"out"``: a thread
-    copies a pipe to ``fd``; returns the write end. The out thread is not a daemon, so the
-    interpreter waits for the last bytes to reach ``fd`` before exiting.
+    ``"in"``: the thread reads ``fd`` (which never blocks for long: a regular file or
+    /dev/null) into a pipe and closes it at EOF; returns the read end. ``"out"``: the thread
+    copies a pipe to ``fd``; returns the write end. ``drained`` is set when the thread is
+    done, so the splice's ``wait_closed`` returns only once the last bytes reached ``fd``
+    (a daemon: an interrupted run must not hang at exit on a pipe nobody closes).
     """
+    loop = asyncio.get_running_loop()
     src = os.dup(fd)
     r, w = os.pipe()
     if direction == "in":
@@ -648,8 +655,12 @@ def _via_thread_pipe(fd: int, direction: Literal["in", "out"]) -> int:
         finally:
             os.close(copy_from)
             os.close(copy_to)
+            if drained is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                    loop.call_soon_threadsafe(
+                        lambda: drained.done() or drained.set_result(None))
 
-    threading.Thread(target=copy, name=f"stdio-{direction}", daemon=direction == "in").start()
+    threading.Thread(target=copy, name=f"stdio-{direction}", daemon=True).start()
     return keep
 
 
@@ -674,7 +685,12 @@ async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int
     end_out = _PipeEnd(sp, None, sp.ba)
     end_sock = _SockEnd(sp, sp.ba, sp.ab)
     in_fd = os.dup(stdin_fd) if _pollable(stdin_fd) else _via_thread_pipe(stdin_fd, "in")
-    out_fd = os.dup(stdout_fd) if _pollable(stdout_fd) else _via_thread_pipe(stdout_fd, "out")
+    if _pollable(stdout_fd):
+        out_fd = os.dup(stdout_fd)
+    else:
+        drained: asyncio.Future[None] = loop.create_future()
+        sp._drains.append(drained)
+        out_fd = _via_thread_pipe(stdout_fd, "out", drained)
     rfile = open(in_fd, "rb", buffering=0)  # noqa: SIM115 - owned by transport
     wfile = open(out_fd, "wb", buffering=0)  # noqa: SIM115
     try:
