@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,13 +283,20 @@ class _Flow:
         return t
 
     async def notify(self, to: str, full_key: str, value: str, *, ttl: bool = True,
-                     what: str) -> None:
+                     what: str,
+                     recipient_error: Callable[[SshnpError], SshnpError] | None = None,
+                     ) -> None:
+        """Send a notification; failures become step errors. ``recipient_error`` maps a
+        failure that is about ``to`` itself (unknown atSign, no public key) to another error."""
         try:
             await self.client.notify(to, _name(full_key), value,
                                      ttl_ms=NOTIFY_TTL_MS if ttl else None,
                                      ttln_ms=NOTIFY_TTLN_MS)
         except _at_errors() as exc:
-            raise _plane_error(exc, self.p, f"sending {what} to {to}") from None
+            err = _plane_error(exc, self.p, f"sending {what} to {to}")
+            if recipient_error is not None and _names_the_recipient(exc):
+                raise recipient_error(err) from None
+            raise err from None
 
     # -- side tasks ------------------------------------------------------------------------
 
@@ -387,16 +395,12 @@ class _Flow:
                           client_nonce=cnonce)
         relay_fut = self.router.expect_relay(relay, sid)
         self.progress(f"asking relay {relay} for ports")
-        try:
-            await self.client.notify(relay, _name(npkeys.relay_request_key(
-                relay, p.device, p.client_atsign)), m1.to_json(), ttl_ms=NOTIFY_TTL_MS,
-                ttln_ms=NOTIFY_TTLN_MS)
-        except _at_errors() as exc:
-            err = _plane_error(exc, p, f"sending the relay request to {relay}")
-            if _names_the_recipient(exc):  # this relay, not our own atServer: try the next
-                raise RelayError(err.message, hint=f"is {relay} a relay atSign registered in "
-                                 f"the directory {p.root[0]}:{p.root[1]}?") from None
-            raise err from None
+        # a relay atSign the plane does not know is skipped like a dead relay
+        await self.notify(relay, npkeys.relay_request_key(relay, p.device, p.client_atsign),
+                          m1.to_json(), what="the relay request",
+                          recipient_error=lambda err: RelayError(
+                              err.message, hint=f"is {relay} a relay atSign registered in "
+                              f"the directory {p.root[0]}:{p.root[1]}?"))
         if not self.side_tasks_started:  # once per session, whichever relay got it first
             self.side_tasks_started = True
             self.mark("relay_request_sent")
