@@ -11,8 +11,9 @@ say() { echo "bootstrap: $*" >&2; }
 # Debian packages the tests and demo use: real OpenSSH, Redis, socat/tcpdump for baselines and
 # captures, nftables/iptables + iproute2 for "no open ports" namespaces.
 # python3-venv: so a non-root user's `python3 -m venv` works with Debian's python3.
+# openssl, ca-certificates: the docs test's CRAM secrets and its system-trust-store stand-in.
 PKGS=(openssh-server openssh-client redis-server socat nftables iptables iproute2 tcpdump make
-      python3-venv)
+      python3-venv openssl ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("-t", "--to", dest="to", default=S, help="device atSign")
     a("-d", "--device", default=S, help="device name (default: default)")
     a("-r", "--srvd", action="append", default=S,
-      help="relay atSign(s), comma separated or repeated; tried in order")
+      help="relay atSign(s), comma separated or repeated; tried in order: one that does "
+           "not answer within --relay-timeout, cannot be reached or is unknown to the "
+           "directory is skipped")
     a("-u", "--remote-user", "--remote-user-name", dest="remote_user", default=S,
       help="user on the device (default: the username the device shares)")
     a("-l", "--local-port", type=int, default=S, help="local tunnel port (0 = ephemeral)")
