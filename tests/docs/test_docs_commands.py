@@ -474,6 +474,13 @@ ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519
 cat ~/.ssh/id_ed25519.pub >> ~/.ssh/authorized_keys
 """
 
+_REDIS = r"""
+mkdir -p /var/lib/redis-docs
+redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/redis-docs {args} \
+  > "$DOCS_SANDBOX/redis.log" 2>&1 &
+docs_ready $! "$DOCS_SANDBOX/redis.log" "Ready to accept connections"
+"""
+
 # hidden preparation a reader has done before a block (`<!-- docs-test: setup: NAME -->`):
 # keep these few and small; everything else belongs in the page itself
 SETUPS = {
@@ -556,20 +563,11 @@ install -D -m 644 ~/plane/tls/ca.pem /etc/noports/ca.pem
 install -D -m 644 ~/plane/tls/ca.pem /etc/noports/ca.pem
 """,
     # a Redis on 127.0.0.1:6379 (no password: loopback only)
-    "redis": r"""
-mkdir -p /var/lib/redis-docs
-redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/redis-docs \
-  > "$DOCS_SANDBOX/redis.log" 2>&1 &
-docs_ready $! "$DOCS_SANDBOX/redis.log" "Ready to accept connections"
-""",
+    "redis": _REDIS.format(args=""),
     # a Redis on 127.0.0.1:6379 (appendonly) whose password is in /root/redis.pw
     "redis-password": r"""
 umask 077; head -c 24 /dev/urandom | base64 > /root/redis.pw; umask 022
-mkdir -p /var/lib/redis-docs
-redis-server --bind 127.0.0.1 --port 6379 --dir /var/lib/redis-docs --appendonly yes \
-  --requirepass "$(cat /root/redis.pw)" > "$DOCS_SANDBOX/redis.log" 2>&1 &
-docs_ready $! "$DOCS_SANDBOX/redis.log" "Ready to accept connections"
-""",
+""" + _REDIS.format(args='--appendonly yes --requirepass "$(cat /root/redis.pw)"'),
 }
 
 
