@@ -1,6 +1,7 @@
 """noports.crypto must agree byte for byte with the official Python SDK's EncryptionUtil."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,19 @@ def test_official_demo_keys_decrypt_and_sign(name):
     pkam_priv = crypto.aes_decrypt(self_key, data["aesPkamPrivateKey"])
     assert pkam_pub.startswith("MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A")
     assert crypto.verify(pkam_pub, "proof", crypto.sign(pkam_priv, "proof"))
+
+
+def test_one_rsa_signer():
+    """Every RSA signature of the runtime comes from crypto.sign (PKAM, envelopes, relay auth
+    lines, pol proofs, dataSignature): a second copy could drift in hash or padding."""
+    src = Path(__file__).resolve().parents[2] / "src" / "noports"
+    rsa_sign = re.compile(r"\.sign\(.{0,120}?PKCS1v15\(\)", re.DOTALL)
+    signers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                     if rsa_sign.search(p.read_text(encoding="utf-8")))
+    assert signers == ["crypto.py"]
+    from noports.atclient import e2e
+    from noports.client import flow
+    from noports.npproto import envelope
+    pub, priv = crypto.generate_rsa_keypair()
+    assert e2e.sign(priv, "m") == crypto.sign(priv, "m")
+    assert flow.fast_sign_envelope is envelope.sign_envelope  # the old name, one function

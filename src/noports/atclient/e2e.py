@@ -15,14 +15,12 @@ Python SDK (`at_client`) without a server. Conventions (reference atprotocol.md 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -173,10 +171,8 @@ def _private_key(private_b64: str) -> rsa.RSAPrivateKey:
 
 
 def sign(private_b64: str, message: str) -> str:
-    """RSASSA-PKCS1-v1_5/SHA-256, base64 (PKAM, dataSignature); same bytes as crypto.sign."""
-    sig = _private_key(private_b64).sign(message.encode("utf-8"), asym_padding.PKCS1v15(),
-                                         hashes.SHA256())
-    return base64.b64encode(sig).decode("ascii")
+    """RSASSA-PKCS1-v1_5/SHA-256, base64 (PKAM, dataSignature): ``crypto.sign`` itself."""
+    return crypto.sign(private_b64, message)
 
 
 def rsa_unwrap(private_b64: str, wrapped_b64: str) -> str:

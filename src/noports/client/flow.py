@@ -31,31 +31,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noports.npproto import keys as npkeys
-from noports.npproto.envelope import dart_iso_now, relay_auth_payload
-from noports.npproto.errors import ProtocolError, SignatureError
+from noports.npproto.envelope import dart_iso_now, relay_auth_payload, sign_envelope
+from noports.npproto.errors import ProtocolError
 from noports.npproto.messages import (
-    FEATURE_ACCEPTS_PUBLIC_KEYS,
-    FEATURE_SR_AUTH,
-    FEATURE_SR_E2EE,
     DeviceInfo,
     RelayRequest,
     RelayResponse,
     SessionResponse,
     SshRequest,
-    is_daemon_error,
 )
 
-from . import pkcache
+from . import checks, deviceinfo, pkcache
 from .errors import (
     AtServerError,
     DeviceRefused,
-    DeviceTimeout,
     KeysError,
     RelayError,
     SecurityError,
     SshnpError,
 )
-from .knownhosts import device_known_hosts_path, host_key_alias, update_known_hosts
+from .knownhosts import update_known_hosts
 from .params import SessionParams
 from .progress import NullProgress, Progress
 
@@ -69,7 +64,7 @@ log = logging.getLogger(__name__)
 NOTIFY_TTL_MS = 10_000
 NOTIFY_TTLN_MS = 60_000
 MONITOR_REPLAY_SLACK_MS = 2_000
-SSH_KEY_PREFIXES = ("ecdsa-sha2-nistp", "rsa-sha2-", "ssh-rsa", "ssh-ed25519")
+SSH_KEY_PREFIXES = checks.SSH_KEY_PREFIXES
 
 
 @dataclass
@@ -197,27 +192,20 @@ class _Router:
         return f"\\.sshrvd@|\\.{dev}\\.sshnp{d}"
 
     def deliver(self, n: Any) -> None:
-        try:
-            ck = npkeys.parse_client_key(n.key)
-        except ProtocolError:
+        r = checks.route(self.params, n.key, n.from_atsign)
+        if r is None:
             return
-        sender = (n.from_atsign or "").lower()
-        if not sender.startswith("@"):
-            sender = "@" + sender
-        p = self.params
-        if ck.kind == "relay_response":
-            fut = self.relay_answers.get((sender, ck.session_id or ""))
-        elif ck.kind == "session_response" and sender == p.device_atsign \
-                and ck.device == p.device:
-            fut = self.session_answers.get(ck.session_id or "")
-        elif ck.kind == "heartbeat" and sender == p.device_atsign and ck.device == p.device:
+        sender = r.sender
+        if r.kind == "relay":
+            fut = self.relay_answers.get((sender, r.session_id))
+        elif r.kind == "session":
+            fut = self.session_answers.get(r.session_id)
+        else:  # heartbeat
             if n.value is not None and not self.heartbeat.done():
                 try:
-                    self.heartbeat.set_result(DeviceInfo.from_json(n.value))
+                    self.heartbeat.set_result(deviceinfo.parse_value(n.value)[1])
                 except ProtocolError as exc:
                     log.debug("ignoring a malformed ping response: %s", exc)
-            return
-        else:
             return
         if fut is None or fut.done():
             return
@@ -350,8 +338,7 @@ class _Flow:
         except OSError as exc:
             raise KeysError(f"cannot read {pub}: {exc.strerror or exc}",
                             hint="-s sends the public half of -i, <identity>.pub") from None
-        if not line.startswith(SSH_KEY_PREFIXES) or "\n" in line:
-            raise KeysError(f"{pub} is not an OpenSSH public key line")
+        line = checks.ssh_public_key_line(pub, line)
         await self.notify(self.p.device_atsign, npkeys.sshpublickey_key(
             self.p.device_atsign, self.p.device, self.p.client_atsign), line,
             what="the ssh public key")
@@ -420,13 +407,7 @@ class _Flow:
             raise RelayError(f"relay {relay} did not answer within {p.relay_timeout:g}s",
                              hint=f"is srvd running as {relay}, and does its -m allow "
                              f"{p.client_atsign}?") from None
-        try:
-            rr = RelayResponse.from_csv(answer)
-        except ProtocolError as exc:
-            raise RelayError(f"relay {relay} sent an unusable answer: {exc}") from None
-        if rr.rvd_nonce is None:
-            raise RelayError(f"relay {relay} answered without an rvdNonce (a legacy relay "
-                             "that does not authenticate sockets)")
+        rr = checks.relay_answer(relay, answer)
         self.mark("relay_answered")
         self.progress(f"relay {relay} opened {rr.host}:{rr.port_a}")
 
@@ -444,9 +425,9 @@ class _Flow:
             encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
             client_ephemeral_pk_type="rsa2048" if pub else None,
             np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None)
-        envelope = fast_sign_envelope(req.to_dict(), self.keys.encrypt_private)
-        auth_line = fast_sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
-                                       self.keys.encrypt_private).encode() + b"\n"
+        envelope = sign_envelope(req.to_dict(), self.keys.encrypt_private)
+        auth_line = sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
+                                  self.keys.encrypt_private).encode() + b"\n"
         relay_sock_task = self.spawn(self.dial_relay(relay, rr, auth_line))
         session_fut = self.router.expect_session(sid)
         await self.notify(p.device_atsign, npkeys.ssh_request_key(
@@ -498,78 +479,33 @@ class _Flow:
                 return session_fut.result()
             if hb in done and not checked:
                 checked = True
-                self.check_features(hb.result())
-        hint = (f"is sshnpd running as {p.device_atsign} with -d {p.device}, and is "
-                f"{p.client_atsign} in its managers (-m)?")
-        if hb.done():
-            msg = (f"{p.device}{p.device_atsign} answered the ping but not the session request "
-                   f"within {p.daemon_timeout:g}s")
-            hint = "see the daemon's log; it may refuse the request (permit-open, signature)"
-            if p.tunnel_mode == "ssh":
-                hint += "; the C sshnpd only supports --tunnel-mode aes"
-        else:
-            msg = f"{p.device}{p.device_atsign} did not answer within {p.daemon_timeout:g}s"
-        raise DeviceTimeout(msg, hint=hint)
-
-    def check_features(self, info: DeviceInfo) -> None:
-        p = self.p
-        required = [FEATURE_SR_AUTH]
-        if p.tunnel_mode == "aes":
-            required.append(FEATURE_SR_E2EE)
-        if p.send_ssh_public_key:
-            required.append(FEATURE_ACCEPTS_PUBLIC_KEYS)
-        missing = info.missing_features(required)
-        if missing:
-            raise DeviceRefused(
-                f"{p.device}{p.device_atsign} (version {info.version or '?'}) does not support "
-                f"{', '.join(missing)}",
-                hint="upgrade the daemon, or for acceptsPublicKeys start it with -s")
+                checks.check_features(p, hb.result())
+        raise checks.device_timeout(p, pinged=hb.done())
 
     async def verify_response(self, sid: str, value: str) -> SessionResponse:
-        p = self.p
-        if is_daemon_error(value):
-            raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:300]}",
-                                hint="check the daemon's --permit-open / managers and its log")
+        checks.check_not_refused(self.p, value)  # before waiting for the key it does not need
         assert self.device_pk_task is not None
         pk = await self.device_pk_task
-        from noports.npproto.envelope import verify_envelope
         try:
-            payload = verify_envelope(value, pk)
-        except SignatureError as first_exc:
+            return checks.verify_response(self.p, sid, value, pk)
+        except checks.BadSignature:
             # the cached key may be stale (device re-keyed): once more with a fresh one
             pk = await self.device_pk(fresh=True)
-            try:
-                payload = verify_envelope(value, pk)
-            except SignatureError:
-                raise SecurityError(f"the session response from {p.device_atsign} failed "
-                                    f"verification: {first_exc}",
-                                    hint="someone other than the device answered, or its "
-                                    "keys changed; nothing was connected") from None
-        try:
-            resp = SessionResponse.from_dict(payload)
-        except ProtocolError as exc:
-            raise SecurityError(f"malformed signed session response: {exc}") from None
-        if resp.session_id != sid:
-            raise SecurityError(f"signed response is for session {resp.session_id}, not {sid}")
-        if resp.status != "connected":
-            raise DeviceRefused(f"{p.device}{p.device_atsign} answered status "
-                                f"{resp.status!r}")
-        return resp
+            return checks.verify_response(self.p, sid, value, pk)
 
     async def finish(self, sid: str, relay: str, rr: RelayResponse, resp: SessionResponse,
                      relay_sock: socket.socket, session_priv: Any) -> Session:
         p = self.p
-        alias = host_key_alias(p.device_atsign, p.device)
-        host_keys = list(resp.host_keys or [])
+        pin = checks.host_key_pin(p, resp)
+        alias, host_keys = pin.alias, pin.host_keys
         user = p.remote_user
         if user is None and self.username_task is not None:
             user = await self.username_task
-        if user is None and p.need_remote_user:
+        try:
+            checks.check_remote_user(p, user)
+        except DeviceRefused:
             relay_sock.close()
-            raise DeviceRefused(
-                f"{p.device}{p.device_atsign} has not shared its username with "
-                f"{p.client_atsign}", step="username",
-                hint="pass -u/--remote-user, or run sshnpd without --hide")
+            raise
         try:
             if p.tunnel_mode == "aes":
                 tunnel, cipher = self.aes_tunnel(resp, relay_sock, session_priv)
@@ -581,8 +517,8 @@ class _Flow:
             raise
         self.mark("tunnel_ready")
         known = None
-        if host_keys:
-            target = p.known_hosts_file or device_known_hosts_path(p.home_cache, alias)
+        if pin.target is not None:
+            target = pin.target
             try:
                 known = update_known_hosts(target, alias, host_keys)
             except (OSError, ValueError) as exc:
@@ -603,34 +539,17 @@ class _Flow:
 
     def aes_tunnel(self, resp: SessionResponse, relay_sock: socket.socket,
                    session_priv: Any) -> tuple[Tunnel, str]:
-        from noports.npproto.messages import CIPHER_AES_CTR
-        from noports.npproto.streamcipher import decode_session_secrets, new_session_cipher
+        from noports.npproto.streamcipher import new_session_cipher
 
         from .tunnel import AesTunnel
-        if not resp.session_aes_key or not resp.session_iv or session_priv is None:
-            raise SecurityError("the device sent no session key although encryption was "
-                                "requested")
-        try:
-            key, iv = decode_session_secrets(_rsa_decrypt(session_priv, resp.session_aes_key),
-                                             _rsa_decrypt(session_priv, resp.session_iv))
-        except (ValueError, ProtocolError, UnicodeDecodeError) as exc:
-            raise SecurityError(f"cannot decrypt the session key: {exc}") from None
-        cipher_id = resp.np_cipher or CIPHER_AES_CTR
-        if cipher_id not in self.p.ciphers:
-            raise SecurityError(f"the device chose cipher {cipher_id!r}, which was not offered")
+        key, iv, cipher_id = checks.session_secrets(self.p, resp, session_priv)
         cipher = new_session_cipher(cipher_id, key, iv, is_client=True)
         return AesTunnel(relay_sock, cipher), cipher_id
 
     async def ssh_tunnel(self, resp: SessionResponse, relay_sock: socket.socket, user: str,
                          host_keys: list[str], alias: str) -> Tunnel:
         from .tunnel import SshTunnel
-        if not host_keys:
-            raise SecurityError(
-                f"{self.p.device_atsign} sent no host keys to pin, so the outer SSH cannot "
-                "verify the device", hint="use --tunnel-mode aes with this daemon")
-        if not resp.ephemeral_private_key:
-            raise DeviceRefused("the device sent no ephemeral key for the outer SSH",
-                                hint="use --tunnel-mode aes with this daemon")
+        checks.check_ssh_mode(self.p, resp, host_keys)
         self.progress("outer SSH: handshake with the device's sshd")
         return await asyncio.to_thread(
             SshTunnel.connect, relay_sock, user, resp.ephemeral_private_key, host_keys,
@@ -681,27 +600,9 @@ def _session_keypair() -> tuple[str, Any]:
     return crypto.public_key_b64(key.public_key()), key
 
 
-def _rsa_decrypt(key: Any, ciphertext_b64: str) -> str:
-    """``crypto.rsa_decrypt`` for a loaded key (PKCS#1 v1.5, base64 in, UTF-8 text out)."""
-    import base64
-
-    from cryptography.hazmat.primitives.asymmetric import padding
-    return key.decrypt(base64.b64decode(ciphertext_b64), padding.PKCS1v15()).decode("utf-8")
-
-
-def fast_sign_envelope(payload: dict[str, Any], private_key_b64: str) -> str:
-    """``npproto.envelope.sign_envelope`` with the atclient's parsed-key cache.
-
-    Why: ``noports.crypto.sign`` re-parses and re-validates the RSA key on every call
-    (~35 ms each, GIL held) and the client signs twice on its critical path. RSA PKCS#1 v1.5
-    signatures are deterministic, so tests check this gives byte-identical envelopes.
-    """
-    from noports.atclient import e2e
-    from noports.npproto.dartjson import dart_json_encode
-    from noports.npproto.envelope import HASHING_ALGO, SIGNING_ALGO
-    signature = e2e.sign(private_key_b64, dart_json_encode(payload))
-    return dart_json_encode({"payload": payload, "signature": signature,
-                             "hashingAlgo": HASHING_ALGO, "signingAlgo": SIGNING_ALGO})
+#: Former second envelope signer, kept as a name for bench/ and old imports: it is
+#: ``sign_envelope`` itself now that ``crypto.sign`` parses each private key once per process.
+fast_sign_envelope = sign_envelope
 
 
 def _warm_paramiko() -> None:
