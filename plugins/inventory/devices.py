@@ -122,10 +122,8 @@ from ansible_collections.noports.sshnp.plugins.plugin_utils._sshnp_common import
     relay_list,
 )
 
-#: ``[cached:]@client:device_info.<device>.sshnp@<device atSign>`` (K9)
-_DEVICE_INFO_KEY = re.compile(
-    r"^(?P<cached>cached:)?(?P<client>@[^:@\s]+):device_info\.(?P<device>[^:@\s]+)\.sshnp"
-    r"(?P<atsign>@[^:@\s]+)$", re.IGNORECASE)
+#: what the scan asks for; equal to ``noports.client.deviceinfo.SCAN_REGEX`` (unit-tested),
+#: spelled out so that ansible-doc and the plugin loader never import the runtime
 SCAN_REGEX = r"device_info\..+\.sshnp@"
 NO_GROUP = "__none__"
 
@@ -143,23 +141,20 @@ class _Crypto(t.Protocol):
 
 
 def parse_scan(reply: str, client_atsign: str) -> list[tuple[str, str, str]]:
-    """``scan`` JSON -> sorted ``(key, device atSign, device)`` for this client's K9 records;
-    a cached copy wins over a second spelling of the same record."""
-    try:
-        keys = json.loads(reply)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"scan reply is not JSON: {exc}") from None
-    if not isinstance(keys, list):
-        raise ValueError("scan reply is not a JSON list")
-    found: dict[tuple[str, str], str] = {}
-    for key in keys:
-        m = _DEVICE_INFO_KEY.match(str(key))
-        if not m or m.group("client").lower() != client_atsign:
-            continue
-        ident = (m.group("atsign").lower(), m.group("device").lower())
-        if m.group("cached") or ident not in found:
-            found[ident] = str(key)
-    return [(key, at, dev) for (at, dev), key in sorted(found.items())]
+    """``scan`` JSON -> sorted ``(key, device atSign, device)`` for this client's K9 records
+    (``noports.client.deviceinfo.parse_scan``, the parser ``sshnp --list-devices`` uses)."""
+    from noports.client import deviceinfo
+    return [(k.key, k.device_atsign, k.device)
+            for k in deviceinfo.parse_scan(reply, client_atsign)]
+
+
+def parse_info(text: str | None) -> dict[str, t.Any]:
+    """The device's record as sent, once ``noports.client.deviceinfo.parse_value`` (the
+    parser sshnp and ``--list-devices`` use) accepted it; raises ValueError otherwise."""
+    if not text:
+        return {}
+    from noports.client import deviceinfo
+    return deviceinfo.parse_value(text)[0]
 
 
 def _lookup_all(conn: AtCommander, cmd: str) -> tuple[str | None, dict[str, t.Any]]:
@@ -220,10 +215,7 @@ def fetch_devices(conn: AtCommander, client_atsign: str, crypto: _Crypto, *,
         try:
             text = _shared_value(conn, crypto, shared_keys, key,
                                  f"device_info.{device}.sshnp", device_atsign)
-            info = json.loads(text) if text else {}
-            if not isinstance(info, dict):
-                raise ValueError("device_info is not a JSON object")
-            record["info"] = info
+            record["info"] = parse_info(text)
             cached_user = key.replace(":device_info.", ":username.", 1)
             record["username"] = _shared_value(conn, crypto, shared_keys, cached_user,
                                                f"username.{device}.sshnp", device_atsign)

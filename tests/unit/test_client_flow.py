@@ -439,3 +439,30 @@ def test_send_ssh_public_key_missing_pub(tmp_path: Path) -> None:
         run(open_session(params(tmp_path, identity_file=tmp_path / "nope",
                                 send_ssh_public_key=True), client=FakePlane(),
                          connect_relay=RelayDialer()))
+
+
+def test_hostile_heartbeats_are_ignored(tmp_path: Path) -> None:
+    """Ping answers that are not device info (nested 5000 deep, a list, a huge integer) or
+    that come from another atSign neither crash the flow nor fail the session early."""
+    class Hostile(FakePlane):
+        async def notify(self, to: str, key_name: str, value: str, **kw: Any) -> str:
+            if key_name.startswith("ping."):
+                for bad in ('{"devicename": "box", "x": ' + "[" * 5000 + "]" * 5000 + "}",
+                            "[1, 2]", '{"devicename": "box", "n": ' + "9" * 5000 + "}"):
+                    self._push(DEVICE, "heartbeat.box.sshnp", bad)
+                lie = DeviceInfo(devicename="box", version="1", core_package_version="x",
+                                 supported_features={"srAuth": False})
+                self._push("@mallory", "heartbeat.box.sshnp", lie.to_json())
+                return "id"
+            return await super().notify(to, key_name, value, **kw)
+
+    s = run(open_session(params(tmp_path), client=Hostile(), connect_relay=RelayDialer()))
+    assert s.device_info is None and s.session_id
+    s.close()
+
+
+def test_huge_session_response_is_a_security_error(tmp_path: Path) -> None:
+    plane = FakePlane(payload_hook=lambda p: p.update(pad="x" * 70_000))
+    with pytest.raises(SecurityError, match="more than the 65536 a device sends") as ei:
+        run(open_session(params(tmp_path), client=plane, connect_relay=RelayDialer()))
+    assert ei.value.exit_code == 8

@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import time
 from typing import Any
 
 from noports.npproto import keys as npkeys
+from noports.npproto.messages import DeviceInfo
 
-from .errors import KeysError
+from . import deviceinfo
+from .errors import AtServerError, KeysError
 from .progress import Progress
 
-_KEY_RE = re.compile(r"(?:cached:)?(@[^:]+):device_info\.([a-z0-9_\-]+)\.sshnp(@[^\s]+)$")
 LIST_WAIT_S = 5.0
+
+
+def listing_line(device: str, owner: str, active: bool, info: DeviceInfo | None) -> str:
+    """One output line: ``<device><atSign> TAB active|inactive TAB <version or ?>``.
+
+    ``info`` None: the record could not be read or failed :func:`deviceinfo.parse_value`.
+    """
+    version = (info.version if info is not None else "") or "?"
+    return f"{device}{owner}\t{'active' if active else 'inactive'}\t{version}"
 
 
 async def list_devices(opts: Any, progress: Progress) -> int:
@@ -44,21 +52,22 @@ async def list_devices(opts: Any, progress: Progress) -> int:
                              since_ms=int(time.time() * 1000))
         mon.start()
         progress(f"scanning the devices shared with {me}")
-        listing = json.loads(await client.command(r"scan device_info\.", retry=True) or "[]")
-        devices: dict[tuple[str, str], dict[str, Any]] = {}
-        for key in listing:
-            m = _KEY_RE.match(str(key).lower())
-            if not m or m.group(1) != me:
-                continue
-            dev, owner = m.group(2), m.group(3)
+        listing = await client.command(f"scan {deviceinfo.SCAN_REGEX}", retry=True) or "[]"
+        try:
+            found = deviceinfo.parse_scan(listing, me)
+        except ValueError as exc:
+            raise AtServerError(f"listing devices: {exc}") from None
+        devices: dict[tuple[str, str], DeviceInfo | None] = {}
+        for k in found:
+            dev, owner = k.device, k.device_atsign
             if raw.get("to") and owner != norm_atsign(raw["to"], "--to"):
                 continue
-            info: dict[str, Any] = {}
+            info: DeviceInfo | None = None
             try:
                 text = await client.get_shared(f"device_info.{dev}", shared_by=owner,
                                                namespace="sshnp")
-                info = json.loads(text) if text else {}
-            except (*_at_errors(), ValueError):
+                info = deviceinfo.parse_value(text)[1] if text else None
+            except (*_at_errors(), ValueError):  # ProtocolError: a malformed record
                 pass
             devices[(owner, dev)] = info
         for owner, dev in devices:
@@ -90,6 +99,5 @@ async def list_devices(opts: Any, progress: Progress) -> int:
         print("no devices share their info with " + me)
         return 0
     for (owner, dev), info in sorted(devices.items()):
-        state = "active" if (owner, dev) in active else "inactive"
-        print(f"{dev}{owner}\t{state}\t{info.get('version', '?')}")
+        print(listing_line(dev, owner, (owner, dev) in active, info))
     return 0

@@ -249,3 +249,51 @@ def test_connection_errors_are_parser_errors(tmp_path, monkeypatch, keys):
 
     with pytest.raises(AnsibleParserError, match="listing the devices of @alice_client"):
         run_inventory(tmp_path, monkeypatch, Broken(), keys)
+
+
+# --- one parser with sshnp and --list-devices (tests/unit/deviceinfo_corpus.py) ----------------
+
+def test_inventory_reads_device_info_like_sshnp(keys):
+    """Every corpus value goes through fetch_devices: accepted ones become the host's
+    ``info`` as sent, the others stay in the inventory with ``error`` naming the problem."""
+    from deviceinfo_corpus import CORPUS
+
+    s = FakeAtServer(keys)
+    names = {}
+    for i, (name, text, _accepted, _version) in enumerate(CORPUS):
+        names[f"d{i:02d}"] = name
+        s.share("@corpus", f"device_info.d{i:02d}.sshnp", text)
+    out = devmod.fetch_devices(s, CLIENT, devmod._AtKeysCrypto(keys.encrypt_private))
+    assert [d["device"] for d in out] == sorted(names)
+    for d in out:
+        name, text, accepted, version = next(c for c in CORPUS if c[0] == names[d["device"]])
+        if accepted:
+            assert d["error"] is None, name
+            assert d["info"] == json.loads(text), name
+            assert d["info"].get("version") == version, name
+        else:
+            assert d["info"] == {} and "device info" in d["error"], name
+
+
+def test_inventory_scan_is_the_clients():
+    from deviceinfo_corpus import KEYS
+
+    from noports.client import deviceinfo
+    assert devmod.SCAN_REGEX == deviceinfo.SCAN_REGEX
+    reply = json.dumps([k for k, _c, _e in KEYS])
+    assert devmod.parse_scan(reply, "@alice") == [
+        (k.key, k.device_atsign, k.device) for k in deviceinfo.parse_scan(reply, "@alice")]
+    assert {(at, dev) for _k, at, dev in devmod.parse_scan(reply, "@alice")} == {
+        e for _k, _c, e in KEYS if e is not None}
+
+
+def test_inventory_module_imports_no_runtime_at_load():
+    """ansible-doc and the plugin loader must not need the noports runtime: it is imported
+    inside the functions that talk to the atServer."""
+    import ast
+    from pathlib import Path
+    tree = ast.parse(Path(devmod.__file__).read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top for a in n.names] + [
+        n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] == "noports"]
