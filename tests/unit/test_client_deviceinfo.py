@@ -1,8 +1,8 @@
 """The one device_info reader (noports.client.deviceinfo) and the CLI listing built on it.
 
-The corpus (tests/unit/deviceinfo_corpus.py: valid, old-format and hostile values and keys)
-is also fed to the inventory plugin in tests/unit/plugins/inventory/test_devices.py, so the
-three readers cannot drift apart again.
+The corpus (tests/unit/plugins/inventory/deviceinfo_corpus.py: valid, old-format and hostile
+values and keys) is also fed to the inventory plugin in
+tests/unit/plugins/inventory/test_devices.py, so the three readers cannot drift apart again.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from deviceinfo_corpus import CORPUS, KEYS
+from plugins.inventory.deviceinfo_corpus import CORPUS, KEYS  # tests/unit/plugins, no ansible
 
 from noports.client import deviceinfo
 from noports.client.devices import listing_line

@@ -251,12 +251,12 @@ def test_connection_errors_are_parser_errors(tmp_path, monkeypatch, keys):
         run_inventory(tmp_path, monkeypatch, Broken(), keys)
 
 
-# --- one parser with sshnp and --list-devices (tests/unit/deviceinfo_corpus.py) ----------------
+# --- one parser with sshnp and --list-devices (deviceinfo_corpus.py) -----------------------------
 
 def test_inventory_reads_device_info_like_sshnp(keys):
     """Every corpus value goes through fetch_devices: accepted ones become the host's
     ``info`` as sent, the others stay in the inventory with ``error`` naming the problem."""
-    from deviceinfo_corpus import CORPUS
+    from .deviceinfo_corpus import CORPUS
 
     s = FakeAtServer(keys)
     names = {}
@@ -276,9 +276,9 @@ def test_inventory_reads_device_info_like_sshnp(keys):
 
 
 def test_inventory_scan_is_the_clients():
-    from deviceinfo_corpus import KEYS
-
     from noports.client import deviceinfo
+
+    from .deviceinfo_corpus import KEYS
     assert devmod.SCAN_REGEX == deviceinfo.SCAN_REGEX
     reply = json.dumps([k for k, _c, _e in KEYS])
     assert devmod.parse_scan(reply, "@alice") == [

@@ -2,16 +2,32 @@
 ``sshnp --list-devices``, the ``noports.sshnp.devices`` inventory plugin) by
 tests/unit/test_client_deviceinfo.py and tests/unit/plugins/inventory/test_devices.py.
 
+Why here: this directory ships with the collection (``ansible-test units`` runs it), so the
+corpus is self-contained (the daemon values are copies of tests/fixtures/npproto/
+m6_device_info.json, which does not ship).
+
 Each entry: (name, value text, accepted, version the readers report or None).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-_FIXTURE = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "npproto" /
-                       "m6_device_info.json").read_text(encoding="utf-8"))
+# official daemons' M6 values (reference §3.4 example, issue #1182, the C daemon)
+DART_REFERENCE = (
+    '{"devicename":"orac","deviceGroupName":"__none__","version":"5.6.3",'
+    '"corePackageVersion":"6.2.0","supportedFeatures":{"srAuth":true,"srE2ee":true,'
+    '"acceptsPublicKeys":false,"supportsPortChoice":true,"adjustableTimeout":true},'
+    '"allowedServices":["localhost:22","localhost:3389"]}')
+DART_ISSUE_1182 = (
+    '{"devicename":"orac","version":"5.3.0","corePackageVersion":"6.1.0",'
+    '"supportedFeatures":{"srAuth":true,"srE2ee":true,"acceptsPublicKeys":false,'
+    '"supportsPortChoice":true,"adjustableTimeout":true},"allowedServices":["localhost:22",'
+    '"localhost:5201","192.168.1.90:445","192.168.1.90:139"]}')
+C_DAEMON = (
+    '{"devicename":"vps","version":"0.2.0","corePackageVersion":"c0.1.0",'
+    '"supportedFeatures":{"srAuth":true,"srE2ee":true,"acceptsPublicKeys":false,'
+    '"supportsPortChoice":true},"allowedServices":["localhost:22"]}')
 
 
 def _j(obj: object) -> str:
@@ -23,10 +39,9 @@ VALID = [
                           "corePackageVersion": "py", "supportedFeatures": {
                               "srAuth": True, "srE2ee": True, "acceptsPublicKeys": True},
                           "allowedServices": ["localhost:22"]}), True, "5.6.3"),
-    ("dart-reference", _FIXTURE["reference"]["value"], True, "5.6.3"),
-    ("dart-issue-1182", _FIXTURE["issue_1182"]["value"], True, "5.3.0"),
-    ("c-daemon", _FIXTURE["c_daemon"]["value"], True,
-     json.loads(_FIXTURE["c_daemon"]["value"])["version"]),
+    ("dart-reference", DART_REFERENCE, True, "5.6.3"),
+    ("dart-issue-1182", DART_ISSUE_1182, True, "5.3.0"),
+    ("c-daemon", C_DAEMON, True, "0.2.0"),
 ]
 
 OLD_FORMAT = [
