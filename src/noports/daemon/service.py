@@ -52,6 +52,7 @@ from .handler import (
     Request,
     SessionPlan,
 )
+from .seen import SeenRequests, SeenStoreError
 from .sshkeys import load_host_keys
 
 log = logging.getLogger("noports.sshnpd")
@@ -119,6 +120,13 @@ class Daemon:
         if removed:
             log.info("removed %d leftover ephemeral key line(s) from %s", removed,
                      c.authorized_keys, extra={"event": "leftovers_removed"})
+        try:  # the replay memory must be durable before any request is acted on
+            self.handler.seen = await asyncio.to_thread(SeenRequests.open, c.storage_dir)
+        except SeenStoreError as exc:
+            raise DaemonError(f"{exc} (set --storage-path to a writable directory)") from None
+        log.info("replay memory %s: %d request(s) still inside the %gs window",
+                 self.handler.seen.path, len(self.handler.seen), c.request_window,
+                 extra={"event": "replay_memory"})
         self.host_keys = load_host_keys(c.sshd_host_keys)
         if not self.host_keys:
             log.warning("no sshd host public keys match %s: responses carry no host keys "
