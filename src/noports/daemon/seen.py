@@ -45,6 +45,7 @@ class SeenRequests:
         self._clock = clock
         self._seen: dict[str, int] = {}
         self._lines = 0  # lines in the file, dead ones included
+        self._adds = 0
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -71,8 +72,12 @@ class SeenRequests:
             return 0
         now = self._clock()
         try:
-            with self._locked(os.O_RDONLY | os.O_CREAT) as fd:
+            with self._locked(os.O_RDWR | os.O_CREAT) as fd:
                 data = _read_all(fd)
+                if data and not data.endswith(b"\n"):  # torn by a crash: end that line so
+                    os.lseek(fd, 0, os.SEEK_END)      # the next append starts a fresh one
+                    os.write(fd, b"\n")
+                    os.fsync(fd)
         except OSError as exc:
             raise SeenStoreError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         self._lines = 0
@@ -106,6 +111,9 @@ class SeenRequests:
         if self.path is not None:
             self._append(f"v1 {exp} {sid}\n".encode("ascii"))
         self._seen[sid] = exp
+        self._adds += 1
+        if self._adds % 64 == 0:  # forget expired ids now and then: memory follows the window
+            self._prune(now)
         if self.path is not None and self._lines > 2 * len(self._seen) + 64:
             try:
                 self.compact()
