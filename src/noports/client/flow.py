@@ -532,8 +532,8 @@ class _Flow:
         if is_daemon_error(value):
             hint = "check the daemon's --permit-open / managers and its log"
             if "device clock" in value:  # sshnpd's freshness refusal says what to check
-                hint = ("check this machine's clock (and the device's): timedatectl / NTP; "
-                        "see docs/sshnpd.md, replay protection")
+                hint = ("compare `date -u` here and on the device; sshnpd --request-window "
+                        "sets the allowance (docs/sshnpd.md, replay protection)")
             raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:500]}",
                                 hint=hint)
         assert self.device_pk_task is not None
