@@ -183,3 +183,15 @@ def test_replay_after_restart_is_refused(tmp_path):
     h3, calls3 = make(tmp_path, clock)
     r = h3.on_ssh_request(h3.route(n), CPUB)
     assert isinstance(r, Reply) and "behind the device clock" in r.value and calls3 == []
+
+
+def test_concurrent_identical_requests_record_once(tmp_path):
+    # sshnpd decides in worker threads: the same id arriving twice at once wins only once
+    from concurrent.futures import ThreadPoolExecutor
+    clock = Clock()
+    s = SeenRequests.open(tmp_path, clock=clock)
+    ids = [sid() for _ in range(20)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda k: s.add(k, clock.t + 60), ids * 4))
+    assert sum(results) == len(ids)
+    assert all(k in SeenRequests.open(tmp_path, clock=clock) for k in ids)

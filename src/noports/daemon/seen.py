@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,7 @@ class SeenRequests:
         self._seen: dict[str, int] = {}
         self._lines = 0  # lines in the file, dead ones included
         self._adds = 0
+        self._lock = threading.Lock()  # add() is check-then-record: one caller at a time
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -95,8 +97,12 @@ class SeenRequests:
         """Record ``sid`` until ``expires``; False if it is already recorded (a replay).
 
         Raises :class:`SeenStoreError` when the id cannot be made durable or the store is
-        full: the caller must then refuse the request.
+        full: the caller must then refuse the request. Thread-safe.
         """
+        with self._lock:
+            return self._add(sid, expires)
+
+    def _add(self, sid: str, expires: float) -> bool:
         now = self._clock()
         if sid in self:
             return False

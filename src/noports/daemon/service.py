@@ -259,7 +259,7 @@ class Daemon:
             pk = await self._client_public_key(req.sender)
             if pk is None:
                 return
-            result = self.handler.on_npt_request(req, pk)
+            result = await asyncio.to_thread(self.handler.on_npt_request, req, pk)
             if isinstance(result, Ignore):
                 self._ignore(result)
             else:
@@ -317,11 +317,13 @@ class Daemon:
         if pk is None:
             return
         self.host_keys = load_host_keys(self.config.sshd_host_keys) or self.host_keys
-        result = self.handler.on_ssh_request(req, pk, self.host_keys)
+        # in a thread: the replay memory fsyncs (slow on SD cards) and keys are made here
+        result = await asyncio.to_thread(self.handler.on_ssh_request, req, pk, self.host_keys)
         if isinstance(result, Ignore) and result.event == "bad_signature":
             fresh = await self._client_public_key(req.sender, refresh=True)
             if fresh is not None and fresh != pk:  # the client re-keyed: try once more
-                result = self.handler.on_ssh_request(req, fresh, self.host_keys)
+                result = await asyncio.to_thread(self.handler.on_ssh_request, req, fresh,
+                                                 self.host_keys)
         if isinstance(result, Ignore):
             self._ignore(result)
         elif isinstance(result, Reply):
