@@ -112,6 +112,13 @@ def test_no_nonce_says_so():
     assert "carries no clientNonce timestamp" in check_request_time(None, NOW, 60)
 
 
+def test_unusable_device_clock_is_refused_not_raised():
+    for now in (math.nan, math.inf, -math.inf):
+        for any_tz in (False, True):
+            r = check_request_time(local(NOW), now, 60, any_tz)
+            assert isinstance(r, str) and "unmeasurable" in r
+
+
 def test_far_future_timestamp_is_refused():
     r = check_request_time("9999-12-31T23:59:59.999999Z", NOW, 60)
     assert isinstance(r, str) and "ahead of the device clock" in r

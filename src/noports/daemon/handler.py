@@ -198,6 +198,8 @@ class Fresh:
 
 def _duration(secs: float) -> str:
     secs = abs(secs)
+    if not math.isfinite(secs):
+        return "an unmeasurable time"
     if secs < 120:
         return f"{secs:.1f} s"
     whole = int(secs)
@@ -230,7 +232,7 @@ def check_request_time(nonce: object, now: float, window: float,
     zoned = nonce.endswith("Z")
     skew = ts - now
     offset = 0.0
-    if any_timezone and not zoned:
+    if any_timezone and not zoned and math.isfinite(skew):
         offset = max(-MAX_ZONE_OFFSET_S, min(MAX_ZONE_OFFSET_S,
                                              round(skew / ZONE_STEP_S) * ZONE_STEP_S))
     left = skew - offset
