@@ -27,11 +27,12 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noports.npproto import keys as npkeys
-from noports.npproto.envelope import dart_iso_now, relay_auth_payload
+from noports.npproto.envelope import dart_iso, relay_auth_payload
 from noports.npproto.errors import ProtocolError, SignatureError
 from noports.npproto.messages import (
     FEATURE_ACCEPTS_PUBLIC_KEYS,
@@ -390,7 +391,8 @@ class _Flow:
     async def attempt(self, relay: str) -> Session:
         p = self.p
         sid = npkeys.new_session_id()
-        cnonce = dart_iso_now()
+        # UTC ("Z"): a device in another time zone reads it right (sshnpd checks it, ±60 s)
+        cnonce = dart_iso(datetime.now(timezone.utc))
         m1 = RelayRequest(session_id=sid, atsign_a=p.client_atsign, atsign_b=p.device_atsign,
                           client_nonce=cnonce)
         relay_fut = self.router.expect_relay(relay, sid)
@@ -528,8 +530,12 @@ class _Flow:
     async def verify_response(self, sid: str, value: str) -> SessionResponse:
         p = self.p
         if is_daemon_error(value):
-            raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:300]}",
-                                hint="check the daemon's --permit-open / managers and its log")
+            hint = "check the daemon's --permit-open / managers and its log"
+            if "device clock" in value:  # sshnpd's freshness refusal says what to check
+                hint = ("compare `date -u` here and on the device; sshnpd --request-window "
+                        "sets the allowance (docs/sshnpd.md, replay protection)")
+            raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:500]}",
+                                hint=hint)
         assert self.device_pk_task is not None
         pk = await self.device_pk_task
         from noports.npproto.envelope import verify_envelope
