@@ -37,6 +37,8 @@ SETTINGS = (
     ("device_group", "str"),
     ("ephemeral_key_ttl", "float"),
     ("max_sessions", "int"),
+    ("request_window", "float"),
+    ("any_client_timezone", "bool"),
     ("storage_path", "str"),
     ("log_format", "str"),
     ("verbose", "bool"),
@@ -108,6 +110,9 @@ def validate(settings):
     for name in ("ephemeral_permissions", "sshpublickey_permissions"):
         if "\n" in str(out.get(name) or "") or "\r" in str(out.get(name) or ""):
             raise ConfigValueError(f"{name}: must not contain newlines")
+    window = out.get("request_window")
+    if window is not None and not 1 <= float(window) <= 3600:
+        raise ConfigValueError(f"request_window: expected 1 <= seconds <= 3600, got {window}")
     if out.get("root_domain") is not None and not str(out["root_domain"]).strip():
         raise ConfigValueError("root_domain: empty")
     return out

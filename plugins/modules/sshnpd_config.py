@@ -119,8 +119,19 @@ options:
   max_sessions:
     description: Concurrent sessions the daemon accepts.
     type: int
+  request_window:
+    description:
+      - Seconds a session request's timestamp may differ from the device clock, either way
+        (1 to 3600; the daemon's default is 60). Older, future and late requests are refused.
+    type: float
+  any_client_timezone:
+    description:
+      - Also accept zone-less timestamps (official Dart clients) off by a whole time zone offset.
+    type: bool
   storage_path:
-    description: Daemon storage directory.
+    description:
+      - Daemon storage directory; holds the replay memory (used session ids) across restarts.
+      - The daemon's default is C(~/.atsign/storage/<atsign>/..sshnpd/<device>).
     type: path
   log_format:
     description: Log line format.
@@ -206,6 +217,8 @@ SETTING_SPECS = dict(
     device_group=dict(type="str"),
     ephemeral_key_ttl=dict(type="float", no_log=False),
     max_sessions=dict(type="int"),
+    request_window=dict(type="float"),
+    any_client_timezone=dict(type="bool"),
     storage_path=dict(type="path"),
     log_format=dict(type="str", choices=["text", "json"]),
     verbose=dict(type="bool"),

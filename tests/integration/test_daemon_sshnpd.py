@@ -59,7 +59,8 @@ class Env:
         self.base = base
         self.plane = Plane(base / "plane")
         self.plane.start_directory()
-        secrets = {a: crypto.generate_cram_secret() for a in ("@device", "@client", "@eve")}
+        secrets = {a: crypto.generate_cram_secret()
+                   for a in ("@device", "@client", "@eve", "@relay")}
         self.server = self.plane.start_atserver("srv", secrets)
         self.ctx = client_context(self.plane.tls.ca_cert)
         self.root = (self.plane.directory.host, self.plane.directory.port)
@@ -100,10 +101,23 @@ class Env:
                       "--root-domain", self.plane.root, "--ca-file", str(self.plane.tls.ca_cert),
                       "--authorized-keys", str(self.ak_path),
                       "--sshd-host-keys", str(self.sshd_dir / "*.pub"),
-                      "--local-sshd-port", str(self.sshd_port), "--log-format", "json", *extra])
+                      "--local-sshd-port", str(self.sshd_port), "--log-format", "json",
+                      "--storage-path", str(self.base / "state" / device), *extra])
         proc.wait_for(r'"event": "ready"', timeout=30)
         self.daemons.append(proc)
         return proc
+
+    def start_relay(self) -> Proc:
+        """A real srvd (for the tests that run the real sshnp client)."""
+        if getattr(self, "relay", None) is None:
+            self.relay = spawn([sys.executable, "-m", "noports.relay.srvd_cli", "-a", "@relay",
+                                "-k", str(self.keys_dir / "@relay_key.atKeys"),
+                                "--root-domain", self.plane.root,
+                                "--ca-file", str(self.plane.tls.ca_cert),
+                                "-i", "127.0.0.1", "--bind", "127.0.0.1"])
+            self.relay.wait_for(r"ready", timeout=20)
+            self.daemons.append(self.relay)
+        return self.relay
 
     async def client(self, atsign: str = "@client") -> AtClient:
         return await AtClient.connect(atsign, self.keys[atsign], self.root, self.ctx)
@@ -387,3 +401,155 @@ def test_daemon_survives_garbage_and_atserver_restart(env):
 
     assert json.loads(run(ping(), 40))["devicename"] == DEV
     assert env.daemon.popen.poll() is None
+
+
+# --- replay protection -----------------------------------------------------------------------
+
+async def send_value(env: Env, sid: str, value: str, device: str) -> str:
+    """Send an ssh_request value as @client; return the daemon's answer (K6 value)."""
+    c = await env.client()
+    try:
+        mon = c.monitor(f"{sid}.{device}.sshnp@device")
+        await mon.wait_ready(10)
+        await c.notify("@device", f"ssh_request.{device}.sshnp", value, ttl_ms=10_000)
+        n = await asyncio.wait_for(mon.__anext__(), 15)
+        assert n.from_atsign == "@device"
+        return n.value
+    finally:
+        await c.close()
+
+
+def signed(keys: AtKeys, port: int, nonce: str | None) -> tuple[str, str]:
+    sid = str(uuid.uuid4())
+    req = SshRequest(session_id=sid, host="127.0.0.1", port=port,
+                     authenticate_to_rvd=nonce is not None, client_nonce=nonce,
+                     rvd_nonce=dart_iso_now() if nonce is not None else None)
+    return sid, sign_envelope(req.to_dict(), keys.encrypt_private)
+
+
+def ephemeral_lines(env: Env) -> set[str]:
+    text = env.ak_path.read_text() if env.ak_path.exists() else ""
+    return {x for x in text.splitlines() if "sshnp_ephemeral_" in x}
+
+
+def assert_nothing_happened(env: Env, before: set[str], lst: socket.socket) -> None:
+    assert ephemeral_lines(env) - before == set()  # no ephemeral key authorized
+    lst.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        lst.accept()  # and no session: the daemon never dialled the relay
+
+
+def test_replay_after_restart_and_kill9_is_refused(env):
+    dev = "pi3"
+    d1 = env.start_daemon("--ephemeral-key-ttl", "2", device=dev)
+    lst = listener()
+    sid, value = signed(env.keys["@client"], lst.getsockname()[1], dart_iso_now())
+    first = run(send_value(env, sid, value, dev))
+    resp = SessionResponse.from_dict(verify_envelope(first, env.keys["@device"].encrypt_public))
+    assert resp.status == "connected" and resp.session_id == sid
+    sr = SshRequest.from_dict(verify_envelope(value, env.keys["@client"].encrypt_public))
+    accept_relay_side(lst, sid, sr.client_nonce, sr.rvd_nonce,
+                      env.keys["@device"].encrypt_public).close()  # the first one is served
+    wait_until(lambda: sid not in env.ak_path.read_text(), 10, "ephemeral key removal")
+    refusal = f"Request refused: session {sid} was already used (a replayed request)"
+    for stop in ("sigterm", "kill9"):
+        d1.kill9() if stop == "kill9" else d1.stop(signal.SIGTERM)
+        d1 = env.start_daemon("--ephemeral-key-ttl", "2", device=dev)
+        before = ephemeral_lines(env)
+        assert run(send_value(env, sid, value, dev)) == refusal, stop  # the identical value
+        assert_nothing_happened(env, before, lst)
+        d1.wait_for(r'"event": "session_refused"', 5)
+    lst.close()
+
+
+def test_nonceless_old_future_and_late_requests_are_refused(env):
+    """No nonce, 13 h old, 1 h ahead, and a fresh request held up while the device was frozen
+    (SIGSTOP: cut off longer than its 2 s window) all get the error reply and nothing else;
+    a good request afterwards is still served."""
+    dev = "pi4"
+    d = env.start_daemon("--request-window", "2", device=dev)
+    lst = listener()
+    port = lst.getsockname()[1]
+    now = time.time()
+    from datetime import datetime, timezone
+
+    from noports.npproto import dart_iso
+
+    def at(t: float) -> str:
+        return dart_iso(datetime.fromtimestamp(t, timezone.utc))
+
+    cases = [(None, "no clientNonce"), (at(now - 13 * 3600), "behind the device clock"),
+             (at(now + 3600), "ahead of the device clock")]
+    for nonce, text in cases:
+        before = ephemeral_lines(env)
+        sid, value = signed(env.keys["@client"], port, nonce)
+        answer = run(send_value(env, sid, value, dev))
+        assert answer.startswith("Request refused: ") and text in answer, answer
+        assert_nothing_happened(env, before, lst)
+
+    # the device is cut off (frozen) while a fresh request is sent; it arrives 4 s late
+    before = ephemeral_lines(env)
+    sid, value = signed(env.keys["@client"], port, dart_iso_now())
+
+    async def late() -> str:
+        c = await env.client()
+        try:
+            mon = c.monitor(f"{sid}.{dev}.sshnp@device")
+            await mon.wait_ready(10)
+            os.kill(d.popen.pid, signal.SIGSTOP)
+            try:
+                await c.notify("@device", f"ssh_request.{dev}.sshnp", value, ttl_ms=10_000)
+                await asyncio.sleep(4)
+            finally:
+                os.kill(d.popen.pid, signal.SIGCONT)
+            return (await asyncio.wait_for(mon.__anext__(), 15)).value
+        finally:
+            await c.close()
+
+    answer = run(late())
+    assert answer.startswith("Request refused: its timestamp ") and \
+        "behind the device clock (allowed: 2 s either way)" in answer, answer
+    assert_nothing_happened(env, before, lst)
+    # other requests keep being served
+    sid, value = signed(env.keys["@client"], port, dart_iso_now())
+    ok = run(send_value(env, sid, value, dev))
+    assert SessionResponse.from_dict(verify_envelope(
+        ok, env.keys["@device"].encrypt_public)).status == "connected"
+    lst.settimeout(10)
+    lst.accept()[0].close()
+    lst.close()
+    assert d.popen.poll() is None
+
+
+def test_sshnp_user_sees_why_a_late_request_was_refused(env, tmp_path):
+    """The real sshnp client, a real srvd: the device is frozen past its 1 s window while
+    the request is in flight, so it refuses it as stale; sshnp says so and what to check."""
+    env.start_relay()
+    dev = "pi5"
+    d = env.start_daemon("--request-window", "1", device=dev)
+    home = tmp_path / "home"
+    home.mkdir()
+    client = spawn([sys.executable, "-m", "noports.client.cli", "-f", "@client",
+                    "-t", "@device", "-d", dev, "-r", "@relay",
+                    "-k", str(env.keys_dir / "@client_key.atKeys"),
+                    "--root-domain", env.plane.root, "--ca-file", str(env.plane.tls.ca_cert),
+                    "-u", env.user, "--remote-sshd-port", str(env.sshd_port), "-x"],
+                   env={"HOME": str(home)})
+    try:
+        client.wait_for(r"asking relay", timeout=30)
+        os.kill(d.popen.pid, signal.SIGSTOP)  # cut off: the request waits for it
+        try:
+            client.wait_for(r"session request sent", timeout=30)
+            time.sleep(2.5)
+        finally:
+            os.kill(d.popen.pid, signal.SIGCONT)
+        rc = client.popen.wait(30)
+    finally:
+        client.stop()
+    err = "\n".join(client.lines)
+    assert rc == 7, err  # EXIT_DEVICE_REFUSED
+    assert "refused: Request refused: its timestamp " in err, err
+    assert "behind the device clock (allowed: 1 s either way)" in err
+    assert "check that the client's and the device's clocks are synchronised (NTP)" in err
+    assert "compare `date -u` here and on the device" in err  # the hint
+    d.wait_for(r'"event": "session_refused"', 5)

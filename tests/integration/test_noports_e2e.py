@@ -247,11 +247,13 @@ def test_replayed_request_opens_no_second_session_and_key_expires(world: World) 
 
     raw = asyncio.run(raw_ssh_request(world, i, sends=2, gap=0.2, wait_after=3.0,
                                       on_first=on_first))
-    assert len(raw.responses) == 1, raw.responses  # the replay got nothing
+    assert len(raw.responses) == 2, raw.responses  # the replay got only a refusal
     t_resp, value = raw.responses[0]
     payload = json.loads(value)["payload"]
     assert payload["status"] == "connected" and payload["sessionId"] == raw.sid
-    daemon.wait_for(r'"event": "replay"', 5, start)  # the replay did reach the daemon
+    assert raw.responses[1][1] == (f"Request refused: session {raw.sid} was already used "
+                                   "(a replayed request)")
+    daemon.wait_for(r'"event": "session_refused"', 5, start)  # the replay reached the daemon
     started = [ln for ln in daemon.lines[start:] if '"event": "session_started"' in ln]
     assert len(started) == 1, started
     mine = [ln for ln in world.ephemeral_lines(i) if raw.sid in ln]

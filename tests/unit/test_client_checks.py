@@ -195,7 +195,11 @@ def test_verify_response_daemon_refusal_and_status() -> None:
                                keys(DEVICE).encrypt_public)
     with pytest.raises(DeviceRefused) as ei:
         checks.verify_response(params(), sid, "x" * 10_000, keys(DEVICE).encrypt_public)
-    assert len(str(ei.value)) < 500  # a huge refusal text is cut
+    assert len(str(ei.value)) < 700  # a huge refusal text is cut (500 characters)
+    with pytest.raises(DeviceRefused, match="compare `date -u` here and on the device"):
+        checks.verify_response(params(), sid, "its timestamp 2026-01-01T00:00:00.000Z is "
+                               "90 s behind the device clock (allowed: 60 s either way).",
+                               keys(DEVICE).encrypt_public)
     with pytest.raises(DeviceRefused, match="answered status 'busy'"):
         checks.verify_response(params(), sid, signed(response(sid, status="busy")),
                                keys(DEVICE).encrypt_public)

@@ -267,23 +267,28 @@ def test_signed_but_malformed_payload_is_ignored():
         assert isinstance(r, Ignore) and r.event == "bad_request", payload
 
 
-def test_replay_refused():
+def test_replay_refused_with_error_reply():
     h = handler()
     value = ssh_request()
     assert isinstance(h.on_ssh_request(routed(h, note("ssh_request", value)), CPUB),
                       SessionPlan)
     again = h.on_ssh_request(routed(h, note("ssh_request", value)), CPUB)
-    assert isinstance(again, Ignore) and again.event == "replay"
+    assert isinstance(again, Reply) and again.is_error
+    assert again.value == f"Request refused: session {SID} was already used (a replayed request)"
+    assert again.key_name == f"{SID}.pi.sshnp" and again.to == "@client"
     # same session id with a new nonce: still refused (one session id, one session)
     again = h.on_ssh_request(routed(h, note("ssh_request", ssh_request())), CPUB)
-    assert isinstance(again, Ignore) and again.event == "replay"
+    assert isinstance(again, Reply) and "already used" in again.value
 
 
-def test_stale_nonce_refused():
+def test_stale_nonce_refused_with_error_reply():
     h = handler()
     r = h.on_ssh_request(routed(h, note("ssh_request", ssh_request(
         nonce="2020-01-01T00:00:00.000"))), CPUB)
-    assert isinstance(r, Ignore) and r.event == "replay" and "too old" in r.reason
+    assert isinstance(r, Reply) and r.is_error and r.key_name == f"{SID}.pi.sshnp"
+    assert r.value.startswith("Request refused: its timestamp 2020-01-01T00:00:00.000 is ")
+    assert "behind the device clock (allowed: 60 s either way)" in r.value
+    assert SID not in h.seen  # a refused request is not recorded: nothing else happened
 
 
 def test_permit_open_refusal_sends_official_error_string():

@@ -134,8 +134,12 @@ def device_timeout(p: SessionParams, pinged: bool) -> DeviceTimeout:
 def check_not_refused(p: SessionParams, value: str) -> None:
     """A K6 value that is not a JSON object is the daemon's plain-text refusal."""
     if is_daemon_error(value):
-        raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:300]}",
-                            hint="check the daemon's --permit-open / managers and its log")
+        hint = "check the daemon's --permit-open / managers and its log"
+        if "device clock" in value:  # sshnpd's freshness refusal says what to check
+            hint = ("compare `date -u` here and on the device; sshnpd --request-window "
+                    "sets the allowance (docs/sshnpd.md, replay protection)")
+        raise DeviceRefused(f"{p.device}{p.device_atsign} refused: {value.strip()[:500]}",
+                            hint=hint)
 
 
 class BadSignature(SecurityError):

@@ -27,11 +27,12 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noports.npproto import keys as npkeys
-from noports.npproto.envelope import dart_iso_now, relay_auth_payload, sign_envelope
+from noports.npproto.envelope import dart_iso, relay_auth_payload, sign_envelope
 from noports.npproto.errors import ProtocolError
 from noports.npproto.messages import (
     DeviceInfo,
@@ -377,7 +378,8 @@ class _Flow:
     async def attempt(self, relay: str) -> Session:
         p = self.p
         sid = npkeys.new_session_id()
-        cnonce = dart_iso_now()
+        # UTC ("Z"): a device in another time zone reads it right (sshnpd checks it, ±60 s)
+        cnonce = dart_iso(datetime.now(timezone.utc))
         m1 = RelayRequest(session_id=sid, atsign_a=p.client_atsign, atsign_b=p.device_atsign,
                           client_nonce=cnonce)
         relay_fut = self.router.expect_relay(relay, sid)

@@ -86,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an ephemeral key stays authorized (default 15)")
     p.add_argument("--max-sessions", type=int, metavar="N",
                    help="concurrent sessions (default 64)")
-    p.add_argument("--storage-path", help=S)  # official flag; we keep no local storage
+    p.add_argument("--request-window", type=float, metavar="SECONDS",
+                   help="refuse session requests whose timestamp (clientNonce) differs from "
+                        "this device's clock by more than this (default 60)")
+    p.add_argument("--any-client-timezone", action="store_true",
+                   help="also accept zone-less timestamps (official clients send local time) "
+                        "off by a whole time zone offset; the window still applies to the rest")
+    p.add_argument("--storage-path", metavar="DIR",
+                   help="directory for state kept across restarts: the replay memory "
+                        "(default ~/.atsign/storage/<@atsign>/..sshnpd/<device>)")
     p.add_argument("-p", "--policy-manager", dest="policy_manager", help=S)
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -99,11 +107,9 @@ def parse_args(argv: Sequence[str] | None) -> DaemonConfig:
     if ns.pop("policy_manager", None) is not None:
         raise ConfigError("-p/--policy-manager (NPA policy service) is not supported; use -m")
     ns.pop("un_hide", None)
-    ns.pop("storage_path", None)
     settings: dict[str, Any] = {}
     if "config" in ns:
         settings.update(load_config_file(ns.pop("config")))
-    settings.pop("storage_path", None)
     settings.update(ns)
     return build_config(settings)
 

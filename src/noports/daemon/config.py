@@ -29,6 +29,8 @@ DEFAULT_ROOT = ("root.atsign.org", 64)
 DEFAULT_HOST_KEYS = "/etc/ssh/ssh_host_*_key.pub"
 DEFAULT_DEVICE_GROUP = "__none__"
 EPHEMERAL_KEY_TTL = 15.0  # seconds an ephemeral key stays authorized (official: 15 s)
+REQUEST_WINDOW = 60.0  # seconds a request's timestamp may differ from the device clock
+MAX_REQUEST_WINDOW = 3600.0
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,9 @@ class DaemonConfig:
     device_group: str = DEFAULT_DEVICE_GROUP
     ephemeral_key_ttl: float = EPHEMERAL_KEY_TTL
     max_sessions: int = 64
+    request_window: float = REQUEST_WINDOW
+    any_client_timezone: bool = False
+    storage_path: Path | None = None
     log_format: str = "text"
     verbose: bool = False
 
@@ -67,6 +72,15 @@ class DaemonConfig:
         if self.key_file is not None:
             return self.key_file
         return Path(os.path.expanduser("~")) / ".atsign" / "keys" / f"{self.atsign}_key.atKeys"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Where state survives restarts: ``--storage-path`` or the official default
+        ``~/.atsign/storage/<@atsign>/..sshnpd/<device>``."""
+        if self.storage_path is not None:
+            return self.storage_path
+        return (Path(os.path.expanduser("~")) / ".atsign" / "storage" / self.atsign
+                / "..sshnpd" / self.device)
 
 
 # --- config files --------------------------------------------------------------------------
@@ -79,6 +93,7 @@ SETTINGS: dict[str, str] = {
     "authorized_keys": "str", "sshd_host_keys": "str", "ephemeral_permissions": "str",
     "ssh_algorithm": "str", "device_group": "str", "ephemeral_key_ttl": "float",
     "max_sessions": "int", "log_format": "str", "verbose": "bool", "storage_path": "str",
+    "request_window": "float", "any_client_timezone": "bool",
 }
 ALIASES = {"manager": "managers", "po": "permit_open", "dg": "device_group",
            "key": "key_file", "keys": "key_file", "un_hide": None, "username": None}
@@ -283,6 +298,10 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
     max_sessions = int(s.get("max_sessions", 64))
     if max_sessions < 1:
         raise ConfigError("--max-sessions: must be at least 1")
+    window = float(s.get("request_window", REQUEST_WINDOW))
+    if not 1 <= window <= MAX_REQUEST_WINDOW:
+        raise ConfigError(f"--request-window: expected 1 <= seconds <= "
+                          f"{MAX_REQUEST_WINDOW:g}, got {window:g}")
     for name in ("ephemeral_permissions", "sshpublickey_permissions"):
         v = str(s.get(name) or "")
         if "\n" in v or "\r" in v:
@@ -307,5 +326,7 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         sshd_host_keys=str(s.get("sshd_host_keys") or DEFAULT_HOST_KEYS),
         ephemeral_permissions=str(s.get("ephemeral_permissions") or ""),
         ssh_algorithm=algo, device_group=group, ephemeral_key_ttl=ttl,
-        max_sessions=max_sessions, log_format=log_format,
+        max_sessions=max_sessions, request_window=window,
+        any_client_timezone=bool(s.get("any_client_timezone", False)),
+        storage_path=path("storage_path"), log_format=log_format,
         verbose=bool(s.get("verbose", False)))

@@ -7,23 +7,30 @@ atServers or files. :mod:`.service` only performs the returned actions.
 Order for every notification, as the official daemon (reference §7, §11.6): the sender
 (``notification.from``, authenticated by the atServer) must be a manager *before* anything
 else is looked at; unauthorized senders get no reply. Then the key is classified, and for
-``ssh_request``: signature (no reply on failure, like Dart) -> fields -> freshness/replay ->
-permit-open (plain error string reply) -> session plan.
+``ssh_request``: signature (no reply on failure, like Dart) -> fields -> freshness/replay
+(ours: a plain error string reply, like the official refusals; the id is recorded durably
+before anything else happens) -> permit-open (plain error string reply) -> session plan.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
-from collections import OrderedDict
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from noports import crypto
 from noports.npproto.dartjson import dart_json_decode
-from noports.npproto.envelope import ReplayGuard, relay_auth_line, sign_envelope, verify_envelope
-from noports.npproto.errors import ProtocolError, ReplayError, SignatureError
+from noports.npproto.envelope import (
+    parse_dart_iso,
+    relay_auth_line,
+    sign_envelope,
+    verify_envelope,
+)
+from noports.npproto.errors import ProtocolError, SignatureError
 from noports.npproto.keys import (
     device_info_key,
     heartbeat_key,
@@ -51,6 +58,7 @@ from noports.npproto.streamcipher import IV_LEN, KEY_LEN, SUPPORTED_CIPHERS
 from . import DAEMON_VERSION
 from .authorized_keys import AuthorizedKeysError, validate_client_public_key
 from .config import DaemonConfig
+from .seen import SeenRequests, SeenStoreError
 from .sshkeys import EphemeralKey, generate_ephemeral_key
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,11 @@ CORE_PACKAGE_VERSION = f"noports-py {DAEMON_VERSION}"
 ERR_DAEMON_PERMIT = "Daemon does not permit connections to {target}"
 ERR_SIGNATURE = "Signature not verified: {err}"
 ERR_TUNNEL = "Failed to start up the daemon side of the srv socket tunnel : {err}"
+# ours, same form (a plain K6 string): the official daemon does not check freshness
+ERR_REFUSED = "Request refused: {why}"
+
+ZONE_STEP_S = 15 * 60  # every time zone offset in use is a multiple of 15 minutes
+MAX_ZONE_OFFSET_S = 26 * 3600  # UTC-12 .. UTC+14
 
 
 # --- inputs and actions ----------------------------------------------------------------------
@@ -172,23 +185,89 @@ def _name(atkey: str) -> str:
     return split_shared_key(atkey).name
 
 
+# --- freshness of a request (pure: the clock is an argument) ---------------------------------
+
+@dataclass(frozen=True)
+class Fresh:
+    """A timestamp inside the window: ``skew`` = its time minus the device's (seconds, after
+    any time zone offset), ``expires`` = until when the same timestamp could still pass."""
+
+    skew: float
+    expires: float
+
+
+def _duration(secs: float) -> str:
+    secs = abs(secs)
+    if not math.isfinite(secs):
+        return "an unmeasurable time"
+    if secs < 120:
+        return f"{secs:.1f} s"
+    whole = int(secs)
+    h, rest = divmod(whole, 3600)
+    m, s = divmod(rest, 60)
+    text = f"{h} h {m} min" if h else f"{m} min {s} s"
+    return f"{text} ({whole} s)"
+
+
+def check_request_time(nonce: object, now: float, window: float,
+                       any_timezone: bool = False) -> Fresh | str:
+    """Is the request's ``clientNonce`` timestamp within ``window`` seconds of ``now``?
+
+    Returns :class:`Fresh`, or the reason for refusing (the text of the error reply, naming
+    the difference and what to check). A nonce ending in ``Z`` is UTC; one without a zone
+    (what the official Dart clients send: ``DateTime.now()``) is read as the device's local
+    time, or with ``any_timezone`` the difference may also be any whole time zone offset
+    (multiples of 15 minutes up to 26 hours) - the window still bounds what is left.
+    Never raises, whatever ``nonce`` is.
+    """
+    if nonce is None:
+        return ("it carries no clientNonce timestamp, so its freshness cannot be checked; "
+                "use a client that sends one (sshnp/npt 5.x)")
+    if not isinstance(nonce, str):
+        return f"its clientNonce is a {type(nonce).__name__}, not a timestamp"
+    try:
+        ts = parse_dart_iso(nonce).timestamp()  # naive -> the device's local time
+    except (ProtocolError, ValueError, OverflowError, OSError):
+        return f"its clientNonce {nonce[:40]!r} is not a timestamp"
+    zoned = nonce.endswith("Z")
+    skew = ts - now
+    offset = 0.0
+    if any_timezone and not zoned and math.isfinite(skew):
+        offset = max(-MAX_ZONE_OFFSET_S, min(MAX_ZONE_OFFSET_S,
+                                             round(skew / ZONE_STEP_S) * ZONE_STEP_S))
+    left = skew - offset
+    if not math.isfinite(left) or abs(left) > window:
+        where = "behind" if left < 0 else "ahead of"
+        tz = "" if zoned else (
+            "; the timestamp has no time zone (client local time), so both must also use "
+            "the same time zone" + ("" if any_timezone else
+                                    ", or start sshnpd with --any-client-timezone"))
+        return (f"its timestamp {nonce} is {_duration(left)} {where} the device clock "
+                f"(allowed: {window:g} s either way). The request was delayed, or the clocks "
+                f"differ: check that the client's and the device's clocks are synchronised "
+                f"(NTP){tz}")
+    reach = MAX_ZONE_OFFSET_S if (any_timezone and not zoned) else 0.0
+    return Fresh(skew=left, expires=ts + reach + window)
+
+
 # --- the handler -----------------------------------------------------------------------------
 
 class DaemonHandler:
     """Decisions for one daemon (one device name); holds only replay state."""
 
     def __init__(self, config: DaemonConfig, signing_private_key: str, *,
-                 replay_guard: ReplayGuard | None = None,
+                 seen: SeenRequests | None = None,
+                 clock: Callable[[], float] = time.time,
                  keygen: Callable[[str], EphemeralKey] = generate_ephemeral_key,
                  randbytes: Callable[[int], bytes] = os.urandom,
                  supported_ciphers: tuple[str, ...] = SUPPORTED_CIPHERS) -> None:
         self.config = config
         self._signing_key = signing_private_key
-        self.replay = replay_guard or ReplayGuard()
+        self.seen = seen if seen is not None else SeenRequests(clock=clock)
+        self._clock = clock
         self._keygen = keygen
         self._randbytes = randbytes
         self.supported_ciphers = supported_ciphers
-        self._seen_sessions: OrderedDict[str, None] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"DaemonHandler({self.config.atsign}:{self.config.device})"
@@ -289,20 +368,22 @@ class DaemonHandler:
         """The official reply when the relay or local sshd cannot be reached."""
         return self._error_reply(plan.client, plan.session_id, ERR_TUNNEL.format(err=err))
 
-    def _fresh(self, sid: str, client_nonce: str | None, sender: str) -> Ignore | None:
-        """Replay defence: a session id is used once; nonces must be recent and unseen."""
-        if sid in self._seen_sessions:
-            return Ignore("replay", f"refusing ssh_request {sid} from {sender}: session id "
-                          "seen before", logging.WARNING, sender, sid)
-        if client_nonce is not None:
-            try:
-                self.replay.check(sid, client_nonce)
-            except ReplayError as exc:
-                return Ignore("replay", f"refusing ssh_request from {sender}: {exc}",
-                              logging.WARNING, sender, sid)
-        self._seen_sessions[sid] = None
-        while len(self._seen_sessions) > 10_000:
-            self._seen_sessions.popitem(last=False)
+    def _fresh(self, sid: str, client_nonce: object, sender: str) -> Reply | None:
+        """Replay defence, before anything is written: the timestamp must be within the
+        window and the session id unused; the id is then recorded (durably) - None = go on."""
+        c = self.config
+        verdict = check_request_time(client_nonce, self._clock(), c.request_window,
+                                     c.any_client_timezone)
+        if isinstance(verdict, str):
+            return self._error_reply(sender, sid, ERR_REFUSED.format(why=verdict))
+        try:
+            if not self.seen.add(sid, verdict.expires):
+                return self._error_reply(sender, sid, ERR_REFUSED.format(
+                    why=f"session {sid} was already used (a replayed request)"))
+        except SeenStoreError as exc:
+            log.error("cannot record session %s: %s", sid, exc)
+            return self._error_reply(sender, sid, ERR_REFUSED.format(
+                why=f"the device cannot record it against replays ({exc}); see its log"))
         return None
 
     def on_ssh_request(self, req: Request, client_public_key: str,
@@ -321,9 +402,9 @@ class DaemonHandler:
         except ProtocolError as exc:
             return Ignore("bad_request", f"ignoring malformed ssh_request from {sender}: {exc}",
                           logging.WARNING, sender)
-        stale = self._fresh(sid, sr.client_nonce, sender)
-        if stale is not None:
-            return stale
+        refused = self._fresh(sid, sr.client_nonce, sender)
+        if refused is not None:
+            return refused
         target_port = self.config.local_sshd_port
         if not permitted("localhost", target_port, self.config.permit_open):
             return self._error_reply(sender, sid, ERR_DAEMON_PERMIT.format(
@@ -381,9 +462,9 @@ class DaemonHandler:
         except ProtocolError as exc:
             return Ignore("bad_request", f"ignoring malformed npt_request from {req.sender}: "
                           f"{exc}", logging.WARNING, req.sender)
-        stale = self._fresh(sid, nr.client_nonce, req.sender)
-        if stale is not None:
-            return stale
+        refused = self._fresh(sid, nr.client_nonce, req.sender)
+        if refused is not None:
+            return refused
         if not permitted(nr.requested_host, nr.requested_port, self.config.permit_open):
             return self._error_reply(req.sender, sid, ERR_DAEMON_PERMIT.format(
                 target=f"{nr.requested_host}:{nr.requested_port}"))
@@ -402,6 +483,6 @@ def _peek_session_id(value: str) -> str | None:
 
 
 __all__ = [
-    "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Ignore", "Inbound", "Reply",
-    "Request", "SessionPlan", "ShareRecord", "permitted",
+    "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Fresh", "Ignore", "Inbound", "Reply",
+    "Request", "SessionPlan", "ShareRecord", "check_request_time", "permitted",
 ]

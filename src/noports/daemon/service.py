@@ -52,6 +52,7 @@ from .handler import (
     Request,
     SessionPlan,
 )
+from .seen import SeenRequests, SeenStoreError
 from .sshkeys import load_host_keys
 
 log = logging.getLogger("noports.sshnpd")
@@ -119,6 +120,13 @@ class Daemon:
         if removed:
             log.info("removed %d leftover ephemeral key line(s) from %s", removed,
                      c.authorized_keys, extra={"event": "leftovers_removed"})
+        try:  # the replay memory must be durable before any request is acted on
+            self.handler.seen = await asyncio.to_thread(SeenRequests.open, c.storage_dir)
+        except SeenStoreError as exc:
+            raise DaemonError(f"{exc} (set --storage-path to a writable directory)") from None
+        log.info("replay memory %s: %d request(s) still inside the %gs window",
+                 self.handler.seen.path, len(self.handler.seen), c.request_window,
+                 extra={"event": "replay_memory"})
         self.host_keys = load_host_keys(c.sshd_host_keys)
         if not self.host_keys:
             log.warning("no sshd host public keys match %s: responses carry no host keys "
@@ -251,7 +259,7 @@ class Daemon:
             pk = await self._client_public_key(req.sender)
             if pk is None:
                 return
-            result = self.handler.on_npt_request(req, pk)
+            result = await asyncio.to_thread(self.handler.on_npt_request, req, pk)
             if isinstance(result, Ignore):
                 self._ignore(result)
             else:
@@ -309,11 +317,13 @@ class Daemon:
         if pk is None:
             return
         self.host_keys = load_host_keys(self.config.sshd_host_keys) or self.host_keys
-        result = self.handler.on_ssh_request(req, pk, self.host_keys)
+        # in a thread: the replay memory fsyncs (slow on SD cards) and keys are made here
+        result = await asyncio.to_thread(self.handler.on_ssh_request, req, pk, self.host_keys)
         if isinstance(result, Ignore) and result.event == "bad_signature":
             fresh = await self._client_public_key(req.sender, refresh=True)
             if fresh is not None and fresh != pk:  # the client re-keyed: try once more
-                result = self.handler.on_ssh_request(req, fresh, self.host_keys)
+                result = await asyncio.to_thread(self.handler.on_ssh_request, req, fresh,
+                                                 self.host_keys)
         if isinstance(result, Ignore):
             self._ignore(result)
         elif isinstance(result, Reply):
