@@ -20,13 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noports.atprotocol.errors import buffer_overflow, invalid_syntax
 from noports.keys import ca
 
 from .delivery import Deliverer
-from .host import Host, ServerConfig, wall_clock_ms
+from .host import Host, ServerConfig, fresh_meta_storage, wall_clock_ms
 from .s2s import Outbound, Resolver
-from .session import Session, fresh_meta_storage
+from .session import Reply, Session
 from .store import Store
 
 log = logging.getLogger("noports.atserver")
@@ -227,8 +226,6 @@ class AtServer:
             writer.write(line.encode("utf-8"))
 
         session = Session(host, emit=emit)
-        limit = host.config.max_buffer
-        buf = bytearray()
         try:
             writer.write(b"@")
             await writer.drain()
@@ -240,34 +237,13 @@ class AtServer:
                     break
                 if not chunk:
                     break
-                buf += chunk
-                while True:
-                    i = buf.find(b"\n")
-                    if i < 0:
-                        break
-                    raw = bytes(buf[:i])
-                    del buf[:i + 1]
-                    if len(raw) > limit:
-                        await self._send(writer, session.error(buffer_overflow(
-                            f"Message exceeds the buffer limit of {limit} bytes")).text)
-                        return
-                    try:
-                        line = raw.decode("utf-8").strip()
-                    except UnicodeDecodeError:
-                        await self._send(writer, session.error(
-                            invalid_syntax("command is not valid UTF-8")).text)
-                        continue
-                    if not line:
-                        continue
-                    reply = await session.handle(line)
+                session.feed(chunk)
+                while (item := session.next_line()) is not None:
+                    reply = item if isinstance(item, Reply) else await session.handle(item)
                     if reply.text:
                         await self._send(writer, reply.text)
                     if reply.close:
                         return
-                if len(buf) > limit:
-                    await self._send(writer, session.error(buffer_overflow(
-                        f"Message exceeds the buffer limit of {limit} bytes")).text)
-                    return
         except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
