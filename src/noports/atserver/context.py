@@ -16,7 +16,7 @@ from typing import Any
 
 from noports.atprotocol import keys as K
 from noports.atprotocol import metadata as M
-from noports.atprotocol.errors import AtError, error_reply
+from noports.atprotocol.errors import AtError, error_reply, illegal_argument
 
 from .host import Host
 from .store import KeyRecord
@@ -53,13 +53,30 @@ def ms_or_none(v: Any) -> int | None:
         return None
 
 
+# Largest integer a client may pass where the server computes with it (epoch ms, durations,
+# commit ids): SQLite stores signed 64-bit integers, and `now + ttl` must still fit.
+MAX_CLIENT_INT = 2**62
+
+
 def int_or_none(v: Any) -> int | None:
     if v is None or v == "" or v == "null":
         return None
     try:
-        return int(v)
+        n = int(v) if len(str(v)) <= 20 else None
     except (TypeError, ValueError):
         return None
+    return n if n is not None and abs(n) <= MAX_CLIENT_INT else None
+
+
+def client_int(name: str, text: str, *, lo: int = -(2**62), hi: int = MAX_CLIENT_INT) -> int:
+    """An integer request parameter in [lo, hi], or AT0022 naming the parameter and range."""
+    t = text.strip()
+    if len(t) > 20 or not t.lstrip("-").isdigit():
+        raise illegal_argument(f"{name} must be an integer between {lo} and {hi}")
+    v = int(t)
+    if not lo <= v <= hi:
+        raise illegal_argument(f"{name} {v} is out of range ({lo}..{hi})")
+    return v
 
 
 class Conn:

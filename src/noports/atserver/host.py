@@ -37,6 +37,12 @@ class ServerConfig:
     retry_max_ms: int = 5000
     noop_max_ms: int = 5000
     max_buffer: int = 10_240_000
+    max_unauth_line: int = 8192  # longest line before cram/pkam/pol (pkam lines are < 1 KiB)
+    # connection limits of the TLS edge (docs/atserver.md "Limits")
+    max_connections: int = 2048
+    max_connections_per_ip: int = 1024
+    tls_handshake_timeout_s: float = 10.0
+    auth_timeout_s: float = 60.0
     stats_interval_s: float = 15.0
     pol_proof_ttl_ms: int = 60_000
     plookup_refresh_ms: int = 60_000

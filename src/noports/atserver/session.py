@@ -52,42 +52,75 @@ class Verb:
     line_limit: int | None = None  # bytes; None = the server's --max-buffer
 
 
+# Line limits of verbs whose syntax has no free-form value: a key is at most 255 characters
+# (reference §4), a pkam signature under 1 KiB, a client regex a few hundred bytes in practice.
+TINY, SHORT, KEYED = 256, 1024, 8192
+PARSE_INLINE_MAX = 65536  # longer lines are parsed in a worker thread
+
 VERBS: dict[str, Verb] = {
-    # authentication
-    "from": Verb(verbs_auth.v_from),
-    "cram": Verb(verbs_auth.v_cram),
-    "pkam": Verb(verbs_auth.v_pkam),
-    "pol": Verb(verbs_auth.v_pol),
+    # authentication (pre-auth)
+    "from": Verb(verbs_auth.v_from, ANY, KEYED),
+    "cram": Verb(verbs_auth.v_cram, ANY, SHORT),
+    "pkam": Verb(verbs_auth.v_pkam, ANY, KEYED),
+    "pol": Verb(verbs_auth.v_pol, ANY, TINY),
     "enroll": Verb(verbs_auth.v_enroll),
     # keys
     "update": Verb(verbs_keys.v_update, OWNER),
     "update_json": Verb(verbs_keys.v_update_json, OWNER),
-    "update_meta": Verb(verbs_keys.v_update_meta, OWNER),
-    "llookup": Verb(verbs_keys.v_llookup, OWNER),
-    "lookup": Verb(verbs_keys.v_lookup),
-    "plookup": Verb(verbs_keys.v_plookup, OWNER),
-    "delete": Verb(verbs_keys.v_delete, OWNER),
-    "scan": Verb(verbs_keys.v_scan),
-    # notifications
+    "update_meta": Verb(verbs_keys.v_update_meta, OWNER, 65536),
+    "llookup": Verb(verbs_keys.v_llookup, OWNER, KEYED),
+    "lookup": Verb(verbs_keys.v_lookup, ANY, KEYED),
+    "plookup": Verb(verbs_keys.v_plookup, OWNER, KEYED),
+    "delete": Verb(verbs_keys.v_delete, OWNER, KEYED),
+    "scan": Verb(verbs_keys.v_scan, ANY, KEYED),
+    # notifications (notify itself: pol peers deliver, owners send; checked in the handler)
     "notify": Verb(verbs_notify.v_notify),
-    "notify_list": Verb(verbs_notify.v_notify_list),
-    "notify_status": Verb(verbs_notify.v_notify_status),
-    "notify_fetch": Verb(verbs_notify.v_notify_fetch, OWNER),
-    "notify_remove": Verb(verbs_notify.v_notify_remove, OWNER),
+    "notify_list": Verb(verbs_notify.v_notify_list, ANY, KEYED),
+    "notify_status": Verb(verbs_notify.v_notify_status, ANY, SHORT),
+    "notify_fetch": Verb(verbs_notify.v_notify_fetch, OWNER, SHORT),
+    "notify_remove": Verb(verbs_notify.v_notify_remove, OWNER, SHORT),
     "notify_all": Verb(verbs_notify.v_notify_all, OWNER),
     # monitor
-    "monitor": Verb(verbs_monitor.v_monitor, OWNER),
+    "monitor": Verb(verbs_monitor.v_monitor, OWNER, KEYED),
     # utility
-    "noop": Verb(verbs_misc.v_noop),
-    "info": Verb(verbs_misc.v_info),
-    "stats": Verb(verbs_misc.v_stats, OWNER),
-    "sync": Verb(verbs_misc.v_sync, OWNER),
+    "noop": Verb(verbs_misc.v_noop, ANY, TINY),
+    "info": Verb(verbs_misc.v_info, ANY, TINY),
+    "stats": Verb(verbs_misc.v_stats, OWNER, SHORT),
+    "sync": Verb(verbs_misc.v_sync, OWNER, KEYED),
     "batch": Verb(verbs_misc.v_batch, OWNER),
     # recognised by the grammar, not supported here
-    "config": Verb(None, OWNER),
-    "otp": Verb(None, OWNER),
-    "keys": Verb(None, OWNER),
+    "config": Verb(None, OWNER, SHORT),
+    "otp": Verb(None, OWNER, SHORT),
+    "keys": Verb(None, OWNER, KEYED),
 }
+
+# Which table row a line belongs to, from its first bytes only (same accept order as the
+# grammar, reference §2.4 step 3), so limits and auth are checked before the line is parsed.
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("from:", "from"), ("cram:", "cram"), ("pkam:", "pkam"), ("update:meta", "update_meta"),
+    ("update:", "update"), ("llookup:", "llookup"), ("plookup:", "plookup"),
+    ("lookup:", "lookup"), ("scan", "scan"), ("delete:", "delete"), ("stats", "stats"),
+    ("config:", "config"), ("monitor", "monitor"), ("notify:list", "notify_list"),
+    ("notify:status", "notify_status"), ("notify:all", "notify_all"),
+    ("notify:remove", "notify_remove"), ("notify:fetch", "notify_fetch"),
+    ("notify:", "notify"), ("batch:", "batch"), ("sync:from", "sync"), ("noop:", "noop"),
+    ("enroll:", "enroll"), ("otp:", "otp"), ("keys:", "keys"),
+)
+
+
+def classify(line: str) -> str | None:
+    """Verb-table row of a request line (None: not a known verb), looking at its head only."""
+    head = line[:32].lstrip()
+    i = head.find(":")
+    head = head.lower() if i < 0 else head[:i].lower().replace(" ", "") + head[i:]
+    if head in ("pol", "info"):
+        return head
+    if head.startswith("info:"):
+        return "info"
+    for prefix, verb in _PREFIXES:
+        if head.startswith(prefix):
+            return verb
+    return None
 
 
 class Session(Conn):
@@ -102,8 +135,15 @@ class Session(Conn):
     # --- input framing ------------------------------------------------------------------
 
     def line_limit(self) -> int:
-        """Longest request line accepted in the current state (bytes, without the newline)."""
-        return self.host.config.max_buffer
+        """Longest request line accepted in the current state (bytes, without the newline).
+
+        Before cram/pkam/pol only the short pre-auth verbs can succeed, so a connection that
+        has not proved who it is may not make the server hold more than --max-unauth-line.
+        """
+        cfg = self.host.config
+        if self.authenticated or self.pol_atsign:
+            return cfg.max_buffer
+        return min(cfg.max_unauth_line, cfg.max_buffer)
 
     def feed(self, data: bytes) -> None:
         """Append bytes read from the peer; take requests out with :meth:`next_line`."""
@@ -135,17 +175,33 @@ class Session(Conn):
             if line:
                 return line
 
+    def auth_timed_out(self) -> Reply:
+        """The closing reply for a connection that did not authenticate in time."""
+        t = self.host.config.auth_timeout_s
+        return self.error(AtError("AT0401", f"not authenticated within {t:g} s "
+                                            "(--auth-timeout); closing", close=True))
+
     def _overflow(self, limit: int) -> Reply:
         self._buf.clear()
         self._scanned = 0
-        return self.error(buffer_overflow(f"Message exceeds the buffer limit of {limit} bytes"))
+        flag = "--max-buffer" if limit == self.host.config.max_buffer else "--max-unauth-line"
+        if flag == "--max-unauth-line":
+            msg = (f"Message exceeds the buffer limit of {limit} bytes before authentication "
+                   f"({flag})")
+        else:
+            msg = f"Message exceeds the buffer limit of {limit} bytes ({flag})"
+        return self.error(buffer_overflow(msg))
 
     # --- entry point --------------------------------------------------------------------
 
     async def handle(self, line: str) -> Reply:
         """Execute one request line; never raises (unexpected failures → AT0011 + close)."""
         try:
-            cmd = parse_command(line)
+            self._admit(line)
+            if len(line) <= PARSE_INLINE_MAX:
+                cmd = parse_command(line)
+            else:  # the grammar's regexes release the GIL: a long value must not stall the loop
+                cmd = await asyncio.to_thread(parse_command, line)
             if cmd.verb == "exit":
                 self.closed = True
                 return Reply(None, close=True)
@@ -168,6 +224,20 @@ class Session(Conn):
                           line.split(":", 1)[0][:20] if isinstance(line, str) else "?")
             return self.error(AtError("AT0011", f"Internal server exception: {type(exc).__name__}",
                                       close=True))
+
+    def _admit(self, line: str) -> None:
+        """Auth and size checks from the verb table, before the line is parsed (§2.4 step 4)."""
+        name = classify(line)
+        if name is None:
+            return  # parse_command answers "invalid command"
+        verb = VERBS[name]
+        if verb.access == OWNER and not self.authenticated:
+            raise unauthenticated("Command cannot be executed without auth")
+        if verb.line_limit is not None and len(line) > verb.line_limit:
+            size = len(line.encode("utf-8"))
+            if size > verb.line_limit:
+                raise invalid_syntax(f"Invalid syntax. a {name} request is at most "
+                                     f"{verb.line_limit} bytes, this one has {size}")
 
     # --- monitor sink (called by the host) ----------------------------------------------
 

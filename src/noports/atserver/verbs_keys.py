@@ -279,6 +279,7 @@ async def v_delete(s: Conn, cmd: Command) -> Reply:
     if at_key.lower() == "privatekey:at_secret":
         s.host.store.delete(s.me, "privatekey:at_secret", commit=False)
         s.host.store.put(s.me, "privatekey:at_secret_deleted", "true", {}, commit=False)
+        s.host.store.scrub()
         return s.data(-1)
     check_owner(s, p)
     key = build_key(s, p, with_cached=True)

@@ -15,7 +15,7 @@ from noports.atprotocol.errors import illegal_argument, invalid_syntax
 from noports.atprotocol.grammar import Command
 
 from . import clientregex
-from .context import Conn, Reply, dumps, remove_nulls
+from .context import Conn, Reply, client_int, dumps, remove_nulls
 
 
 def convert_verb(line: str) -> str:
@@ -23,7 +23,7 @@ def convert_verb(line: str) -> str:
 
 
 async def v_noop(s: Conn, cmd: Command) -> Reply:
-    ms = int(cmd.params["delayMillis"])
+    ms = client_int("noop delayMillis", cmd.params["delayMillis"], lo=0)
     if ms > s.host.config.noop_max_ms:
         raise illegal_argument(f"noop:{ms} where the duration maximum is "
                                f"{s.host.config.noop_max_ms} milliseconds")
@@ -69,8 +69,8 @@ async def v_stats(s: Conn, cmd: Command) -> Reply:
 
 async def v_sync(s: Conn, cmd: Command) -> Reply:
     p = cmd.params
-    start = int(p["from_commit_seq"])
-    limit = max(1, min(int(p.get("limit") or 25), 100))
+    start = client_int("sync from commit id", p["from_commit_seq"], lo=-1)
+    limit = max(1, min(client_int("sync limit", p.get("limit") or "25", lo=0), 100))
     rx_text = p.get("regex")
     rx = clientregex.compile_client(rx_text) if rx_text else None
     latest: dict[str, tuple[int, str]] = {}

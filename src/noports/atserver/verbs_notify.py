@@ -18,7 +18,7 @@ from noports.atprotocol.errors import invalid_key, invalid_syntax, unauthenticat
 from noports.atprotocol.grammar import Command
 
 from . import clientregex
-from .context import Conn, Reply, dumps, int_or_none, remove_nulls
+from .context import Conn, Reply, client_int, dumps, int_or_none, remove_nulls
 from .store import NotificationRow
 
 
@@ -59,7 +59,8 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
     if not s.authenticated and not s.pol_atsign:
         raise unauthenticated("Command cannot be executed without auth")
     now = s.host.next_epoch()
-    ttln = int_or_none(p.get("ttln")) or s.host.config.notification_expiry_ms
+    ttln = (client_int("ttln", p["ttln"], lo=0) if p.get("ttln") else 0) \
+        or s.host.config.notification_expiry_ms
     if s.authenticated:
         if p.get("atSign") and K.fix_atsign(p["atSign"]) != s.me:
             raise unauthorized(f"{K.fix_atsign(p['atSign'])} is not the current atSign")
@@ -67,6 +68,7 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
             raise invalid_syntax("Invalid syntax. notify needs a recipient @<atSign>")
         to = K.fix_atsign(p["forAtSign"])
         n = build_notification(s, p, from_atsign=s.me, to=to, now=now, ttln=ttln)
+        _check_id_owner(s, n, "received" if to == s.me else "sent")
         if to == s.me:
             store_received(s, n)
         else:
@@ -83,6 +85,7 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
     n = build_notification(s, p, from_atsign=sender, to=s.me, now=now, ttln=ttln)
     if _is_redelivery(s, n):
         return s.data("success")
+    _check_id_owner(s, n, "received")
     store_received(s, n)
     _cache_from_notification(s, n, p)
     return s.data("success")
@@ -101,6 +104,18 @@ def _is_redelivery(s: Conn, n: Any) -> bool:
         return False
     d = old.data if isinstance(old.data, dict) else {}
     return (d.get("key"), d.get("value"), d.get("operation")) == (n.key, n.value, n.operation)
+
+
+def _check_id_owner(s: Conn, n: Any, kind: str) -> None:
+    """A notification id belongs to the sender that first used it (and to one kind).
+
+    Ids are chosen by clients (`notify:id:<id>`); without this check any pol-authenticated
+    atSign could replace another sender's stored notification by reusing its id.
+    """
+    old = notif_row(s, n.id)
+    if old is not None and (old.from_atsign != n.from_atsign or old.kind != kind):
+        raise unauthorized(f"notification id {n.id} is already used by another notification; "
+                           "choose a new id")
 
 
 def build_notification(s: Conn, p: dict[str, str], *, from_atsign: str, to: str, now: int,
