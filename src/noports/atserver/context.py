@@ -94,6 +94,7 @@ class Conn:
         self.pol_atsign: str | None = None
         self.json_errors = False
         self.closed = False
+        self.requests = 0  # request lines handled on this connection
         # pending `from`: ("self", challenge, expires) or ("pol", atsign, cookie, proof, expires)
         self.pending: tuple[Any, ...] | None = None
         self.monitoring = False

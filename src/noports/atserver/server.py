@@ -250,8 +250,8 @@ class AtServer:
                     chunk = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
                     log.info("closing connection from %s to %s: not authenticated within "
-                             "%g s (--auth-timeout)", peer, host.atsign,
-                             host.config.auth_timeout_s)
+                             "%g s (--auth-timeout), %d requests made", peer, host.atsign,
+                             host.config.auth_timeout_s, session.requests)
                     await self._send(writer, session.auth_timed_out().text)
                     return
                 if not chunk:

@@ -176,7 +176,14 @@ class Session(Conn):
                 return line
 
     def auth_timed_out(self) -> Reply:
-        """The closing reply for a connection that did not authenticate in time."""
+        """The closing reply for a connection that did not authenticate in time.
+
+        A connection that has made requests is a client between two of them (e.g. another
+        atServer's pooled connection for public lookups): a line it did not ask for would be
+        read as the reply to its next request, so it is closed without one and reconnects.
+        """
+        if self.requests:
+            return Reply(None, close=True)
         t = self.host.config.auth_timeout_s
         return self.error(AtError("AT0401", f"not authenticated within {t:g} s "
                                             "(--auth-timeout); closing", close=True))
@@ -196,6 +203,7 @@ class Session(Conn):
 
     async def handle(self, line: str) -> Reply:
         """Execute one request line; never raises (unexpected failures → AT0011 + close)."""
+        self.requests += 1
         try:
             self._admit(line)
             if len(line) <= PARSE_INLINE_MAX:
