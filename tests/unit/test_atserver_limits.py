@@ -338,3 +338,42 @@ def test_deleted_private_key_bytes_are_zeroed_in_the_file(tmp_path):
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
     assert store.get("@alice", "privatekey:other").value == "keep"
     store.close()
+
+
+def test_fan_out_verbs_are_capped(host):
+    s = owner(host)
+    many = ",".join(f"@r{i}" for i in range(257))
+    r = handle(s, f"notify:all:{many}:key.app:v")
+    assert body(r).startswith("error:AT0022") and "at most 256 per request" in r.text
+    items = json.dumps([{"id": i, "command": "noop:0"} for i in range(1001)])
+    r = handle(s, f"batch:{items}")
+    assert body(r).startswith("error:AT0022") and "at most 1000" in r.text
+    served(host)
+
+
+def test_slow_to_parse_line_does_not_hold_the_loop(host):
+    """notify:all's grammar is the slowest (super-linear): it is parsed off the event loop."""
+    s = owner(host)
+    ticks = 0
+
+    async def ticker(stop: asyncio.Event) -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def go() -> str:
+        stop = asyncio.Event()
+        t = asyncio.create_task(ticker(stop))
+        await asyncio.sleep(0)
+        start = ticks
+        r = await s.handle("notify:all:" + ",a" * 600)
+        during = ticks - start
+        stop.set()
+        await t
+        assert during > 1, "the loop did not run while the line was parsed"
+        return r.text
+
+    text = run(go())
+    assert text.startswith(("data:", "error:"))
+    served(host)

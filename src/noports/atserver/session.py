@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +54,15 @@ class Verb:
 
 
 # Line limits of verbs whose syntax has no free-form value: a key is at most 255 characters
-# (reference §4), a pkam signature under 1 KiB, a client regex a few hundred bytes in practice.
-TINY, SHORT, KEYED = 256, 1024, 8192
-PARSE_INLINE_MAX = 65536  # longer lines are parsed in a worker thread
+# (reference §4), a pkam line with an RSA-4096 signature and an enrollment id under 1 KiB, a
+# client regex a few hundred bytes in practice. The grammar's regexes cost up to quadratic
+# time in the line length, so these also bound the parse.
+TINY, SHORT, KEYED = 256, 1024, 2048
+# Lines up to this size parse in well under a millisecond; longer ones (and every notify:all,
+# whose grammar is the slowest) are parsed in a worker thread (`regex` releases the GIL), so
+# no line stalls the event loop for other connections.
+PARSE_INLINE_MAX = 512
+_PARSE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="atserver-parse")
 
 VERBS: dict[str, Verb] = {
     # authentication (pre-auth)
@@ -79,7 +86,7 @@ VERBS: dict[str, Verb] = {
     "notify_status": Verb(verbs_notify.v_notify_status, ANY, SHORT),
     "notify_fetch": Verb(verbs_notify.v_notify_fetch, OWNER, SHORT),
     "notify_remove": Verb(verbs_notify.v_notify_remove, OWNER, SHORT),
-    "notify_all": Verb(verbs_notify.v_notify_all, OWNER),
+    "notify_all": Verb(verbs_notify.v_notify_all, OWNER, 65536),
     # monitor
     "monitor": Verb(verbs_monitor.v_monitor, OWNER, KEYED),
     # utility
@@ -206,10 +213,11 @@ class Session(Conn):
         self.requests += 1
         try:
             self._admit(line)
-            if len(line) <= PARSE_INLINE_MAX:
+            if len(line) <= PARSE_INLINE_MAX and not line[:10].lower().startswith("notify:all"):
                 cmd = parse_command(line)
-            else:  # the grammar's regexes release the GIL: a long value must not stall the loop
-                cmd = await asyncio.to_thread(parse_command, line)
+            else:
+                loop = asyncio.get_running_loop()
+                cmd = await loop.run_in_executor(_PARSE_POOL, parse_command, line)
             if cmd.verb == "exit":
                 self.closed = True
                 return Reply(None, close=True)

@@ -17,6 +17,8 @@ from noports.atprotocol.grammar import Command
 from . import clientregex
 from .context import Conn, Reply, client_int, dumps, remove_nulls
 
+MAX_BATCH = 1000
+
 
 def convert_verb(line: str) -> str:
     return line.strip().split(":", 1)[0].lower()
@@ -100,8 +102,11 @@ async def v_batch(s: Conn, cmd: Command) -> Reply:
             raise ValueError
     except ValueError as exc:
         raise invalid_syntax("batch: expected a JSON list") from exc
+    if len(items) > MAX_BATCH:
+        raise illegal_argument(f"batch of {len(items)} commands; at most {MAX_BATCH}")
     results = []
     for it in items:
+        await asyncio.sleep(0)  # a long batch must not hold the loop
         if not isinstance(it, dict) or not isinstance(it.get("command"), str):
             continue
         sub = it["command"]

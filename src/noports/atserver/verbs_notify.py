@@ -7,6 +7,7 @@ Why together: they share how a notification is built from request parameters, st
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from typing import Any
@@ -14,7 +15,13 @@ from typing import Any
 from noports.atprotocol import keys as K
 from noports.atprotocol import metadata as M
 from noports.atprotocol import notifications as N
-from noports.atprotocol.errors import invalid_key, invalid_syntax, unauthenticated, unauthorized
+from noports.atprotocol.errors import (
+    illegal_argument,
+    invalid_key,
+    invalid_syntax,
+    unauthenticated,
+    unauthorized,
+)
 from noports.atprotocol.grammar import Command
 
 from . import clientregex
@@ -238,14 +245,20 @@ async def v_notify_fetch(s: Conn, cmd: Command) -> Reply:
     return s.data(dumps(d))
 
 
+MAX_NOTIFY_ALL_RECIPIENTS = 256
+
+
 async def v_notify_all(s: Conn, cmd: Command) -> Reply:
     p = cmd.params
     if p.get("atSign") and K.fix_atsign(p["atSign"]) != s.me:
         raise unauthorized("notify:all must be sent by the current atSign")
+    recipients = [r for r in (p.get("forAtSign") or "").split(",") if r.strip()]
+    if len(recipients) > MAX_NOTIFY_ALL_RECIPIENTS:
+        raise illegal_argument(f"notify:all to {len(recipients)} atSigns; at most "
+                               f"{MAX_NOTIFY_ALL_RECIPIENTS} per request")
     result: dict[str, str] = {}
-    for r in (p.get("forAtSign") or "").split(","):
-        if not r.strip():
-            continue
+    for r in recipients:
+        await asyncio.sleep(0)  # one durable write per recipient: let other connections in
         to = K.fix_atsign(r)
         now = s.host.next_epoch()
         q = dict(p, forAtSign=to)
