@@ -51,6 +51,26 @@ def _port(text: str) -> int:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="atserver", description="atServer hosting one or many atSigns")
     parser.add_argument("--log-level", default=os.environ.get("ATSERVER_LOG_LEVEL", "INFO"))
@@ -71,8 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-retries", type=int, default=30)
     sp.add_argument("--retry-max-ms", type=int, default=5000,
                     help="cap of the exponential delivery back-off")
-    sp.add_argument("--max-buffer", type=int, default=10_240_000,
-                    help="max bytes of one command (larger: AT0005 and close)")
+    lim = sp.add_argument_group("limits (docs/atserver.md, Limits)")
+    lim.add_argument("--max-buffer", type=_positive_int, default=10_240_000, metavar="BYTES",
+                     help="max bytes of one command once authenticated (larger: AT0005 and "
+                          "close; default 10240000)")
+    lim.add_argument("--max-unauth-line", type=_positive_int, default=8192, metavar="BYTES",
+                     help="max bytes of one command before cram/pkam/pol (default 8192)")
+    lim.add_argument("--max-connections", type=_positive_int, default=2048, metavar="N",
+                     help="open connections in total, counted from TCP accept before TLS; "
+                          "more are refused with AT0012 (default 2048)")
+    lim.add_argument("--max-connections-per-ip", type=_positive_int, default=1024, metavar="N",
+                     help="open connections per source address (IPv6: per /64; default 1024)")
+    lim.add_argument("--tls-handshake-timeout", type=_positive_float, default=10.0,
+                     metavar="SECONDS", help="deadline of the TLS handshake (default 10)")
+    lim.add_argument("--auth-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                     help="a connection not authenticated (cram/pkam/pol) this long after "
+                          "accept is sent AT0401 and closed (default 60)")
     sp.add_argument("--stats-interval", type=float, default=15.0,
                     help="seconds between stats notifications to monitors (0 = only on writes)")
     sp.add_argument("--static", action="append", default=[], metavar="ATSIGN=HOST:PORT",
@@ -152,7 +186,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(autonotify=not args.no_autonotify,
                        notification_expiry_ms=args.notification_expiry_mins * 60_000,
                        max_retries=args.max_retries, retry_max_ms=args.retry_max_ms,
-                       max_buffer=args.max_buffer, stats_interval_s=args.stats_interval)
+                       max_buffer=args.max_buffer, stats_interval_s=args.stats_interval,
+                       max_unauth_line=args.max_unauth_line,
+                       max_connections=args.max_connections,
+                       max_connections_per_ip=args.max_connections_per_ip,
+                       tls_handshake_timeout_s=args.tls_handshake_timeout,
+                       auth_timeout_s=args.auth_timeout)
     opts = ServeOptions(state_dir=args.state_dir, tls_dir=args.tls_dir, root=args.root,
                         bind_host=args.host, public_host=args.public_host, config=cfg,
                         static_map=static, announce=announce_stderr)

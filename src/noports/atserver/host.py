@@ -13,15 +13,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from noports import crypto
+from noports.atprotocol import metadata as M
 
 from .store import KeyRecord, NotificationRow, Store
 from .wire import RemoteReply
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("noports.atserver")
 
@@ -39,6 +37,12 @@ class ServerConfig:
     retry_max_ms: int = 5000
     noop_max_ms: int = 5000
     max_buffer: int = 10_240_000
+    max_unauth_line: int = 8192  # longest line before cram/pkam/pol (pkam lines are < 1 KiB)
+    # connection limits of the TLS edge (docs/atserver.md "Limits")
+    max_connections: int = 2048
+    max_connections_per_ip: int = 1024
+    tls_handshake_timeout_s: float = 10.0
+    auth_timeout_s: float = 60.0
     stats_interval_s: float = 15.0
     pol_proof_ttl_ms: int = 60_000
     plookup_refresh_ms: int = 60_000
@@ -54,8 +58,24 @@ class Remote(Protocol):
     async def verify_pol(self, me: str, from_atsign: str, cookie: str, proof: str) -> bool: ...
 
 
+class MonitorSink(Protocol):
+    """A connection in monitor mode, as the host sees it (session.Session implements it)."""
+
+    def deliver_notification(self, row: NotificationRow, notification: Any) -> None: ...
+
+    def deliver_stats(self, last_commit_id: int, now: int) -> None: ...
+
+
 def wall_clock_ms() -> int:
     return int(time.time() * 1000)
+
+
+def fresh_meta_storage(atsign: str, now: int, **fields: Any) -> dict[str, Any]:
+    """Storage form of brand-new metadata (used for server-written keys)."""
+    meta = M.apply_update(None, {}, now_ms=now, atsign=atsign)
+    for k, v in fields.items():
+        setattr(meta, k, v)
+    return M.to_storage(meta)
 
 
 @dataclass
@@ -70,7 +90,7 @@ class Host:
     nudge: Callable[[], None] = lambda: None
     sleep: Callable[[float], Awaitable[None]] | None = None
     started_ms: int = 0
-    monitors: set[Session] = field(default_factory=set)
+    monitors: set[MonitorSink] = field(default_factory=set)
     _last_epoch: int = -1
     _signing_private: str | None = None
 
@@ -87,8 +107,6 @@ class Host:
         pub = self.store.get(me, f"public:signing_publickey{me}")
         if priv is None or pub is None or not priv.value or not pub.value:
             pub_b64, priv_b64 = crypto.generate_rsa_keypair()
-            from .session import fresh_meta_storage  # avoid import cycle at module load
-
             now = self.clock()
             self.store.put(me, f"public:signing_publickey{me}", pub_b64,
                            fresh_meta_storage(me, now, is_encrypted=False), commit=True)

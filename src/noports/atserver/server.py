@@ -1,7 +1,10 @@
 """asyncio edge of the atServer: TLS listeners (one port per hosted atSign) and jobs.
 
-Why: sockets, framing of the input stream (newline-terminated commands, a 10,240,000-byte
-limit), timers and signals are the only I/O; everything else is in Session/Host. One process
+Why: sockets, timers and signals are the only I/O here; framing, line limits and every verb
+are in Session/Host (sans-IO). Connections are counted from TCP accept, before TLS, in total
+and per source address across all hosted atSigns (noports.netlimits), the TLS handshake and
+the time to authenticate have deadlines, and idle TLS connections use small buffers
+(docs/atserver.md "Limits"). One process
 hosts many atSigns; the `hosted` table is polled every `poll_s` (0.5 s) so atSigns added or
 removed with the admin API/CLI are picked up while running. A port of 0 means "let the OS
 choose"; the chosen port is written back, so it stays stable across restarts.
@@ -20,19 +23,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noports.atprotocol.errors import buffer_overflow, invalid_syntax
+from noports import netlimits
 from noports.keys import ca
 
 from .delivery import Deliverer
-from .host import Host, ServerConfig, wall_clock_ms
+from .host import Host, ServerConfig, fresh_meta_storage, wall_clock_ms
 from .s2s import Outbound, Resolver
-from .session import Session, fresh_meta_storage
+from .session import Reply, Session
 from .store import Store
 
 log = logging.getLogger("noports.atserver")
 
-UNAUTH_IDLE_S = 600.0
 MAX_PENDING_WRITE = 32 * 1024 * 1024
+READ_CHUNK = 65536
 
 
 @dataclass
@@ -80,6 +83,9 @@ class AtServer:
                                    lambda: set(self.hosts))
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        cfg = opts.config
+        self.admission = netlimits.Admission(cfg.max_connections, cfg.max_connections_per_ip)
+        self.releaser = netlimits.MemoryReleaser()
 
     # --- callbacks for s2s ----------------------------------------------------------------
 
@@ -96,6 +102,7 @@ class AtServer:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        netlimits.make_idle_tls_cheap()
         self.store.clear_listening()
         await self.sync_hosted()
         self._tasks.append(asyncio.create_task(self._poll_loop(), name="hosted-poll"))
@@ -181,9 +188,11 @@ class AtServer:
             await self._serve_connection(host, reader, writer)
 
         try:
-            srv = await asyncio.start_server(on_conn, self.opts.bind_host, port,
-                                             ssl=self.server_ctx, limit=1 << 20,
-                                             ssl_handshake_timeout=30)
+            srv = await netlimits.start_guarded_server(
+                on_conn, self.opts.bind_host, port, ssl=self.server_ctx,
+                admission=self.admission, limit=READ_CHUNK, releaser=self.releaser,
+                handshake_timeout=self.opts.config.tls_handshake_timeout_s,
+                refusal=_refusal_line)
         except OSError as exc:
             if at not in self._bind_failed:
                 log.error("cannot listen for %s on %s:%s: %s", at, self.opts.bind_host, port, exc)
@@ -227,47 +236,36 @@ class AtServer:
             writer.write(line.encode("utf-8"))
 
         session = Session(host, emit=emit)
-        limit = host.config.max_buffer
-        buf = bytearray()
+        loop = asyncio.get_running_loop()
+        auth_deadline = loop.time() + host.config.auth_timeout_s
+        peer = writer.get_extra_info("peername")
         try:
             writer.write(b"@")
             await writer.drain()
             while True:
-                timeout = None if (session.authenticated or session.pol_atsign) else UNAUTH_IDLE_S
+                timeout = None
+                if not (session.authenticated or session.pol_atsign):
+                    timeout = max(0.0, auth_deadline - loop.time())
                 try:
-                    chunk = await asyncio.wait_for(reader.read(65536), timeout)
+                    chunk = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
-                    break
+                    log.info("closing connection from %s to %s: not authenticated within "
+                             "%g s (--auth-timeout), %d requests made", peer, host.atsign,
+                             host.config.auth_timeout_s, session.requests)
+                    await self._send(writer, session.auth_timed_out().text)
+                    return
                 if not chunk:
                     break
-                buf += chunk
-                while True:
-                    i = buf.find(b"\n")
-                    if i < 0:
-                        break
-                    raw = bytes(buf[:i])
-                    del buf[:i + 1]
-                    if len(raw) > limit:
-                        await self._send(writer, session.error(buffer_overflow(
-                            f"Message exceeds the buffer limit of {limit} bytes")).text)
-                        return
-                    try:
-                        line = raw.decode("utf-8").strip()
-                    except UnicodeDecodeError:
-                        await self._send(writer, session.error(
-                            invalid_syntax("command is not valid UTF-8")).text)
-                        continue
-                    if not line:
-                        continue
-                    reply = await session.handle(line)
+                session.feed(chunk)
+                while (item := session.next_line()) is not None:
+                    reply = item if isinstance(item, Reply) else await session.handle(item)
                     if reply.text:
                         await self._send(writer, reply.text)
                     if reply.close:
+                        if isinstance(item, Reply):
+                            log.warning("closing connection from %s to %s: %s", peer,
+                                        host.atsign, (reply.text or "").split("\n", 1)[0])
                         return
-                if len(buf) > limit:
-                    await self._send(writer, session.error(buffer_overflow(
-                        f"Message exceeds the buffer limit of {limit} bytes")).text)
-                    return
         except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
@@ -277,14 +275,18 @@ class AtServer:
         finally:
             session.close()
             conns.discard(writer)
-            with contextlib.suppress(Exception):
-                writer.close()
+            await netlimits.aclose_writer(writer)
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, text: str | None) -> None:
         if text:
             writer.write(text.encode("utf-8"))  # one write: `<body>\n<prompt>`
             await writer.drain()
+
+
+def _refusal_line(reason: str) -> bytes:
+    """What a peer refused at accept reads (then the connection closes)."""
+    return f"error:AT0012-Inbound connection limit exceeded: {reason}\n".encode()
 
 
 def install_signal_handlers(server: AtServer) -> None:

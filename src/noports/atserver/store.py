@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=10000")
+        # Deleted or overwritten rows (the CRAM secret after activation, purged private keys)
+        # are zeroed on disk instead of lingering in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         if new:
             os.chmod(self.path, 0o600)
@@ -232,6 +235,13 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM keystore WHERE atsign=? AND key=?", (atsign, key))
             return self._commit(db, atsign, key, "-", ts) if commit else -1
+
+    def scrub(self) -> None:
+        """Copy the WAL into the database and truncate it, so the old copies of a deleted
+        secret (pages written before its secure delete) leave the WAL file too; best effort
+        while other connections read."""
+        with suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _commit(self, db: sqlite3.Connection, atsign: str, key: str, op: str,
                 ts: int | None) -> int:
