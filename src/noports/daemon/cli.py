@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", metavar="DIR",
                    help="directory for state kept across restarts: the replay memory "
                         "(default ~/.atsign/storage/<@atsign>/..sshnpd/<device>)")
+    p.add_argument("--monitor-heartbeat", type=float, metavar="SECONDS",
+                   help="send noop:0 on the notification connection after this long without "
+                        "traffic; no answer within min(5, SECONDS/2) = dead connection, "
+                        "reconnect (back-off capped at 4 s) (default 15)")
     p.add_argument("-p", "--policy-manager", dest="policy_manager", help=S)
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -23,6 +23,7 @@ from typing import Any
 from noports.npproto.errors import ProtocolError
 from noports.npproto.keys import normalize_atsign, snakify_device_name, validate_device_name
 
+from .liveness import MONITOR_HEARTBEAT_S
 from .sshkeys import ALGORITHMS
 
 DEFAULT_ROOT = ("root.atsign.org", 64)
@@ -63,6 +64,7 @@ class DaemonConfig:
     request_window: float = REQUEST_WINDOW
     any_client_timezone: bool = False
     storage_path: Path | None = None
+    monitor_heartbeat: float = MONITOR_HEARTBEAT_S
     log_format: str = "text"
     verbose: bool = False
 
@@ -93,7 +95,7 @@ SETTINGS: dict[str, str] = {
     "authorized_keys": "str", "sshd_host_keys": "str", "ephemeral_permissions": "str",
     "ssh_algorithm": "str", "device_group": "str", "ephemeral_key_ttl": "float",
     "max_sessions": "int", "log_format": "str", "verbose": "bool", "storage_path": "str",
-    "request_window": "float", "any_client_timezone": "bool",
+    "request_window": "float", "any_client_timezone": "bool", "monitor_heartbeat": "float",
 }
 ALIASES = {"manager": "managers", "po": "permit_open", "dg": "device_group",
            "key": "key_file", "keys": "key_file", "un_hide": None, "username": None}
@@ -307,6 +309,9 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         if "\n" in v or "\r" in v:
             raise ConfigError(f"--{name.replace('_', '-')}: must not contain newlines")
     group = str(s.get("device_group") or DEFAULT_DEVICE_GROUP)
+    beat = float(s.get("monitor_heartbeat", MONITOR_HEARTBEAT_S))
+    if not 1 <= beat <= 300:
+        raise ConfigError(f"--monitor-heartbeat: expected 1 <= seconds <= 300, got {beat:g}")
 
     def path(name: str) -> Path | None:
         v = s.get(name)
@@ -328,5 +333,5 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         ssh_algorithm=algo, device_group=group, ephemeral_key_ttl=ttl,
         max_sessions=max_sessions, request_window=window,
         any_client_timezone=bool(s.get("any_client_timezone", False)),
-        storage_path=path("storage_path"), log_format=log_format,
+        storage_path=path("storage_path"), monitor_heartbeat=beat, log_format=log_format,
         verbose=bool(s.get("verbose", False)))
