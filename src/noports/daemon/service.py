@@ -43,6 +43,15 @@ from noports.relay.splice import Splice, splice_sockets
 
 from .authorized_keys import AuthorizedKeys, AuthorizedKeysError
 from .config import DaemonConfig
+from .handler import (
+    AddClientKey,
+    DaemonHandler,
+    Ignore,
+    Inbound,
+    Reply,
+    Request,
+    SessionPlan,
+)
 from .liveness import (
     CHECK_INTERVAL_S,
     MONITOR_HEARTBEAT_TIMEOUT_S,
@@ -54,15 +63,6 @@ from .liveness import (
     backoff_delay,
     sd_notify,
     watchdog_interval,
-)
-from .handler import (
-    AddClientKey,
-    DaemonHandler,
-    Ignore,
-    Inbound,
-    Reply,
-    Request,
-    SessionPlan,
 )
 from .seen import SeenRequests, SeenStoreError
 from .sshkeys import load_host_keys
