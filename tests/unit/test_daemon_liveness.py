@@ -128,3 +128,11 @@ def test_sd_notify_reads_the_real_environment(notify_socket):
                          env={**os.environ, "NOTIFY_SOCKET": str(path)}, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
     assert srv.recv(64) == b"READY=1"
+
+
+def test_role_unit_uses_the_watchdog():
+    unit = (Path(__file__).resolve().parents[2] / "roles" / "sshnpd" / "templates"
+            / "sshnpd.service.j2").read_text()
+    assert "\nType=notify\n" in unit and "\nNotifyAccess=main\n" in unit
+    sec = int(unit.split("\nWatchdogSec=", 1)[1].split("\n", 1)[0])
+    assert sec >= 90  # above the slowest probe (lookup + TLS + from + pkam + noop)
