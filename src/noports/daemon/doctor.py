@@ -53,14 +53,16 @@ def secret_file_mode(path: str, mode: int) -> Finding | None:
     return None
 
 
-def strict_modes(path: str, mode: int, owner: int, uid: int) -> Finding | None:
+def strict_modes(path: str, mode: int, owner: int, uid: int,
+                 private_group: bool = False) -> Finding | None:
     """sshd StrictModes: the file and each directory up to / owned by the user or root and
-    not writable by group or others; otherwise sshd ignores authorized_keys."""
+    not writable by group or others; otherwise sshd ignores authorized_keys. Group write is
+    accepted when the group is the user's private group (Debian's sshd allows that)."""
     if owner not in (uid, 0):
         return Finding("authorized_keys", FAIL, f"{path} is owned by uid {owner}, not by the "
                        "user or root: sshd (StrictModes) ignores the file",
                        f"chown {uid} {path}")
-    if mode & 0o022:
+    if mode & (0o002 if private_group else 0o022):
         return Finding("authorized_keys", FAIL, f"{path} has mode {stat.S_IMODE(mode):04o}: "
                        "group/others can write it, so sshd (StrictModes) refuses every key",
                        f"chmod go-w {path}")
@@ -123,7 +125,10 @@ def check_authorized_keys(cfg: DaemonConfig) -> list[Finding]:
         st = p.stat()
         if p != ak and stat.S_IMODE(st.st_mode) & 0o1000 and st.st_uid == 0:
             continue  # /tmp-like sticky root directories are accepted by sshd
-        bad = strict_modes(str(p), st.st_mode, st.st_uid, uid)
+        # the file itself: strict (it holds credentials); directories: a user private
+        # group's write bit is accepted, as Debian's sshd does (0775 home directories)
+        upg = p != ak and _private_group(st.st_gid, uid)
+        bad = strict_modes(str(p), st.st_mode, st.st_uid, uid, upg)
         if bad:
             out.append(bad)
     if not ak.exists():
@@ -132,6 +137,19 @@ def check_authorized_keys(cfg: DaemonConfig) -> list[Finding]:
                            "is writable by this user"))
     return out or [Finding("authorized_keys", OK, f"{ak} and its directories pass sshd's "
                                                   "StrictModes")]
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """The group is named after the user and has no other member (a user private group)."""
+    import grp
+    import pwd
+    try:
+        user = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return (group.gr_name == user.pw_name and user.pw_gid == gid
+            and set(group.gr_mem) <= {user.pw_name})
 
 
 def check_sshd(cfg: DaemonConfig) -> list[Finding]:

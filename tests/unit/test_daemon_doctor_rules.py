@@ -58,6 +58,8 @@ def test_strict_modes_like_sshd():
     f = strict_modes("ak", 0o100620, 1000, 1000)
     assert f and f.status == FAIL and f.fix == "chmod go-w ak"
     assert strict_modes("d", 0o40702, 1000, 1000)  # world-writable directory
+    assert strict_modes("/home/pi", 0o40775, 1000, 1000, private_group=True) is None
+    assert strict_modes("/home/pi", 0o40777, 1000, 1000, private_group=True)
     f = strict_modes("ak", 0o100600, 1001, 1000)
     assert f and "owned by uid 1001" in f.detail
 
