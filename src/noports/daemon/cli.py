@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("--version", action="version", version=f"sshnpd {DAEMON_VERSION}")
     p.add_argument("--config", metavar="FILE",
-                   help="config file (key=value, .toml or .json) mirroring the long flags; "
-                        "flags override it")
+                   help="config file (key=value, .toml or .json) mirroring the long flags, or "
+                        "the official daemon's sshnpd.yaml layout (.yaml/.yml); flags "
+                        "override it")
     p.add_argument("-a", "--atsign", help="this device's atSign (required)")
     p.add_argument("-m", "--managers", "--manager", dest="managers", action="append",
                    metavar="ATSIGNS", help="client atSign(s) allowed to use this device; "
@@ -95,15 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", metavar="DIR",
                    help="directory for state kept across restarts: the replay memory "
                         "(default ~/.atsign/storage/<@atsign>/..sshnpd/<device>)")
+    p.add_argument("--monitor-heartbeat", type=float, metavar="SECONDS",
+                   help="send noop:0 on the notification connection after this long without "
+                        "traffic; no answer within min(5, SECONDS/2) = dead connection, "
+                        "reconnect (back-off capped at 4 s) (default 15)")
     p.add_argument("-p", "--policy-manager", dest="policy_manager", help=S)
+    p.add_argument("--doctor", action="store_true",
+                   help="check config, keys and file modes, sshd, authorized_keys, atDirectory "
+                        "and atServer reachability, TLS trust, clock skew and the service; "
+                        "print what to fix; exit 0 when healthy, 1 otherwise")
+    p.add_argument("--service-name", metavar="NAME",
+                   help="--doctor: systemd unit to check (default sshnpd)")
+    p.add_argument("--pid-file", metavar="FILE",
+                   help="--doctor without systemd: the runner's pid file "
+                        "(default /run/noports/sshnpd.pid)")
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
+_DOCTOR_ONLY = ("doctor", "service_name", "pid_file")
+
+
 def parse_args(argv: Sequence[str] | None) -> DaemonConfig:
     """argv (+ config file) -> DaemonConfig; ConfigError for anything unusable."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[DaemonConfig, dict[str, Any]]:
     ns = vars(build_parser().parse_args(argv))
+    extra = {k: ns.pop(k) for k in _DOCTOR_ONLY if k in ns}
     if ns.pop("policy_manager", None) is not None:
         raise ConfigError("-p/--policy-manager (NPA policy service) is not supported; use -m")
     ns.pop("un_hide", None)
@@ -111,7 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> DaemonConfig:
     if "config" in ns:
         settings.update(load_config_file(ns.pop("config")))
     settings.update(ns)
-    return build_config(settings)
+    return build_config(settings), extra
 
 
 # --- logging ---------------------------------------------------------------------------------
@@ -180,10 +202,17 @@ async def _amain(cfg: DaemonConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        cfg = parse_args(argv)
+        cfg, extra = _parse(argv)
     except ConfigError as exc:
         print(f"sshnpd: error: {exc}", file=sys.stderr)
         return 2
+    if extra.get("doctor"):
+        from pathlib import Path
+
+        from .doctor import run_doctor
+        logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.WARNING)
+        return run_doctor(cfg, service=extra.get("service_name") or "sshnpd",
+                          pid_file=Path(extra.get("pid_file") or "/run/noports/sshnpd.pid"))
     setup_logging(cfg.log_format, cfg.verbose)
     try:
         return asyncio.run(_amain(cfg))

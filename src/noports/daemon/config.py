@@ -5,7 +5,9 @@ Ansible role templates) and from tests; one validator turns any of them into a f
 :class:`DaemonConfig` or a :class:`ConfigError` whose one-line message names the setting.
 
 Config files mirror the long flag names (``-`` or ``_``): ``.json`` (an object), ``.toml``
-(top-level keys), anything else ``key = value`` lines with ``#`` comments. Lists may be given
+(top-level keys), anything else ``key = value`` lines with ``#`` comments. ``.yaml``/``.yml``
+is the official daemon's layout (``/etc/noports/sshnpd.yaml``: sections atsign, access,
+device, ssh, runtime), read by a small parser of the subset it uses. Lists may be given
 as a comma-separated string or (JSON/TOML) as an array.
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 from noports.npproto.errors import ProtocolError
 from noports.npproto.keys import normalize_atsign, snakify_device_name, validate_device_name
 
+from .liveness import MONITOR_HEARTBEAT_S
 from .sshkeys import ALGORITHMS
 
 DEFAULT_ROOT = ("root.atsign.org", 64)
@@ -63,6 +66,7 @@ class DaemonConfig:
     request_window: float = REQUEST_WINDOW
     any_client_timezone: bool = False
     storage_path: Path | None = None
+    monitor_heartbeat: float = MONITOR_HEARTBEAT_S
     log_format: str = "text"
     verbose: bool = False
 
@@ -93,7 +97,7 @@ SETTINGS: dict[str, str] = {
     "authorized_keys": "str", "sshd_host_keys": "str", "ephemeral_permissions": "str",
     "ssh_algorithm": "str", "device_group": "str", "ephemeral_key_ttl": "float",
     "max_sessions": "int", "log_format": "str", "verbose": "bool", "storage_path": "str",
-    "request_window": "float", "any_client_timezone": "bool",
+    "request_window": "float", "any_client_timezone": "bool", "monitor_heartbeat": "float",
 }
 ALIASES = {"manager": "managers", "po": "permit_open", "dg": "device_group",
            "key": "key_file", "keys": "key_file", "un_hide": None, "username": None}
@@ -149,9 +153,12 @@ def parse_config_text(text: str, source: str = "<config>", fmt: str | None = Non
     """Parse a config file's text; ``fmt`` is json, toml or kv (default: from ``source``)."""
     if fmt is None:
         suffix = Path(source).suffix.lower()
-        fmt = {".json": "json", ".toml": "toml"}.get(suffix, "kv")
+        fmt = {".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}.get(
+            suffix, "kv")
     raw: dict[str, Any] = {}
-    if fmt == "json":
+    if fmt == "yaml":
+        items = official_yaml_items(text, source)
+    elif fmt == "json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -192,6 +199,131 @@ def parse_config_text(text: str, source: str = "<config>", fmt: str | None = Non
             continue
         raw[name] = _coerce(SETTINGS[name], value, where)
     return raw
+
+
+# --- the official daemon's YAML layout (/etc/noports/sshnpd.yaml) -------------------------
+
+#: "section/key" of the official sshnpd.yaml -> our setting (None: accepted, has no effect)
+OFFICIAL_YAML_KEYS: dict[str, str | None] = {
+    "atsign/atsign": "atsign", "atsign/keys": "key_file", "atsign/root": "root_domain",
+    "access/managers": "managers", "access/permitopen": "permit_open",
+    "device/name": "device", "device/group": "device_group", "device/hide": "hide",
+    "ssh/add-publickeys": "sshpublickey", "ssh/sshd-port": "local_sshd_port",
+    "ssh/publickey-permissions": "sshpublickey_permissions",
+    "ssh/ephemeral-permissions": "ephemeral_permissions", "ssh/algorithm": "ssh_algorithm",
+    "ssh/client": None, "runtime/storage-path": "storage_path", "runtime/verbose": "verbose",
+    "runtime/debug": "verbose", "runtime/strict": None, "runtime/clear-cached-pks": None,
+}
+_UNSUPPORTED_YAML = {"atsign/passphrase": "password-protected .atKeys are not supported",
+                     "access/policy": "the NPA policy service is not supported; use managers"}
+
+
+def _strip_comment(text: str) -> str:
+    """Drop a trailing `` # comment`` that is not inside quotes."""
+    quote = ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return text[:i].strip()
+    return text.strip()
+
+
+def _yaml_scalar(text: str, where: str) -> Any:
+    t = _strip_comment(text)
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
+        return t[1:-1]
+    if t.lower() in ("true", "yes", "on"):
+        return True
+    if t.lower() in ("false", "no", "off"):
+        return False
+    if t in ("", "~", "null"):
+        return None
+    if re.fullmatch(r"-?\d+", t):
+        return int(t)
+    if t[:1] in "{&*!|>":
+        raise ConfigError(f"{where}: YAML feature not supported here: {t[:20]!r}")
+    return t
+
+
+def _yaml_flow_list(text: str, where: str) -> list[Any]:
+    inner = text.strip()[1:-1]
+    return [_yaml_scalar(p, where) for p in inner.split(",") if p.strip()]
+
+
+def parse_official_yaml(text: str, source: str = "<config>") -> dict[str, Any]:
+    """The subset of YAML the official sshnpd.yaml uses: ``section:`` then indented
+    ``key: scalar``, ``key: [a, b]`` or ``key:`` + ``- item`` lines; ``#`` comments.
+
+    Why not PyYAML: it is not a runtime dependency, and this layout needs only this much;
+    anything else (anchors, flow mappings, deeper nesting) is refused with the line number.
+    Returns ``{"section/key": value}``.
+    """
+    out: dict[str, Any] = {}
+    section: str | None = None
+    list_key: str | None = None
+    for n, line in enumerate(text.splitlines(), 1):
+        where = f"{source}:{n}"
+        body = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
+        if not body.strip() or body.strip() in ("---", "..."):
+            continue
+        if "\t" in body[: len(body) - len(body.lstrip())]:
+            raise ConfigError(f"{where}: tabs are not allowed for indentation in YAML")
+        indent = len(body) - len(body.lstrip(" "))
+        s = body.strip()
+        if s.startswith("- "):
+            if list_key is None or indent == 0:
+                raise ConfigError(f"{where}: list item outside a list")
+            out[list_key].append(_yaml_scalar(s[2:], where))
+            continue
+        key, sep, value = s.partition(":")
+        if not sep or not key or (value and not value.startswith(" ")):
+            raise ConfigError(f"{where}: expected key: value")
+        key = key.strip().strip("\"'")
+        if indent == 0:
+            if value.strip():
+                raise ConfigError(f"{where}: expected a section (e.g. atsign:, access:) "
+                                  "as in the official sshnpd.yaml")
+            section, list_key = key, None
+            continue
+        if section is None:
+            raise ConfigError(f"{where}: key {key!r} outside a section")
+        full = f"{section}/{key}"
+        v = _strip_comment(value)
+        if not v:
+            out[full] = []
+            list_key = full
+        elif v.startswith("["):
+            if not v.endswith("]"):
+                raise ConfigError(f"{where}: unterminated [list]")
+            out[full], list_key = _yaml_flow_list(v, where), None
+        else:
+            out[full], list_key = _yaml_scalar(v, where), None
+    return out
+
+
+def official_yaml_items(text: str, source: str) -> list[tuple[str, Any, str]]:
+    """The official YAML layout as (our setting, value, where) items."""
+    items: list[tuple[str, Any, str]] = []
+    for key, value in parse_official_yaml(text, source).items():
+        where = f"{source}: {key.replace('/', '.')}"
+        if key in _UNSUPPORTED_YAML:
+            raise ConfigError(f"{where}: {_UNSUPPORTED_YAML[key]}")
+        if key not in OFFICIAL_YAML_KEYS:
+            raise ConfigError(f"{where}: unknown setting (the official sshnpd.yaml layout "
+                              "has atsign:, access:, device:, ssh:, runtime: sections)")
+        name = OFFICIAL_YAML_KEYS[key]
+        if name is None or value is None:
+            continue
+        if name in ("sshpublickey_permissions", "ephemeral_permissions") \
+                and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if name == "verbose" and value is False:
+            continue  # runtime.debug: false must not undo runtime.verbose: true
+        items.append((name, value, where))
+    return items
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -307,6 +439,9 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         if "\n" in v or "\r" in v:
             raise ConfigError(f"--{name.replace('_', '-')}: must not contain newlines")
     group = str(s.get("device_group") or DEFAULT_DEVICE_GROUP)
+    beat = float(s.get("monitor_heartbeat", MONITOR_HEARTBEAT_S))
+    if not 1 <= beat <= 300:
+        raise ConfigError(f"--monitor-heartbeat: expected 1 <= seconds <= 300, got {beat:g}")
 
     def path(name: str) -> Path | None:
         v = s.get(name)
@@ -328,5 +463,5 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         ssh_algorithm=algo, device_group=group, ephemeral_key_ttl=ttl,
         max_sessions=max_sessions, request_window=window,
         any_client_timezone=bool(s.get("any_client_timezone", False)),
-        storage_path=path("storage_path"), log_format=log_format,
+        storage_path=path("storage_path"), monitor_heartbeat=beat, log_format=log_format,
         verbose=bool(s.get("verbose", False)))

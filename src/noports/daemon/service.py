@@ -52,6 +52,18 @@ from .handler import (
     Request,
     SessionPlan,
 )
+from .liveness import (
+    CHECK_INTERVAL_S,
+    MONITOR_HEARTBEAT_TIMEOUT_S,
+    PROBE_TIMEOUT_S,
+    RECONNECT_BACKOFF_BASE_S,
+    RECONNECT_BACKOFF_MAX_S,
+    LivenessRule,
+    Sample,
+    backoff_delay,
+    sd_notify,
+    watchdog_interval,
+)
 from .seen import SeenRequests, SeenStoreError
 from .sshkeys import load_host_keys
 
@@ -131,14 +143,22 @@ class Daemon:
         if not self.host_keys:
             log.warning("no sshd host public keys match %s: responses carry no host keys "
                         "to pin", c.sshd_host_keys)
+        # systemd: started and configured (a config/keys error has exited already); an
+        # unreachable atServer must not block `systemctl start` (nor Ansible's service task)
+        sd_notify(f"READY=1\nSTATUS=connecting {c.atsign} to its atServer")
         client = await self._connect()
         if client is None:
             return 0  # stopped while waiting for the atServer
         self.client = client
-        monitor = client.monitor(daemon_subscription_regex(c.device))
+        beat = c.monitor_heartbeat
+        monitor = client.monitor(
+            daemon_subscription_regex(c.device), heartbeat_s=beat,
+            heartbeat_timeout_s=min(MONITOR_HEARTBEAT_TIMEOUT_S, max(1.0, beat / 2)),
+            backoff_base_s=RECONNECT_BACKOFF_BASE_S, backoff_max_s=RECONNECT_BACKOFF_MAX_S)
         consumer = asyncio.create_task(self._consume(monitor), name="sshnpd consume")
         sharer = asyncio.create_task(self._share_loop(), name="sshnpd share")
         sweeper = asyncio.create_task(self._sweep_loop(), name="sshnpd sweep")
+        checker = asyncio.create_task(self._liveness_loop(monitor), name="sshnpd liveness")
         stopper = asyncio.create_task(stop.wait())
         status = 0
         try:
@@ -151,6 +171,7 @@ class Daemon:
             else:
                 log.info("sshnpd %s ready: device %r, managers %s", c.atsign, c.device,
                          ",".join(c.managers), extra={"event": "ready"})
+                sd_notify(f"STATUS=serving {c.atsign} device {c.device}")
             done, _pending = await asyncio.wait({consumer, stopper},
                                                 return_when=asyncio.FIRST_COMPLETED)
             if consumer in done and not stop.is_set():
@@ -159,7 +180,8 @@ class Daemon:
                     raise DaemonError(f"monitor failed: {exc}")
                 status = 1
         finally:
-            for t in (consumer, sharer, sweeper, stopper):
+            sd_notify("STOPPING=1")
+            for t in (consumer, sharer, sweeper, checker, stopper):
                 t.cancel()
             await self._shutdown(monitor)
         return status
@@ -200,16 +222,68 @@ class Daemon:
             except AtProtocolError as exc:
                 raise DaemonError(f"cannot authenticate {c.atsign}: {exc}") from None
             except (AtClientError, OSError, ssl.SSLError) as exc:
-                delay = min(60.0, 0.5 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.0)
+                delay = backoff_delay(attempt, jitter=random.uniform(0.5, 1.0))
                 attempt += 1
                 log.warning("cannot reach the atServer of %s (%s); retrying in %.1fs",
                             c.atsign, exc, delay, extra={"event": "connect_retry"})
+                if watchdog_interval():  # each attempt ended within its timeouts: alive
+                    sd_notify("WATCHDOG=1")
                 if self._stop is None:
                     await asyncio.sleep(delay)
                 else:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), delay)
         return None
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    async def _liveness_loop(self, monitor: Any) -> None:
+        """Sample the daemon; feed systemd's watchdog only while the check passes."""
+        interval = watchdog_interval()
+        period = min(interval, CHECK_INTERVAL_S) if interval else CHECK_INTERVAL_S
+        rule = LivenessRule()
+        last_ok = True
+        while True:
+            await asyncio.sleep(period)
+            verdict = rule.decide(await self._sample(monitor))
+            if verdict.ok:
+                if interval:
+                    sd_notify("WATCHDOG=1")
+                if not last_ok:
+                    log.info("liveness check passes again: %s", verdict.reason,
+                             extra={"event": "liveness_ok"})
+            else:
+                log.error("liveness check failed: %s%s", verdict.reason,
+                          "; not feeding the systemd watchdog" if interval else "",
+                          extra={"event": "liveness_failed"})
+            last_ok = verdict.ok
+
+    async def _sample(self, monitor: Any) -> Sample:
+        """One self-check: monitor state, a ``noop:0`` on the command connection (it
+        reconnects that connection when it died), a worker-thread round trip."""
+        task = getattr(monitor, "_task", None)
+        ready = getattr(monitor, "_ready", None)
+        probe = "ok"
+        try:
+            assert self.client is not None
+            # every step has its own timeout (lookup, TLS, from, pkam, noop); only a probe
+            # outliving all of them, plus a command ahead of it, counts as hung
+            bound = 6 * self.client.timeout + PROBE_TIMEOUT_S
+            await asyncio.wait_for(self.client.command("noop:0", timeout=PROBE_TIMEOUT_S),
+                                   bound)
+        except asyncio.TimeoutError:
+            probe = "hung"
+        except (AtClientError, OSError, ssl.SSLError):
+            probe = "network"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(time.monotonic), PROBE_TIMEOUT_S)
+            worker_ok = True
+        except asyncio.TimeoutError:
+            worker_ok = False
+        return Sample(now=time.monotonic(),
+                      monitor_task_alive=task is None or not task.done(),
+                      monitor_connected=bool(ready is not None and ready.is_set()),
+                      probe=probe, worker_ok=worker_ok)
 
     # -- notifications --------------------------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""sshnpd liveness: the rule that says whether the daemon is doing its job, and sd_notify.
+
+Why: the most frequent complaint about device daemons is one that goes silent after hours or
+days. Network-level silence (a dead or stalled monitor connection) is handled where it
+happens: the monitor heartbeats ``noop:0`` and reconnects with a capped, jittered back-off.
+This module covers the rest: a daemon that is wedged (event loop blocked, worker threads
+stuck on a hung filesystem, monitor supervisor dead, monitor never coming back although the
+atServer answers). The daemon samples itself every few seconds; :class:`LivenessRule`
+decides (pure, unit-tested without sockets) and only a passing check sends ``WATCHDOG=1`` to
+systemd, so a wedged daemon stops feeding the watchdog and systemd restarts it.
+
+What deliberately does NOT fail the check: an atServer that is down or unreachable (every
+probe fails with a network error). Restarting would not bring it back and would cut the SSH
+sessions that run over the relay, which do not need the atServer; the monitor keeps retrying
+every few seconds instead.
+
+``sd_notify`` is the documented datagram protocol (one ``AF_UNIX``/``SOCK_DGRAM`` message to
+``$NOTIFY_SOCKET``, ``@`` meaning the abstract namespace): a dozen lines, no dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("noports.sshnpd")
+
+#: monitor heartbeat: ``noop:0`` after this long without traffic ...
+MONITOR_HEARTBEAT_S = 15.0
+#: ... and the connection is declared dead when nothing answers within this
+MONITOR_HEARTBEAT_TIMEOUT_S = 5.0
+#: reconnect back-off: base * 2^attempt, capped, times a jitter factor in [0.5, 1]
+RECONNECT_BACKOFF_BASE_S = 0.25
+RECONNECT_BACKOFF_MAX_S = 4.0
+#: how often the daemon samples itself when systemd asks for no watchdog
+CHECK_INTERVAL_S = 10.0
+#: a probe (``noop:0`` on the command connection, a worker-thread round trip) must end in this
+PROBE_TIMEOUT_S = 5.0
+#: monitor down this long while the atServer answers probes = wedged monitor
+MONITOR_DOWN_GRACE_S = 60.0
+
+
+def backoff_delay(attempt: int, base: float = RECONNECT_BACKOFF_BASE_S,
+                  cap: float = RECONNECT_BACKOFF_MAX_S, jitter: float = 1.0) -> float:
+    """Delay before reconnect ``attempt`` (0-based); ``jitter`` is the factor in [0.5, 1]."""
+    return min(cap, base * 2 ** min(attempt, 20)) * min(1.0, max(0.5, jitter))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One self-check of the daemon, as measured by the service edge."""
+
+    now: float  # monotonic seconds
+    monitor_task_alive: bool  # the monitor's supervising task is still running
+    monitor_connected: bool  # the monitor holds an authenticated connection
+    probe: str  # "ok": atServer answered; "network": unreachable; "hung": no end in time
+    worker_ok: bool  # a worker-thread round trip finished in time
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str
+
+
+class LivenessRule:
+    """Turns samples into verdicts; remembers since when the monitor has been down."""
+
+    def __init__(self, monitor_down_grace: float = MONITOR_DOWN_GRACE_S) -> None:
+        self.monitor_down_grace = monitor_down_grace
+        self._down_since: float | None = None
+
+    def decide(self, s: Sample) -> Verdict:
+        if s.monitor_connected:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = s.now
+        if not s.monitor_task_alive:
+            return Verdict(False, "the monitor task has ended")
+        if not s.worker_ok:
+            return Verdict(False, "worker threads do not answer (hung filesystem?)")
+        if s.probe == "hung":
+            return Verdict(False, "a probe of the atServer did not end within its timeout")
+        down_for = 0.0 if self._down_since is None else s.now - self._down_since
+        if s.probe == "ok" and down_for > self.monitor_down_grace:
+            return Verdict(False, f"the atServer answers but the monitor has been down for "
+                                  f"{down_for:.0f}s")
+        if s.probe == "network":
+            return Verdict(True, "atServer unreachable; reconnecting")
+        if not s.monitor_connected:
+            return Verdict(True, "monitor reconnecting")
+        return Verdict(True, "monitor connected, atServer answers")
+
+
+# --- systemd notification protocol ------------------------------------------------------------
+
+def notify_socket_address(env: Mapping[str, str] | None = None) -> str | None:
+    """``$NOTIFY_SOCKET`` as a socket address (``@x`` -> abstract ``\\0x``), or None."""
+    addr = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not addr or not (addr.startswith("/") or addr.startswith("@")):
+        return None  # unset, or a vsock address we do not speak
+    return "\0" + addr[1:] if addr.startswith("@") else addr
+
+
+def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send ``state`` (``READY=1``, ``WATCHDOG=1``...) to systemd; False when not under it."""
+    addr = notify_socket_address(env)
+    if addr is None:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode("utf-8"))
+    except OSError as exc:
+        log.debug("sd_notify %s failed: %s", state.split("=", 1)[0], exc)
+        return False
+    return True
+
+
+def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None
+                      ) -> float | None:
+    """Seconds between ``WATCHDOG=1`` messages (half of ``WatchdogSec=``), or None if off.
+
+    systemd sets ``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, which must be us when present).
+    """
+    e = os.environ if env is None else env
+    usec = e.get("WATCHDOG_USEC", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    wpid = e.get("WATCHDOG_PID", "")
+    if wpid and wpid != str(os.getpid() if pid is None else pid):
+        return None
+    return int(usec) / 1e6 / 2
+
+
+__all__ = ["LivenessRule", "Sample", "Verdict", "backoff_delay", "notify_socket_address",
+           "sd_notify", "watchdog_interval"]
