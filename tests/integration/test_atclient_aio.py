@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -248,6 +249,36 @@ def test_our_client_to_our_client_across_processes_with_timings(env):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_clients_in_one_event_loop_concurrently_and_sequentially(env):
+    """Issue 9 point 9: 20 clients at once, then 20 one after another, in ONE loop; each
+    authenticates (pkam) and does a real lookup that crosses to the other atServer. No fd
+    is left behind (a leaked transport would also make a later connection of the loop fail
+    with "File descriptor N is used by transport")."""
+    async def one(i: int) -> None:
+        async with await env.client("@alice") as alice:
+            assert await alice.public_key("@bob") == env.keys["@bob"].encrypt_public
+            assert (await alice.command("scan")).startswith("[")
+
+    async def main() -> tuple[int, int, int]:
+        await one(-1)  # warm: directory cache, lazily created loop fds
+        before = _open_fds()
+        results = await asyncio.gather(*(one(i) for i in range(20)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        after_gather = _open_fds()
+        for i in range(20):
+            await one(i)
+        return before, after_gather, _open_fds()
+
+    before, after_gather, after_seq = asyncio.run(main())
+    assert after_gather == before, (before, after_gather)
+    assert after_seq == before, (before, after_seq)
 
 
 @pytest.fixture

@@ -104,7 +104,16 @@ def cipher_transforms(cipher: StreamCipher,
 
 
 async def _finish(sp: Splice) -> PumpStats:
-    await sp.wait_closed()
+    try:
+        await sp.wait_closed()
+    except asyncio.CancelledError:
+        # The caller gave up on the pump: drop its transports now. Left alive, they keep
+        # claiming the socket's fd number after the owner closes the socket, and the next
+        # connection in this loop that gets the same number fails ("File descriptor N is
+        # used by transport").
+        abort = getattr(sp, "abort", None)  # ProtocolSplice; an OsSplice has no transports
+        (abort or sp.close)()
+        raise
     end = sp.ended_at or time.monotonic()
     stats = PumpStats(sp.bytes_ab, sp.bytes_ba, end - sp.started_at, sp.close_reason)
     log.info("pump finished (%s): to relay %d bytes, from relay %d bytes, %.1fs",

@@ -1,0 +1,44 @@
+"""The sshnp library (``open_session`` + ``serve_socket``) used many times in ONE event loop.
+
+Regression of issue 9 point 9: a session whose ``serve_socket`` was cancelled left its pump's
+asyncio transports alive on the relay socket; ``session.close()`` then closed that socket
+behind them, and the next connection of the loop that got the same fd number failed with
+``RuntimeError: File descriptor 13 is used by transport ...``. Everything here is real: the
+plane, srvd, sshnpd and OpenSSH (loopback topology: no namespaces needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from noports_harness import World, noports_world, run_inprocess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with noports_world(tmp_path_factory.mktemp("libloop"), n_devices=1,
+                       namespaced=False) as w:
+        yield w
+
+
+def test_sessions_one_after_another_and_concurrently_in_one_loop(world: World) -> None:
+    async def one(tag: str) -> str:
+        _session, rc, out, err = await run_inprocess(world, 1, "aes", f"echo {tag}")
+        assert rc == 0, err
+        return out
+
+    async def main() -> None:
+        for _ in range(3):  # each ends with serve cancelled + session.close()
+            tag = uuid.uuid4().hex[:8]
+            assert tag in await one(tag)
+        tags = [uuid.uuid4().hex[:8] for _ in range(3)]
+        outs = await asyncio.gather(*(one(t) for t in tags))
+        for t, out in zip(tags, outs, strict=True):
+            assert t in out
+
+    asyncio.run(main())
