@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from noports import crypto
+from noports.atprotocol.atsign import normalize_atsign
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,7 @@ class AtConnection:
 
 
 def _at(atsign: str) -> str:
-    atsign = atsign.strip()
-    return atsign if atsign.startswith("@") else "@" + atsign
+    return normalize_atsign(atsign)  # the one atSign rule; InvalidAtSign is a ValueError
 
 
 def _open_tls(host: str, port: int, ssl_ctx: ssl.SSLContext | None, connect_timeout: float,

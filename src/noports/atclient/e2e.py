@@ -28,13 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from noports import crypto
 from noports.atclient.connection import strip_prompt
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 
 # How long a recipient's server may cache the shared key before re-fetching (SDK: 24 h).
 SHARED_KEY_TTR_MS = 24 * 60 * 60 * 1000
 STATS_NOTIFICATION_ID = "-1"
 
 _KEY_NAME = re.compile(r"^[^:@\s]+$")
-_BAD_ATSIGN = re.compile(r"[\s:@]")
 
 
 class E2EError(ValueError):
@@ -44,13 +44,11 @@ class E2EError(ValueError):
 # --- names ------------------------------------------------------------------------------------
 
 def fix_atsign(atsign: str) -> str:
-    """'Bob' / '@bob ' -> '@bob'. atSigns are case-insensitive and servers lower-case them."""
-    text = (atsign or "").strip()
-    if text.startswith("@"):
-        text = text[1:]
-    if not text or _BAD_ATSIGN.search(text):
-        raise E2EError(f"not a valid atSign: {atsign!r}")
-    return "@" + text.lower()
+    """'Bob' / '@bob ' -> '@bob': the one atSign rule (:mod:`noports.atprotocol.atsign`)."""
+    try:
+        return normalize_atsign(atsign)
+    except InvalidAtSign as exc:
+        raise E2EError(str(exc)) from None
 
 
 def full_key_name(name: str, namespace: str | None = None) -> str:

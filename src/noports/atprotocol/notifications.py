@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .keys import format_atsign
 from .metadata import dart_date
 
 _COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
@@ -104,10 +105,7 @@ def stats_line(atsign: str, last_commit_id: int, now_ms: int) -> str:
 
 
 def _format_atsign(s: str | None) -> str | None:
-    # AtUtils.formatAtSign: prefix '@' if missing; no lower-casing.
-    if not s:
-        return None
-    return s if s.startswith("@") else "@" + s
+    return format_atsign(s)  # AtUtils.formatAtSign: prefix '@' if missing; no lower-casing
 
 
 def notification_key(params: dict, *, from_atsign: str) -> str:
