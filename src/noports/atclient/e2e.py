@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from noports import crypto
-from noports.atclient.connection import strip_prompt
 from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
+from noports.atprotocol.wire import strip_prompt
 
 # How long a recipient's server may cache the shared key before re-fetching (SDK: 24 h).
 SHARED_KEY_TTR_MS = 24 * 60 * 60 * 1000

@@ -133,3 +133,16 @@ def buffer_overflow(msg: str) -> AtError:
 def internal(msg: str) -> AtError:
     """AT0011 for unexpected failures; the reference server closes the connection."""
     return AtError("AT0011", msg, close=True)
+
+
+class RemoteError(Exception):
+    """Another atServer could not be reached or handshaked; ``code`` is the atProtocol code.
+
+    Lives here (not in the asyncio ``atserver.s2s`` edge) so that sans-IO code such as the
+    session logic can catch it without importing asyncio machinery; s2s re-exports it.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
