@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from noports import crypto
 from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
+from noports.atprotocol.metadata import update_fragment
 from noports.atprotocol.wire import strip_prompt
 
 # How long a recipient's server may cache the shared key before re-fetching (SDK: 24 h).
@@ -91,22 +92,9 @@ def metadata_fragment(*, ttl_ms: int | None = None, ttb_ms: int | None = None,
                       data_signature: str | None = None, is_encrypted: bool | None = None,
                       iv_nonce: str | None = None) -> str:
     """``:ttl:..:ttr:..:isEncrypted:true:ivNonce:..`` in VerbSyntax order ('' when empty)."""
-    out = ""
-    if ttl_ms is not None:
-        out += f":ttl:{int(ttl_ms)}"
-    if ttb_ms is not None:
-        out += f":ttb:{int(ttb_ms)}"
-    if ttr_ms is not None:
-        out += f":ttr:{int(ttr_ms)}"
-    if ccd is not None:
-        out += f":ccd:{'true' if ccd else 'false'}"
-    if data_signature is not None:
-        out += f":dataSignature:{data_signature}"
-    if is_encrypted is not None:
-        out += f":isEncrypted:{'true' if is_encrypted else 'false'}"
-    if iv_nonce is not None:
-        out += f":ivNonce:{iv_nonce}"
-    return out
+    return update_fragment({"ttl": ttl_ms, "ttb": ttb_ms, "ttr": ttr_ms, "ccd": ccd,
+                            "dataSignature": data_signature, "isEncrypted": is_encrypted,
+                            "ivNonce": iv_nonce})
 
 
 def _one_line(value: str, what: str) -> str:

@@ -7,8 +7,9 @@ the client understands (legacy ``error:AT0015-...`` or JSON for newer Dart clien
 
 from __future__ import annotations
 
-import json
 import re
+
+from noports.npproto.dartjson import dart_json_encode
 
 ERROR_TEXT: dict[str, str] = {
     "AT0001": "Server exception",
@@ -73,11 +74,7 @@ def error_reply(err: AtError, *, json_style: bool, authenticated: bool) -> str:
     """Render ``err`` as a reply body (no newline, no prompt) in the client's format."""
     description = _description(err, authenticated)
     if json_style:
-        body = json.dumps(
-            {"errorCode": err.code, "errorDescription": description},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        body = dart_json_encode({"errorCode": err.code, "errorDescription": description})
         return f"error:{body}"
     return f"error:{err.code}-{description}"
 

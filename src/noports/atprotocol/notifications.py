@@ -7,13 +7,12 @@ our ``notify:`` bodies with the at_commons notify regex, whose field order is si
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
+
+from noports.npproto.dartjson import dart_json_encode
 
 from .keys import format_atsign
 from .metadata import dart_date
-
-_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
 
 # Metadata keys of the monitor line (monitor_verb_handler.dart `Notification`).
 _LIVE_META = ("encKeyName", "encAlgo", "ivNonce", "skeEncKeyName", "skeEncAlgo", "sharedKeyEnc")
@@ -51,7 +50,7 @@ class Notification:
 
 
 def _dump(obj: object) -> str:
-    return json.dumps(obj, **_COMPACT)
+    return dart_json_encode(obj)  # the Dart server's jsonEncode, byte for byte
 
 
 def _date_str(ms: object) -> str:
