@@ -281,6 +281,68 @@ def test_many_clients_in_one_event_loop_concurrently_and_sequentially(env):
     assert after_seq == before, (before, after_seq)
 
 
+async def _hostile_server(env, behaviour: str) -> asyncio.AbstractServer:
+    """A real TLS endpoint (the plane's certificate) that greets and then misbehaves."""
+    from noports.keys.ca import server_context
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"@")
+            await reader.readline()  # the client's `from:`
+            if behaviour == "flood":  # one reply longer than the client's bound, no newline
+                chunk = b"x" * (1 << 20)
+                writer.write(b"data:")
+                for _ in range(aio.STREAM_LIMIT // len(chunk) + 2):
+                    writer.write(chunk)
+                    await writer.drain()
+            else:  # "drip": a byte at a time, never a whole reply
+                for _ in range(100):
+                    writer.write(b"d")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0,
+                                      ssl=server_context(env.plane.tls, False))
+
+
+@pytest.mark.parametrize("behaviour, error, message", [
+    ("flood", aio.AtProtocolError, "over-long line: reply longer than 33554432 bytes"),
+    ("drip", aio.AtTimeoutError, "no reply from 127.0.0.1:.* to 'from' within 1s"),
+])
+def test_hostile_server_fails_one_client_and_others_keep_being_served(env, behaviour, error,
+                                                                       message):
+    """An atServer that floods one endless reply or drips bytes: that client fails with a
+    message naming the limit / the wait, and a client of the same loop keeps working."""
+    async def main() -> None:
+        server = await _hostile_server(env, behaviour)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await env.client("@alice") as good:
+                async def victim() -> None:
+                    await AtClient.connect("@alice", env.keys["@alice"], env.root, env.ctx,
+                                           secondary=("127.0.0.1", port), timeout=1.0)
+
+                task = asyncio.ensure_future(victim())
+                served = 0
+                while not task.done():
+                    assert (await good.command("plookup:publickey@bob")).strip() == \
+                        env.keys["@bob"].encrypt_public
+                    served += 1
+                with pytest.raises(error, match=message):
+                    await task
+                assert served >= 1
+                assert (await good.command("scan")).startswith("[")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
 @pytest.fixture
 def restart_env(tmp_path):
     e = _make_env(tmp_path, {"server1": ["@alice"], "server2": ["@bob"]})
