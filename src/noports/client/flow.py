@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 from noports.npproto import keys as npkeys
 from noports.npproto.envelope import dart_iso_now, relay_auth_payload
 from noports.npproto.errors import ProtocolError, SignatureError
@@ -201,9 +202,10 @@ class _Router:
             ck = npkeys.parse_client_key(n.key)
         except ProtocolError:
             return
-        sender = (n.from_atsign or "").lower()
-        if not sender.startswith("@"):
-            sender = "@" + sender
+        try:
+            sender = normalize_atsign(n.from_atsign or "")  # the one atSign rule
+        except InvalidAtSign:
+            return
         p = self.params
         if ck.kind == "relay_response":
             fut = self.relay_answers.get((sender, ck.session_id or ""))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from noports import crypto
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 from noports.npproto.dartjson import dart_json_decode
 from noports.npproto.envelope import ReplayGuard, relay_auth_line, sign_envelope, verify_envelope
 from noports.npproto.errors import ProtocolError, ReplayError, SignatureError
@@ -203,9 +204,7 @@ class DaemonHandler:
 
     def route(self, n: Inbound) -> Request | Ignore:
         """Authorize, then classify; never raises for any input."""
-        sender = (n.sender or "").strip().lower()
-        if sender and not sender.startswith("@"):
-            sender = "@" + sender
+        sender = _sender(n.sender)
         denial = self.authorize(sender)
         if denial is not None:
             return Ignore("unauthorized", f"Notification ignored from {sender or '?'} which is "
@@ -405,3 +404,11 @@ __all__ = [
     "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Ignore", "Inbound", "Reply",
     "Request", "SessionPlan", "ShareRecord", "permitted",
 ]
+
+
+def _sender(atsign: str | None) -> str:
+    """A notification's sender under the one atSign rule; '' (never authorized) if invalid."""
+    try:
+        return normalize_atsign(atsign or "")
+    except InvalidAtSign:
+        return ""
