@@ -24,7 +24,7 @@ MAX_REPLY_BYTES = 32 * 1024 * 1024
 #: Longest prompt name we wait for: 55 characters of up to 4 UTF-8 bytes each.
 _MAX_PROMPT_NAME = 55 * 4
 # Bytes that cannot be part of an atSign: after `@` they prove the prompt was the bare `@`.
-_NOT_IN_PROMPT = frozenset(b":\r\n \t")
+_PROMPT_STOP = re.compile(rb"[@:\r\n \t]")
 _AT = 0x40
 
 _CODED_ERROR = re.compile(r"^(AT\d{4})(?:\s*[-:]\s*|\s+|$)(.*)$", re.DOTALL)
@@ -121,6 +121,7 @@ class ReplyFramer:
     def __init__(self, max_reply: int = MAX_REPLY_BYTES) -> None:
         self.max_reply = max_reply
         self._buf = bytearray()
+        self._scanned = 0  # bytes of an unfinished line already searched for `\n`
         self._broken = False
 
     @property
@@ -142,6 +143,7 @@ class ReplyFramer:
         if len(self._buf) > self.max_reply:
             self._broken = True
             self._buf.clear()
+            self._scanned = 0
             raise FramingError(f"reply longer than {self.max_reply} bytes")
         return out
 
@@ -157,9 +159,11 @@ class ReplyFramer:
         while buf:
             if buf[0] == _AT:
                 return self._prompt()
-            nl = buf.find(b"\n")
+            nl = buf.find(b"\n", self._scanned)
             if nl < 0:
+                self._scanned = len(buf)  # a long line arriving in pieces is searched once
                 return None
+            self._scanned = 0
             raw = bytes(buf[:nl])
             del buf[:nl + 1]
             line = raw.decode("utf-8", "replace").rstrip("\r")
@@ -170,18 +174,16 @@ class ReplyFramer:
     def _prompt(self) -> Reply | None:
         buf = self._buf
         end = min(len(buf), 2 + _MAX_PROMPT_NAME)
-        for j in range(1, end):
-            c = buf[j]
-            if c == _AT:
-                if j == 1:
-                    break  # `@@bob@`: a bare `@`, then the next prompt
-                text = bytes(buf[:j + 1]).decode("utf-8", "replace")
-                del buf[:j + 1]
-                return Reply("prompt", text, text)
-            if c in _NOT_IN_PROMPT:
-                break
-        else:
+        stop = _PROMPT_STOP.search(buf, 1, end)
+        if stop is None:
             if len(buf) < 2 + _MAX_PROMPT_NAME:
                 return None  # `@al...` still arriving (or a lone `@`)
+        elif buf[stop.start()] == _AT and stop.start() > 1:
+            j = stop.start()
+            text = bytes(buf[:j + 1]).decode("utf-8", "replace")
+            del buf[:j + 1]
+            return Reply("prompt", text, text)
+        # a byte that cannot be in an atSign, `@@` (a bare `@`, then the next prompt), or a
+        # name longer than any atSign: the prompt was the bare `@`
         del buf[:1]
         return Reply("prompt", "@", "@")
