@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Longest reply we buffer (a large value or monitor line); beyond it the peer is refused.
 MAX_REPLY_BYTES = 32 * 1024 * 1024
@@ -39,8 +40,7 @@ class FramingError(ValueError):
     """
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """One framed unit of a server's stream.
 
     ``kind`` is one of :data:`KINDS`. ``text`` is what follows ``data:`` / ``error:`` /
@@ -77,12 +77,16 @@ def strip_prompt(body: str) -> str:
     return body
 
 
+_PREFIXES = (("data", "data:"), ("error", "error:"), ("notification", "notification:"))
+
+
 def classify(line: str) -> Reply:
     """A complete line (no newline, prompt residue allowed in front) as a :class:`Reply`."""
-    line = strip_prompt(line)
-    for kind in ("data", "error", "notification"):
-        if line.startswith(kind + ":"):
-            return Reply(kind, line[len(kind) + 1:], line)
+    if "@" in line:
+        line = strip_prompt(line)
+    for kind, prefix in _PREFIXES:
+        if line.startswith(prefix):
+            return Reply(kind, line[len(prefix):], line)
     return Reply("other", line, line)
 
 
