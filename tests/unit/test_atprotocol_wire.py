@@ -90,6 +90,9 @@ def test_a_long_reply_within_the_bound_is_fine():
     assert kinds(replies) == [("data", "v" * 5000)]
 
 
+_DEEP = '{"errorCode":' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
 # --- one parse_error --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, code, message", [
@@ -102,7 +105,8 @@ def test_a_long_reply_within_the_bound_is_fine():
     ("something odd", "", "something odd"),
     ("{not json", "", "{not json"),
     ("[1,2]", "", "[1,2]"),
-])
+    (_DEEP, "", _DEEP),  # nesting deeper than json can parse: RecursionError, not a crash
+], ids=lambda v: v[:40] if isinstance(v, str) else None)
 def test_parse_error_never_invents_a_code(text, code, message):
     assert parse_error(text) == WireError(code, message)
     # the client's exception and the atServer's RemoteReply are the same parse

@@ -102,7 +102,7 @@ def parse_error(text: str) -> WireError:
     if text.startswith("{"):
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # a hostile body must not crash the reader
             obj = None
         if isinstance(obj, dict):
             return WireError(str(obj.get("errorCode") or ""),
