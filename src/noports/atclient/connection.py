@@ -265,9 +265,11 @@ class AtConnection:
             reply = self._reader.next_reply()
             if reply.kind == "notification":
                 try:
-                    yield json.loads(reply.text.strip())
-                except json.JSONDecodeError:
+                    obj = json.loads(reply.text.strip())
+                except (ValueError, RecursionError):  # a hostile line must not end the monitor
                     log.warning("%s: unparsable notification line", self.peer)
+                    continue
+                yield obj
             elif reply.kind == "error":
                 raise parse_error(reply.text)
 

@@ -196,6 +196,8 @@ def parse_lookup_all(text: str) -> tuple[str | None, dict[str, Any]]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise E2EError(f"lookup:all reply is not JSON: {exc}") from None
+    except RecursionError:
+        raise E2EError("lookup:all reply is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise E2EError("lookup:all reply is not a JSON object")
     meta = obj.get("metaData") or obj.get("metadata") or {}
@@ -287,7 +289,7 @@ def parse_monitor_line(line: str) -> MonitorLine:
         try:
             obj = json.loads(line[len("notification:"):].strip())
             return MonitorLine("notification", parse_notification(obj))
-        except (json.JSONDecodeError, E2EError):
+        except (ValueError, RecursionError):  # E2EError is a ValueError; deep JSON recurses
             return MonitorLine("other", text="unparsable notification")
     if line.startswith("data:ok") or line == "@ok":
         return MonitorLine("heartbeat")
