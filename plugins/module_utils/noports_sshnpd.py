@@ -17,6 +17,13 @@ from __future__ import annotations
 
 import re
 
+from ansible_collections.noports.sshnp.plugins.module_utils.noports_atsign import (
+    InvalidAtSign,
+)
+from ansible_collections.noports.sshnp.plugins.module_utils.noports_atsign import (
+    normalize_atsign as _normalize_atsign,
+)
+
 # canonical setting -> kind, in the order they are written (mirrors daemon.config.SETTINGS)
 SETTINGS = (
     ("atsign", "str"),
@@ -45,7 +52,6 @@ SETTINGS = (
 )
 SETTING_NAMES = tuple(name for name, _kind in SETTINGS)
 
-_ATSIGN_BAD = re.compile(r"[\s:@/\\\x00,]")
 _DEVICE_RE = re.compile(r"[a-z0-9_][a-z0-9_\-]{1,35}")
 _PERMIT_RE = re.compile(r"(\*|[A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\]):(\*|\d{1,5})")
 
@@ -55,13 +61,10 @@ class ConfigValueError(ValueError):
 
 
 def normalize_atsign(value, setting="atsign"):
-    text = (value or "").strip()
-    if text.startswith("@"):
-        text = text[1:]
-    text = text.lower()
-    if not text or _ATSIGN_BAD.search(text) or len(text) > 55:
-        raise ConfigValueError(f"{setting}: not a valid atSign: {value!r}")
-    return "@" + text
+    try:
+        return _normalize_atsign(value or "")
+    except InvalidAtSign as exc:
+        raise ConfigValueError(f"{setting}: {exc}") from None
 
 
 def snakify_device(value):

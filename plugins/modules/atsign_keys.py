@@ -171,17 +171,18 @@ valid_before:
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import re  # noqa: E402
 import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.noports.sshnp.plugins.module_utils import (  # noqa: E402
+    noports_atsign as atsign_rule,
+)
 from ansible_collections.noports.sshnp.plugins.module_utils import (  # noqa: E402
     noports_files as files,
 )
 
 REQUIRED_FIELDS = ("aesPkamPublicKey", "aesPkamPrivateKey", "aesEncryptPublicKey",
                    "aesEncryptPrivateKey", "selfEncryptionKey")
-_BAD_ATSIGN = re.compile(r"[\s:@/\\\x00]")
 
 CHECK_SCRIPT = (
     "import sys\n"
@@ -198,14 +199,8 @@ CHECK_SCRIPT = (
 
 
 def normalize_atsign(text):
-    """'Alice' -> '@alice', the rule of noports.keys.atkeys.normalise_atsign."""
-    t = (text or "").strip()
-    if t.startswith("@"):
-        t = t[1:]
-    t = t.lower()
-    if not t or _BAD_ATSIGN.search(t) or t in (".", "..") or len(t) > 55:
-        raise ValueError(f"not a valid atSign: {text!r}")
-    return "@" + t
+    """'Alice' -> '@alice': the one atSign rule (mirror in module_utils/noports_atsign)."""
+    return atsign_rule.normalize_atsign(text or "")  # InvalidAtSign is a ValueError
 
 
 def structural_problem(data, atsign):

@@ -17,11 +17,15 @@ import hashlib
 import os
 import re
 
+from ansible_collections.noports.sshnp.plugins.module_utils.noports_atsign import (
+    InvalidAtSign,
+    normalize_atsign,
+)
+
 DEFAULT_ROOT_DOMAIN = "root.atsign.org:64"
 DEFAULT_DEVICE = "default"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
-_BAD_ATSIGN = re.compile(r"[\s:@/\\\x00]")
 
 
 class SshnpConfigError(ValueError):
@@ -29,12 +33,11 @@ class SshnpConfigError(ValueError):
 
 
 def norm_atsign(value: object, what: str) -> str:
-    """``'Alice'`` / ``' @alice '`` -> ``'@alice'`` (same rule as the client's ``norm_atsign``)."""
-    text = str(value or "").strip()
-    text = text[1:] if text.startswith("@") else text
-    if not text or _BAD_ATSIGN.search(text):
-        raise SshnpConfigError(f"{what}: not a valid atSign: {value!r}")
-    return "@" + text.lower()
+    """``'Alice'`` / ``' @alice '`` -> ``'@alice'``: the one atSign rule (module_utils mirror)."""
+    try:
+        return normalize_atsign(str(value or ""))
+    except InvalidAtSign as exc:
+        raise SshnpConfigError(f"{what}: {exc}") from None
 
 
 def host_key_alias(device_atsign: str, device: str) -> str:

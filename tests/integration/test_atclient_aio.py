@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import statistics
 import subprocess
@@ -248,6 +249,98 @@ def test_our_client_to_our_client_across_processes_with_timings(env):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_clients_in_one_event_loop_concurrently_and_sequentially(env):
+    """Issue 9 point 9: 20 clients at once, then 20 one after another, in ONE loop; each
+    authenticates (pkam) and does a real lookup that crosses to the other atServer. No fd
+    is left behind (a leaked transport would also make a later connection of the loop fail
+    with "File descriptor N is used by transport")."""
+    async def one(i: int) -> None:
+        async with await env.client("@alice") as alice:
+            assert await alice.public_key("@bob") == env.keys["@bob"].encrypt_public
+            assert (await alice.command("scan")).startswith("[")
+
+    async def main() -> tuple[int, int, int]:
+        await one(-1)  # warm: directory cache, lazily created loop fds
+        before = _open_fds()
+        results = await asyncio.gather(*(one(i) for i in range(20)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        after_gather = _open_fds()
+        for i in range(20):
+            await one(i)
+        return before, after_gather, _open_fds()
+
+    before, after_gather, after_seq = asyncio.run(main())
+    assert after_gather == before, (before, after_gather)
+    assert after_seq == before, (before, after_seq)
+
+
+async def _hostile_server(env, behaviour: str) -> asyncio.AbstractServer:
+    """A real TLS endpoint (the plane's certificate) that greets and then misbehaves."""
+    from noports.keys.ca import server_context
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"@")
+            await reader.readline()  # the client's `from:`
+            if behaviour == "flood":  # one reply longer than the client's bound, no newline
+                chunk = b"x" * (1 << 20)
+                writer.write(b"data:")
+                for _ in range(aio.STREAM_LIMIT // len(chunk) + 2):
+                    writer.write(chunk)
+                    await writer.drain()
+            else:  # "drip": a byte at a time, never a whole reply
+                for _ in range(100):
+                    writer.write(b"d")
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0,
+                                      ssl=server_context(env.plane.tls, False))
+
+
+@pytest.mark.parametrize("behaviour, error, message", [
+    ("flood", aio.AtProtocolError, "over-long line: reply longer than 33554432 bytes"),
+    ("drip", aio.AtTimeoutError, "no reply from 127.0.0.1:.* to 'from' within 1s"),
+])
+def test_hostile_server_fails_one_client_and_others_keep_being_served(env, behaviour, error,
+                                                                       message):
+    """An atServer that floods one endless reply or drips bytes: that client fails with a
+    message naming the limit / the wait, and a client of the same loop keeps working."""
+    async def main() -> None:
+        server = await _hostile_server(env, behaviour)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await env.client("@alice") as good:
+                async def victim() -> None:
+                    await AtClient.connect("@alice", env.keys["@alice"], env.root, env.ctx,
+                                           secondary=("127.0.0.1", port), timeout=1.0)
+
+                task = asyncio.ensure_future(victim())
+                served = 0
+                while not task.done():
+                    assert (await good.command("plookup:publickey@bob")).strip() == \
+                        env.keys["@bob"].encrypt_public
+                    served += 1
+                with pytest.raises(error, match=message):
+                    await task
+                assert served >= 1
+                assert (await good.command("scan")).startswith("[")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
 
 
 @pytest.fixture

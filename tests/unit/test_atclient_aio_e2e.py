@@ -300,3 +300,11 @@ def test_new_uuid_is_a_v4_uuid():
     for s in ids:
         u = uuid.UUID(s)
         assert u.version == 4 and str(u) == s
+
+
+def test_json_nested_too_deeply_from_a_server_is_refused_not_a_crash():
+    """A hostile atServer must not end a monitor (or a lookup) with a RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    assert e2e.parse_monitor_line("notification: " + deep).kind == "other"
+    with pytest.raises(e2e.E2EError, match="nested too deeply"):
+        e2e.parse_lookup_all(deep)

@@ -244,3 +244,22 @@ def test_storage_roundtrip() -> None:
     assert from_storage(json.loads(json.dumps(d))) == m
     assert from_storage({**d, "futureField": 1}) == m
     assert from_storage({}) == Metadata()
+
+
+def test_one_metadata_field_list_for_grammar_server_and_client():
+    """The client's update fragment is parsed back by the server's grammar into the same fields."""
+    from noports.atclient import e2e
+    from noports.atprotocol import grammar
+    from noports.atprotocol.metadata import UPDATE_PARAMS, params_to_update
+
+    for wire_name, _attr, _kind in UPDATE_PARAMS:
+        assert f"(?<{wire_name}>" in grammar.META
+    frag = e2e.metadata_fragment(ttl_ms=5, ttr_ms=-1, ccd=True, data_signature="c2ln",
+                                 is_encrypted=True, iv_nonce="aXY=")
+    assert frag == ":ttl:5:ttr:-1:ccd:true:dataSignature:c2ln:isEncrypted:true:ivNonce:aXY="
+    cmd = grammar.parse_command(f"update{frag}:phone@alice 123")
+    update = params_to_update(cmd.params)
+    assert {k: update[k] for k in ("ttl", "ttr", "ccd", "data_signature", "is_encrypted",
+                                   "iv_nonce")} == {
+        "ttl": 5, "ttr": -1, "ccd": True, "data_signature": "c2ln", "is_encrypted": True,
+        "iv_nonce": "aXY="}

@@ -28,7 +28,7 @@ import os
 import random
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -43,9 +43,9 @@ from noports.atclient.connection import (
     AtSecondaryNotFound,
     AtTimeoutError,
     parse_error,
-    strip_prompt,
 )
 from noports.atclient.e2e import Notification
+from noports.atprotocol.wire import MAX_REPLY_BYTES, FramingError, Reply, ReplyFramer
 
 if TYPE_CHECKING:  # only a type here; not importing it keeps start-up lean
     from noports.keys.atkeys import AtKeys
@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = ("root.atsign.org", 64)
 DEFAULT_TIMEOUT = 10.0
-STREAM_LIMIT = 32 * 1024 * 1024  # longest line we accept (large values, big monitor lines)
+STREAM_LIMIT = MAX_REPLY_BYTES  # longest line we accept (large values, big monitor lines)
 DIRECTORY_CACHE_S = 600.0
 
 _directory_cache: dict[tuple[str, int, str], tuple[str, int, float]] = {}
@@ -85,11 +85,11 @@ def _now_ms() -> int:
 # --- one TLS stream ---------------------------------------------------------------------------
 
 class _Stream:
-    """A TLS stream with atProtocol framing; prompts are stripped from the *next* line.
+    """A TLS stream whose bytes go through `wire.ReplyFramer`; only moves bytes.
 
     Every reply is ``<body>\\n<prompt>`` and the prompt has no newline, so instead of waiting
-    for it we leave it in the buffer: it is glued to the front of the next line and removed by
-    `strip_prompt` (Dart's at_lookup does the same). That saves a wait per request.
+    for it we leave it to the framer: it is reported in front of the next reply and skipped
+    (Dart's at_lookup does the same). That saves a wait per request.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -98,6 +98,8 @@ class _Stream:
         self.writer = writer
         self.peer = peer
         self.dead = False
+        self.framer = ReplyFramer(STREAM_LIMIT)
+        self._replies: deque[Reply] = deque()
 
     @classmethod
     async def open(cls, host: str, port: int, ssl_ctx: ssl.SSLContext | None,
@@ -106,8 +108,7 @@ class _Stream:
         ctx = ssl_ctx or ssl.create_default_context()
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=ctx, server_hostname=host,
-                                        limit=STREAM_LIMIT), timeout)
+                asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout)
         except asyncio.TimeoutError:
             raise AtTimeoutError(f"cannot connect to {peer}: timed out after {timeout:g}s") \
                 from None
@@ -142,25 +143,41 @@ class _Stream:
             self.dead = True
             raise AtConnectError(f"connection to {self.peer} failed: {exc}") from None
 
-    async def read_line(self, timeout: float | None) -> str:
-        """One line, prompt residue stripped. EOF and TLS errors -> AtConnectError."""
+    async def _fill(self, timeout: float | None) -> None:
+        """Read one chunk into the framer. EOF and TLS errors -> AtConnectError."""
         try:
             if timeout is None:
-                raw = await self.reader.readline()
+                chunk = await self.reader.read(65536)
             else:
-                raw = await asyncio.wait_for(self.reader.readline(), timeout)
+                chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
         except asyncio.TimeoutError:
             raise AtTimeoutError(f"no reply from {self.peer} within {timeout:g}s") from None
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError) as exc:
+        except (OSError, ssl.SSLError) as exc:
             self.dead = True
             raise AtConnectError(f"connection to {self.peer} failed: {exc}") from None
-        except ValueError as exc:  # line longer than STREAM_LIMIT
-            self.dead = True
-            raise AtProtocolError("", f"{self.peer} sent an over-long line: {exc}") from None
-        if not raw.endswith(b"\n"):
+        if not chunk:
             self.dead = True
             raise AtConnectError(f"{self.peer} closed the connection")
-        return strip_prompt(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        try:
+            self._replies.extend(self.framer.feed(chunk))
+        except FramingError as exc:
+            self.dead = True
+            raise AtProtocolError("", f"{self.peer} sent an over-long line: {exc}") from None
+
+    async def read_reply(self, timeout: float | None, *, prompts: bool = False) -> Reply:
+        """The next reply (prompts skipped unless `prompts`); `timeout` covers the whole wait."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while self._replies:
+                reply = self._replies.popleft()
+                if prompts or reply.kind != "prompt":
+                    return reply
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            await self._fill(left)
+
+    async def read_line(self, timeout: float | None) -> str:
+        """The next non-prompt line, prompt residue stripped (monitor streams)."""
+        return (await self.read_reply(timeout)).line
 
     async def request(self, cmd: str, timeout: float) -> str:
         """Send one command, return the text after ``data:``; ``error:`` -> AtProtocolError.
@@ -171,22 +188,17 @@ class _Stream:
         ok = False
         try:
             await self.send(cmd, timeout)
-            deadline = time.monotonic() + timeout
-            while True:
-                body = await self.read_line(max(deadline - time.monotonic(), 0.001))
-                if not body.strip() or body.strip() == "@" or (
-                        body.startswith("@") and body.endswith("@") and ":" not in body):
-                    continue  # a bare prompt (e.g. the greeting) — not a reply
-                if body.startswith("data:"):
-                    ok = True
-                    return body[len("data:"):]
-                if body.startswith("error:"):
-                    err = parse_error(body[len("error:"):])
-                    log.debug("%s <- error %s to %s", self.peer, err.code, _verb(cmd))
-                    ok = True
-                    raise err
-                raise AtProtocolError("", f"unexpected reply from {self.peer} to "
-                                      f"{_verb(cmd)!r}: {body[:80]!r}")
+            reply = await self.read_reply(timeout)
+            if reply.kind == "data":
+                ok = True
+                return reply.text
+            if reply.kind == "error":
+                err = parse_error(reply.text)
+                log.debug("%s <- error %s to %s", self.peer, err.code, _verb(cmd))
+                ok = True
+                raise err
+            raise AtProtocolError("", f"unexpected reply from {self.peer} to "
+                                  f"{_verb(cmd)!r}: {reply.line[:80]!r}")
         except AtTimeoutError:
             raise AtTimeoutError(f"no reply from {self.peer} to {_verb(cmd)!r} within "
                                  f"{timeout:g}s") from None
@@ -222,14 +234,12 @@ async def lookup_secondary(root: tuple[str, int], atsign: str,
     peer = f"directory {stream.peer}"
     try:
         stream.send_nowait(atsign[1:])  # the directory's key: no '@'
-        greeting = await asyncio.wait_for(stream.reader.readexactly(1), timeout)
-        if greeting != b"@":
+        greeting = await stream.read_reply(timeout, prompts=True)
+        if greeting.kind != "prompt":
             raise AtProtocolError("", f"{peer} did not greet with '@'")
-        body = (await stream.read_line(timeout)).strip()
-    except asyncio.TimeoutError:
+        body = (await stream.read_reply(timeout)).line.strip()
+    except AtTimeoutError:
         raise AtTimeoutError(f"no answer from {peer} for {atsign}") from None
-    except asyncio.IncompleteReadError:
-        raise AtConnectError(f"{peer} closed the connection") from None
     finally:
         stream.close()
     if body in ("null", "@null"):
@@ -334,7 +344,7 @@ class AtClient:
             _forget_secondary(self.root, self.atsign)  # it may have moved
             raise
         try:
-            # No wait for the '@' greeting: the reply comes after it and strip_prompt eats it.
+            # No wait for the '@' greeting: the framer reports it before the reply.
             challenge = await stream.request(f"from:{self.atsign}", self.timeout)
             signature = e2e.sign(self.keys.pkam_private, challenge)
             eid = self.keys.enrollment_id

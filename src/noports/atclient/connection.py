@@ -15,10 +15,15 @@ import logging
 import re
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from noports import crypto
+from noports.atprotocol import wire
+from noports.atprotocol.atsign import normalize_atsign
+from noports.atprotocol.wire import Reply, ReplyFramer
+from noports.atprotocol.wire import strip_prompt as strip_prompt  # re-exported (tests, e2e)
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +31,6 @@ DEFAULT_TIMEOUT = 10.0
 # After `\n@` while expecting `@alice@`: how long to wait for the rest before accepting `@`.
 PROMPT_GRACE = 0.25
 
-_LEGACY_ERROR = re.compile(r"^(AT\d{4})\s*[-:]\s*(.*)$", re.DOTALL)
-_PROMPT = re.compile(rb"^@(?:[^@\s]+@)?")
 
 
 class AtClientError(Exception):
@@ -56,34 +59,9 @@ class AtProtocolError(AtClientError):
 
 
 def parse_error(text: str) -> AtProtocolError:
-    """Parse what follows `error:` in any of the three formats the servers use."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            obj = None
-        if isinstance(obj, dict):
-            return AtProtocolError(str(obj.get("errorCode", "") or ""),
-                                   str(obj.get("errorDescription", "") or ""))
-    m = _LEGACY_ERROR.match(text)
-    if m:
-        return AtProtocolError(m.group(1), m.group(2))
-    return AtProtocolError("", text)
-
-
-def strip_prompt(body: str) -> str:
-    """Drop a stray prompt glued to the front of a reply (`@alice@data:x` -> `data:x`).
-
-    Same rule as Dart's at_lookup `_stripPrompt`: everything up to the last `@` in the part
-    before the first `:`.
-    """
-    colon = body.find(":")
-    head = body if colon < 0 else body[:colon]
-    at = head.rfind("@")
-    if colon >= 0 and at >= 0:
-        return body[at + 1:]
-    return body
+    """What follows `error:` (any of the three formats) as an exception; see `wire.parse_error`."""
+    err = wire.parse_error(text)
+    return AtProtocolError(err.code, err.message)
 
 
 def _verb(cmd: str) -> str:
@@ -96,14 +74,15 @@ class SocketLike(Protocol):
 
 
 class ReplyReader:
-    """Cuts an atProtocol byte stream into replies; works on any object with `recv`.
+    """Blocking edge of `wire.ReplyFramer`: reads from any object with `recv` until it has a reply.
 
     Kept separate from the socket so the framing can be tested with scripted reads.
     """
 
     def __init__(self, sock: SocketLike, peer: str = "server") -> None:
         self._sock = sock
-        self._buf = bytearray()
+        self._framer = ReplyFramer()
+        self._replies: deque[Reply] = deque()
         self.peer = peer
 
     def _fill(self, grace: float | None = None) -> bool:
@@ -130,27 +109,37 @@ class ReplyReader:
             if grace is not None:
                 return False
             raise AtConnectError(f"{self.peer} closed the connection")
-        self._buf += chunk
+        try:
+            self._replies.extend(self._framer.feed(chunk))
+        except wire.FramingError as exc:
+            raise AtProtocolError("", f"{self.peer} sent an over-long reply ({exc})") from None
         return True
 
     def read_prompt(self) -> str:
         """Consume the greeting prompt (`@`) a server sends when a connection opens."""
-        while not self._buf:
+        while not self._replies:
+            if self._framer.flush_prompt() is not None:  # the lone `@` greeting
+                return "@"
             self._fill()
-        if self._buf[:1] != b"@":
+        first = self._replies[0]
+        if first.kind != "prompt":
             raise AtProtocolError("", f"{self.peer} did not greet with the '@' prompt: "
-                                  f"{bytes(self._buf[:80])!r}")
-        del self._buf[:1]
+                                  f"{first.line[:80]!r}")
+        self._replies.popleft()
         return "@"
+
+    def next_reply(self) -> Reply:
+        """The next reply that is not a prompt."""
+        while True:
+            while self._replies:
+                reply = self._replies.popleft()
+                if reply.kind != "prompt":
+                    return reply
+            self._fill()
 
     def read_line(self) -> str:
         """One `\\n`-terminated line without any prompt handling (monitor streams)."""
-        while b"\n" not in self._buf:
-            self._fill()
-        i = self._buf.index(b"\n")
-        line = bytes(self._buf[:i]).decode("utf-8", "replace").rstrip("\r")
-        del self._buf[:i + 1]
-        return line
+        return self.next_reply().line
 
     def read_reply(self, expected_prompt: str | Callable[[str], str] = "@") -> str:
         """Read `<body>\\n<prompt>` and return the body (prompt stripped).
@@ -158,39 +147,29 @@ class ReplyReader:
         `expected_prompt` may depend on the body (a successful `cram`/`pkam` switches the prompt
         from `@` to `@alice@`), hence the callable form.
         """
-        while b"\n" not in self._buf:
-            self._fill()
-        i = self._buf.index(b"\n")
-        body = strip_prompt(bytes(self._buf[:i]).decode("utf-8", "replace").rstrip("\r"))
-        del self._buf[:i + 1]
+        body = self.next_reply().line
         prompt = expected_prompt(body) if callable(expected_prompt) else expected_prompt
-        self._consume_prompt(prompt.encode("utf-8"))
+        self._consume_prompt(prompt)
         return body
 
-    def _consume_prompt(self, expected: bytes) -> None:
+    def _consume_prompt(self, expected: str) -> None:
+        """Take the prompt that ends the reply just read, waiting for it only as needed."""
         while True:
-            buf = bytes(self._buf)
-            if buf.startswith(expected):
-                del self._buf[:len(expected)]
+            if self._replies:
+                if self._replies[0].kind == "prompt":
+                    self._replies.popleft()
+                return  # otherwise no prompt at all: the next reply is already here
+            pending = self._framer.pending
+            if pending and not pending.startswith(b"@"):
                 return
-            if expected.startswith(buf):
-                # incomplete: `@` may be the whole prompt of a server that disagrees with us
-                # about authentication, so only wait briefly in that one case
-                if buf == b"@" and not self._fill(grace=PROMPT_GRACE):
-                    del self._buf[:1]
+            if pending == b"@":
+                # `@` may be the whole prompt of a server that disagrees with us about
+                # authentication, so only wait briefly when we expect a longer one
+                if expected == "@" or not self._fill(grace=PROMPT_GRACE):
+                    self._framer.flush_prompt()
                     return
-                if buf != b"@":
-                    self._fill()
                 continue
-            m = _PROMPT.match(buf)
-            if m and (m.end() > 1 or len(buf) > 1):
-                # a different, complete prompt (e.g. `@` where we expected `@alice@`)
-                del self._buf[:m.end()]
-                return
-            if buf.startswith(b"@") and not re.search(rb"[@\s]", buf[1:]):
-                self._fill()  # `@bo` of a different prompt still arriving
-                continue
-            return  # no prompt at all: leave the bytes for the next reply
+            self._fill()  # nothing yet, or `@bo` of a longer prompt still arriving
 
 
 class AtConnection:
@@ -283,14 +262,16 @@ class AtConnection:
             cmd += f" {regex}"
         self.send(cmd)
         while True:
-            line = strip_prompt(self._reader.read_line())
-            if line.startswith("notification:"):
+            reply = self._reader.next_reply()
+            if reply.kind == "notification":
                 try:
-                    yield json.loads(line[len("notification:"):].strip())
-                except json.JSONDecodeError:
+                    obj = json.loads(reply.text.strip())
+                except (ValueError, RecursionError):  # a hostile line must not end the monitor
                     log.warning("%s: unparsable notification line", self.peer)
-            elif line.startswith("error:"):
-                raise parse_error(line[len("error:"):])
+                    continue
+                yield obj
+            elif reply.kind == "error":
+                raise parse_error(reply.text)
 
     def close(self) -> None:
         """Say `@exit` (best effort) and close."""
@@ -310,8 +291,7 @@ class AtConnection:
 
 
 def _at(atsign: str) -> str:
-    atsign = atsign.strip()
-    return atsign if atsign.startswith("@") else "@" + atsign
+    return normalize_atsign(atsign)  # the one atSign rule; InvalidAtSign is a ValueError
 
 
 def _open_tls(host: str, port: int, ssl_ctx: ssl.SSLContext | None, connect_timeout: float,

@@ -25,14 +25,15 @@ from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from noports import crypto
-from noports.atclient.connection import strip_prompt
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
+from noports.atprotocol.metadata import update_fragment
+from noports.atprotocol.wire import strip_prompt
 
 # How long a recipient's server may cache the shared key before re-fetching (SDK: 24 h).
 SHARED_KEY_TTR_MS = 24 * 60 * 60 * 1000
 STATS_NOTIFICATION_ID = "-1"
 
 _KEY_NAME = re.compile(r"^[^:@\s]+$")
-_BAD_ATSIGN = re.compile(r"[\s:@]")
 
 
 class E2EError(ValueError):
@@ -42,13 +43,11 @@ class E2EError(ValueError):
 # --- names ------------------------------------------------------------------------------------
 
 def fix_atsign(atsign: str) -> str:
-    """'Bob' / '@bob ' -> '@bob'. atSigns are case-insensitive and servers lower-case them."""
-    text = (atsign or "").strip()
-    if text.startswith("@"):
-        text = text[1:]
-    if not text or _BAD_ATSIGN.search(text):
-        raise E2EError(f"not a valid atSign: {atsign!r}")
-    return "@" + text.lower()
+    """'Bob' / '@bob ' -> '@bob': the one atSign rule (:mod:`noports.atprotocol.atsign`)."""
+    try:
+        return normalize_atsign(atsign)
+    except InvalidAtSign as exc:
+        raise E2EError(str(exc)) from None
 
 
 def full_key_name(name: str, namespace: str | None = None) -> str:
@@ -91,22 +90,9 @@ def metadata_fragment(*, ttl_ms: int | None = None, ttb_ms: int | None = None,
                       data_signature: str | None = None, is_encrypted: bool | None = None,
                       iv_nonce: str | None = None) -> str:
     """``:ttl:..:ttr:..:isEncrypted:true:ivNonce:..`` in VerbSyntax order ('' when empty)."""
-    out = ""
-    if ttl_ms is not None:
-        out += f":ttl:{int(ttl_ms)}"
-    if ttb_ms is not None:
-        out += f":ttb:{int(ttb_ms)}"
-    if ttr_ms is not None:
-        out += f":ttr:{int(ttr_ms)}"
-    if ccd is not None:
-        out += f":ccd:{'true' if ccd else 'false'}"
-    if data_signature is not None:
-        out += f":dataSignature:{data_signature}"
-    if is_encrypted is not None:
-        out += f":isEncrypted:{'true' if is_encrypted else 'false'}"
-    if iv_nonce is not None:
-        out += f":ivNonce:{iv_nonce}"
-    return out
+    return update_fragment({"ttl": ttl_ms, "ttb": ttb_ms, "ttr": ttr_ms, "ccd": ccd,
+                            "dataSignature": data_signature, "isEncrypted": is_encrypted,
+                            "ivNonce": iv_nonce})
 
 
 def _one_line(value: str, what: str) -> str:
@@ -206,6 +192,8 @@ def parse_lookup_all(text: str) -> tuple[str | None, dict[str, Any]]:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise E2EError(f"lookup:all reply is not JSON: {exc}") from None
+    except RecursionError:
+        raise E2EError("lookup:all reply is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise E2EError("lookup:all reply is not a JSON object")
     meta = obj.get("metaData") or obj.get("metadata") or {}
@@ -297,7 +285,7 @@ def parse_monitor_line(line: str) -> MonitorLine:
         try:
             obj = json.loads(line[len("notification:"):].strip())
             return MonitorLine("notification", parse_notification(obj))
-        except (json.JSONDecodeError, E2EError):
+        except (ValueError, RecursionError):  # E2EError is a ValueError; deep JSON recurses
             return MonitorLine("other", text="unparsable notification")
     if line.startswith("data:ok") or line == "@ok":
         return MonitorLine("heartbeat")

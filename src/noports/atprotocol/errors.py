@@ -7,8 +7,9 @@ the client understands (legacy ``error:AT0015-...`` or JSON for newer Dart clien
 
 from __future__ import annotations
 
-import json
 import re
+
+from noports.npproto.dartjson import dart_json_encode
 
 ERROR_TEXT: dict[str, str] = {
     "AT0001": "Server exception",
@@ -73,11 +74,7 @@ def error_reply(err: AtError, *, json_style: bool, authenticated: bool) -> str:
     """Render ``err`` as a reply body (no newline, no prompt) in the client's format."""
     description = _description(err, authenticated)
     if json_style:
-        body = json.dumps(
-            {"errorCode": err.code, "errorDescription": description},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        body = dart_json_encode({"errorCode": err.code, "errorDescription": description})
         return f"error:{body}"
     return f"error:{err.code}-{description}"
 
@@ -133,3 +130,16 @@ def buffer_overflow(msg: str) -> AtError:
 def internal(msg: str) -> AtError:
     """AT0011 for unexpected failures; the reference server closes the connection."""
     return AtError("AT0011", msg, close=True)
+
+
+class RemoteError(Exception):
+    """Another atServer could not be reached or handshaked; ``code`` is the atProtocol code.
+
+    Lives here (not in the asyncio ``atserver.s2s`` edge) so that sans-IO code such as the
+    session logic can catch it without importing asyncio machinery; s2s re-exports it.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -16,30 +16,15 @@ import regex
 
 from ._dartre import compile_dart
 from .errors import AtError, invalid_syntax
+from .metadata import UPDATE_PARAMS
 
 # Upper bound for one regex evaluation; a pathological line must not stall the server.
 _REGEX_TIMEOUT_S = 2.0
 
 # --- VerbSyntax (at_commons 5.0.1 as quoted by the reference) ---------------------------
 
-META = (
-    r"(:ttl:(?<ttl>(-?)\d+))?"
-    r"(:ttb:(?<ttb>(-?)\d+))?"
-    r"(:ttr:(?<ttr>(-?)\d+))?"
-    r"(:ccd:(?<ccd>true|false))?"
-    r"(:dataSignature:(?<dataSignature>[^:@\s]+))?"
-    r"(:sharedKeyStatus:(?<sharedKeyStatus>[^:@\s]+))?"
-    r"(:isBinary:(?<isBinary>true|false))?"
-    r"(:isEncrypted:(?<isEncrypted>true|false))?"
-    r"(:sharedKeyEnc:(?<sharedKeyEnc>[^:@\s]+))?"
-    r"(:pubKeyCS:(?<pubKeyCS>[^:@\s]+))?"
-    r"(:encoding:(?<encoding>[^:@\s]+))?"
-    r"(:encKeyName:(?<encKeyName>[^:@\s]+))?"
-    r"(:encAlgo:(?<encAlgo>[^:@\s]+))?"
-    r"(:ivNonce:(?<ivNonce>[^:@\s]+))?"
-    r"(:skeEncKeyName:(?<skeEncKeyName>[^:@\s]+))?"
-    r"(:skeEncAlgo:(?<skeEncAlgo>[^:@\s]+))?"
-)
+_META_VALUE = {"int": r"(-?)\d+", "bool": r"true|false", "str": r"[^:@\s]+"}
+META = "".join(f"(:{w}:(?<{w}>{_META_VALUE[kind]}))?" for w, _attr, kind in UPDATE_PARAMS)
 
 SYNTAX: dict[str, str] = {
     "from": r"^from:(?<atSign>@?[^:@\s]+)(:clientConfig:(?<clientConfig>\{.+\}))?$",

@@ -12,6 +12,7 @@ import enum
 import regex
 
 from ._dartre import compile_dart
+from .atsign import InvalidAtSign, normalize_atsign
 from .errors import AtError, invalid_key
 
 MAX_KEY_LENGTH = 248
@@ -84,12 +85,6 @@ _RE_LOCAL = compile_dart(_LOCAL)
 
 _TIMEOUT_S = 2.0
 _HAS_OWNER = regex.compile(r"@[^@:]+\Z")
-_ATSIGN_RESERVED_CHARS = regex.compile(r"[!*'`();:&=+$,/?#\[\]{}]")
-_ATSIGN_WHITESPACE = regex.compile(
-    "[\u0020\u0009\u000a\u000b\u000c\u000d\u0085\u00a0\u1680\u2000-\u200a"
-    "\u2028\u2029\u202f\u205f\u3000]"
-)
-_ATSIGN_CONTROL = regex.compile("[\u0000-\u001f\u007f\u2400-\u241f\u2421\u2424\u2425]")
 
 
 def _first_match_is_whole(pattern: regex.Pattern, key: str) -> regex.Match | None:
@@ -152,27 +147,14 @@ def normalize_key(key: str) -> str:
 
 
 def fix_atsign(s: str) -> str:
-    """Port of ``AtUtils.fixAtSign``: lower-case, leading ``@``, dots after ``@`` removed.
+    """``AtUtils.fixAtSign`` as the server applies it: the one rule of :mod:`.atsign`.
 
     Raises AtError AT0011 (InvalidAtSignException is unmapped; the server closes).
     """
-    if not s:
-        raise AtError("AT0011", "invalid @sign: no @sign provided", close=True)
-    atsign = s.lower()
-    if not atsign.startswith("@"):
-        atsign = "@" + atsign
-    if "@" in atsign[1:]:
-        raise AtError("AT0011", "invalid @sign: Cannot have more than one @ character", True)
-    atsign = "@" + atsign[1:].replace(".", "")
-    if atsign == "@":
-        raise AtError("AT0011", "invalid @sign: no @sign provided", close=True)
-    if _ATSIGN_RESERVED_CHARS.search(atsign):
-        raise AtError("AT0011", "invalid @sign: Reserved characters used", close=True)
-    if _ATSIGN_WHITESPACE.search(atsign):
-        raise AtError("AT0011", "invalid @sign: Whitespace not allowed", close=True)
-    if _ATSIGN_CONTROL.search(atsign):
-        raise AtError("AT0011", "invalid @sign: Control characters not allowed", close=True)
-    return atsign
+    try:
+        return normalize_atsign(s)
+    except InvalidAtSign as exc:
+        raise AtError("AT0011", f"invalid @sign: {exc.reason}", close=True) from None
 
 
 def format_atsign(s: str | None) -> str | None:

@@ -78,20 +78,50 @@ JSON_FIELDS: dict[str, str] = {
 }
 _DATE_FIELDS = frozenset({"created_at", "updated_at", "available_at", "expires_at", "refresh_at"})
 
-_INT_PARAMS = {"ttl": "ttl", "ttb": "ttb", "ttr": "ttr"}
-_BOOL_PARAMS = {"ccd": "ccd", "isBinary": "is_binary", "isEncrypted": "is_encrypted"}
-_STR_PARAMS = {
-    "dataSignature": "data_signature",
-    "sharedKeyStatus": "shared_key_status",
-    "sharedKeyEnc": "shared_key_enc",
-    "pubKeyCS": "pub_key_cs",
-    "encoding": "encoding",
-    "encKeyName": "enc_key_name",
-    "encAlgo": "enc_algo",
-    "ivNonce": "iv_nonce",
-    "skeEncKeyName": "ske_enc_key_name",
-    "skeEncAlgo": "ske_enc_algo",
-}
+#: The update verb's metadata parameters in VerbSyntax order: (wire name, Metadata attribute,
+#: kind). The one list: the server's grammar (``grammar.META``), its update handling below and
+#: the client's command builder (``atclient.e2e.metadata_fragment``) are all derived from it.
+UPDATE_PARAMS: tuple[tuple[str, str, str], ...] = (
+    ("ttl", "ttl", "int"),
+    ("ttb", "ttb", "int"),
+    ("ttr", "ttr", "int"),
+    ("ccd", "ccd", "bool"),
+    ("dataSignature", "data_signature", "str"),
+    ("sharedKeyStatus", "shared_key_status", "str"),
+    ("isBinary", "is_binary", "bool"),
+    ("isEncrypted", "is_encrypted", "bool"),
+    ("sharedKeyEnc", "shared_key_enc", "str"),
+    ("pubKeyCS", "pub_key_cs", "str"),
+    ("encoding", "encoding", "str"),
+    ("encKeyName", "enc_key_name", "str"),
+    ("encAlgo", "enc_algo", "str"),
+    ("ivNonce", "iv_nonce", "str"),
+    ("skeEncKeyName", "ske_enc_key_name", "str"),
+    ("skeEncAlgo", "ske_enc_algo", "str"),
+)
+_INT_PARAMS = {w: a for w, a, kind in UPDATE_PARAMS if kind == "int"}
+_BOOL_PARAMS = {w: a for w, a, kind in UPDATE_PARAMS if kind == "bool"}
+_STR_PARAMS = {w: a for w, a, kind in UPDATE_PARAMS if kind == "str"}
+
+
+def update_fragment(values: dict[str, object]) -> str:
+    """``:ttl:1:isEncrypted:true:...`` for the given wire-named values, in VerbSyntax order.
+
+    None values are left out; booleans are written ``true``/``false``, ints in decimal.
+    """
+    out = []
+    for wire_name, _attr, kind in UPDATE_PARAMS:
+        value = values.get(wire_name)
+        if value is None:
+            continue
+        if kind == "bool":
+            text = "true" if value else "false"
+        elif kind == "int":
+            text = str(int(value))  # type: ignore[call-overload]
+        else:
+            text = str(value)
+        out.append(f":{wire_name}:{text}")
+    return "".join(out)
 
 
 def _parse_int(name: str, text: str) -> int:

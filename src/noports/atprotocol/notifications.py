@@ -7,12 +7,12 @@ our ``notify:`` bodies with the at_commons notify regex, whose field order is si
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .metadata import dart_date
+from noports.npproto.dartjson import dart_json_encode
 
-_COMPACT = {"separators": (",", ":"), "ensure_ascii": False}
+from .keys import format_atsign
+from .metadata import dart_date
 
 # Metadata keys of the monitor line (monitor_verb_handler.dart `Notification`).
 _LIVE_META = ("encKeyName", "encAlgo", "ivNonce", "skeEncKeyName", "skeEncAlgo", "sharedKeyEnc")
@@ -50,7 +50,7 @@ class Notification:
 
 
 def _dump(obj: object) -> str:
-    return json.dumps(obj, **_COMPACT)
+    return dart_json_encode(obj)  # the Dart server's jsonEncode, byte for byte
 
 
 def _date_str(ms: object) -> str:
@@ -104,10 +104,7 @@ def stats_line(atsign: str, last_commit_id: int, now_ms: int) -> str:
 
 
 def _format_atsign(s: str | None) -> str | None:
-    # AtUtils.formatAtSign: prefix '@' if missing; no lower-casing.
-    if not s:
-        return None
-    return s if s.startswith("@") else "@" + s
+    return format_atsign(s)  # AtUtils.formatAtSign: prefix '@' if missing; no lower-casing
 
 
 def notification_key(params: dict, *, from_atsign: str) -> str:

@@ -9,15 +9,14 @@ atSign's keystore (`privatekey:at_secret`), in the same transaction as the hoste
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
+from noports.atprotocol.atsign import InvalidAtSign
+from noports.atprotocol.atsign import normalize_atsign as _normalize_atsign
 from noports.cliargs import pid_alive
 
 from .store import Store, db_path
-
-_ATSIGN_BODY = re.compile(r"^[^\s:@/\\]{1,55}$")
 
 
 class AdminError(ValueError):
@@ -25,14 +24,11 @@ class AdminError(ValueError):
 
 
 def normalize_atsign(atsign: str) -> str:
-    """`Alice`, `@alice` → `@alice` (lower-case, one leading @); reject what cannot be one."""
-    body = atsign.strip()
-    if body.startswith("@"):
-        body = body[1:]
-    body = body.lower()
-    if not _ATSIGN_BODY.match(body):
-        raise AdminError(f"not a valid atSign: {atsign!r}")
-    return "@" + body
+    """`Alice`, `@alice` → `@alice` (the one atSign rule); reject what cannot be one."""
+    try:
+        return _normalize_atsign(atsign)
+    except InvalidAtSign as exc:
+        raise AdminError(str(exc)) from None
 
 
 def add_atsign(state_dir: str | os.PathLike[str], atsign: str, cram_secret: str,

@@ -16,24 +16,21 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .wire import RemoteReply, parse_proof, parse_reply, reply_complete
+from noports.atprotocol.errors import RemoteError
+from noports.atprotocol.wire import FramingError, Reply, ReplyFramer
+
+from .wire import RemoteReply, parse_proof, to_remote
+
+__all__ = ["Outbound", "OutboundConnection", "RemoteError", "Resolver"]  # RemoteError: re-export
 
 log = logging.getLogger("noports.atserver.s2s")
 
 CONNECT_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 10.0
-
-
-class RemoteError(Exception):
-    """A remote atServer could not be reached or handshaked; `code` is the atProtocol code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # --- directory --------------------------------------------------------------------------------
@@ -81,12 +78,13 @@ class Resolver:
             asyncio.open_connection(self.root_host, self.root_port, ssl=self.ssl_ctx,
                                     server_hostname=self.root_host if self.ssl_ctx else None),
             CONNECT_TIMEOUT)
+        framer = ReplyFramer(MAX_REPLY)
+        replies: deque[Reply] = deque()
         try:
-            await _read_until(reader, lambda b: b.endswith(b"@"))
-            writer.write(at.lstrip("@").encode("utf-8") + b"\n")
+            writer.write(at.lstrip("@").encode("utf-8") + b"\n")  # the greeting comes first
             await writer.drain()
-            buf = await _read_until(reader, lambda b: b"\n" in b and b.endswith(b"@"))
-            answer = buf.decode("utf-8", "replace").rsplit("\n", 1)[0].strip().rstrip("@").strip()
+            await _next_reply(reader, framer, replies, prompt_ok=True)  # the `@` greeting
+            answer = (await _next_reply(reader, framer, replies)).line.strip()
             with contextlib.suppress(OSError):
                 writer.write(b"@exit\n")
             if answer == "null" or ":" not in answer:
@@ -99,17 +97,32 @@ class Resolver:
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
 
-async def _read_until(reader: asyncio.StreamReader, done: Callable[[bytes], bool],
-                      limit: int = 10_240_000) -> bytes:
-    buf = b""
-    while not done(buf):
+MAX_REPLY = 10_240_000  # the reference server's inbound buffer: no reply is longer
+
+
+async def _next_reply(reader: asyncio.StreamReader, framer: ReplyFramer, replies: deque[Reply],
+                      *, prompt_ok: bool = False, named_prompt_ok: bool = False) -> Reply:
+    """Read until the framer yields a reply (prompts only if asked); moves bytes, no parsing.
+
+    ``prompt_ok``: any prompt counts (a greeting; a lone trailing ``@`` is taken as one).
+    ``named_prompt_ok``: ``@bob@`` counts (the answer to ``pol``).
+    """
+    while True:
+        while replies:
+            r = replies.popleft()
+            if r.kind != "prompt" or prompt_ok or (named_prompt_ok and r.text != "@"):
+                return r
+        if prompt_ok:
+            flushed = framer.flush_prompt()
+            if flushed is not None:
+                return flushed
         chunk = await reader.read(65536)
         if not chunk:
             raise ConnectionError("connection closed by peer")
-        buf += chunk
-        if len(buf) > limit:
-            raise ConnectionError("reply too large")
-    return buf
+        try:
+            replies.extend(framer.feed(chunk))
+        except FramingError as exc:
+            raise ConnectionError(str(exc)) from None
 
 
 # --- one outbound connection ------------------------------------------------------------------
@@ -125,7 +138,8 @@ class OutboundConnection:
         self.label = label
         self.last_used = time.monotonic()
         self.closed = False
-        self._leftover = b""
+        self._framer = ReplyFramer(MAX_REPLY)
+        self._replies: deque[Reply] = deque()
 
     @classmethod
     async def open(cls, host: str, port: int, ctx: ssl.SSLContext | None,
@@ -141,8 +155,8 @@ class OutboundConnection:
                               ) from exc
         conn = cls(reader, writer, label)
         try:
-            await asyncio.wait_for(_read_until(reader, lambda b: b.endswith(b"@")),
-                                   COMMAND_TIMEOUT)
+            await asyncio.wait_for(_next_reply(reader, conn._framer, conn._replies,
+                                               prompt_ok=True), COMMAND_TIMEOUT)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             conn.close()
             raise RemoteError("AT0021", f"no prompt from {host}:{port}: {exc}") from exc
@@ -153,27 +167,20 @@ class OutboundConnection:
         async with self._lock:
             if self.closed:
                 raise RemoteError("AT0021", f"connection to {self.label} is closed")
+            # prompts still queued belong to earlier replies
+            while self._replies and self._replies[0].kind == "prompt":
+                self._replies.popleft()
             try:
                 self._writer.write(line.encode("utf-8") + b"\n")
                 await self._writer.drain()
-                buf = await asyncio.wait_for(self._read_reply(), timeout)
+                reply = await asyncio.wait_for(
+                    _next_reply(self._reader, self._framer, self._replies,
+                                named_prompt_ok=line.strip() == "pol"), timeout)
             except (OSError, ConnectionError, asyncio.TimeoutError, ssl.SSLError) as exc:
                 self.close()
                 raise RemoteError("AT0021", f"{self.label}: {type(exc).__name__} {exc}") from exc
             self.last_used = time.monotonic()
-            return parse_reply(buf)
-
-    async def _read_reply(self) -> str:
-        buf = self._leftover
-        self._leftover = b""
-        while True:
-            text = buf.decode("utf-8", "replace")
-            if text and reply_complete(text):
-                return text
-            chunk = await self._reader.read(65536)
-            if not chunk:
-                raise ConnectionError("connection closed by peer")
-            buf += chunk
+            return to_remote(reply, reply.line)
 
     def close(self) -> None:
         if not self.closed:

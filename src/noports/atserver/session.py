@@ -22,6 +22,7 @@ from typing import Any
 
 from noports.atprotocol.errors import (
     AtError,
+    RemoteError,
     buffer_overflow,
     invalid_syntax,
     unauthenticated,
@@ -31,7 +32,6 @@ from noports.atprotocol.grammar import Command, parse_command
 from . import verbs_auth, verbs_keys, verbs_misc, verbs_monitor, verbs_notify
 from .context import Conn, Reply, dumps, remove_nulls
 from .host import Host, fresh_meta_storage
-from .s2s import RemoteError
 from .store import NotificationRow
 
 log = logging.getLogger("noports.atserver.session")

@@ -14,6 +14,7 @@ from noports import crypto
 from noports.atprotocol import keys as K
 from noports.atprotocol.errors import (
     AtError,
+    RemoteError,
     invalid_syntax,
     key_not_found,
     unauthenticated,
@@ -23,7 +24,6 @@ from noports.atprotocol.grammar import Command
 
 from .context import Conn, Reply, dumps, remove_nulls
 from .host import fresh_meta_storage
-from .s2s import RemoteError
 
 log = logging.getLogger("noports.atserver.session")
 

@@ -1,22 +1,24 @@
-"""Parsing of atServer replies as seen by an *outbound* (server-to-server) client.
+"""Replies from another atServer as seen by the *outbound* (server-to-server) side.
 
-Why here and pure: the outbound side must cope with TLS record splits and with every prompt
-form (`@`, `@alice@`, the bare pol reply `@alice@`), exactly like the Dart server's outbound
-listener does (reference §2.3). Keeping it sans-IO makes it testable without sockets.
+The framing itself is :mod:`noports.atprotocol.wire` (shared with both clients); this module
+only turns its :class:`~noports.atprotocol.wire.Reply` values into :class:`RemoteReply`, the
+shape the session and delivery logic work with, and parses the ``from`` proof (reference §6.3).
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 
-_POL_REPLY = re.compile(r"^@[^@\s:]+@$")
+from noports.atprotocol.wire import FramingError, Reply, ReplyFramer, strip_prompt
+from noports.atprotocol.wire import parse_error as _parse_error
 
 
 @dataclass(frozen=True)
 class RemoteReply:
-    """One reply from a remote atServer: either data or an error code + message."""
+    """One reply from a remote atServer: either data or an error code + message.
+
+    ``code`` is ``''`` for an error without a code (callers relaying it pick AT0011).
+    """
 
     data: str | None = None
     code: str | None = None
@@ -28,29 +30,36 @@ class RemoteReply:
         return self.code is None
 
 
+def _frame_all(buf: str) -> tuple[list[Reply], bytes]:
+    framer = ReplyFramer()
+    try:
+        replies = framer.feed(buf.encode("utf-8", "surrogatepass"))
+    except FramingError:
+        return [], b""
+    flushed = framer.flush_prompt()
+    if flushed is not None:
+        replies.append(flushed)
+    return replies, framer.pending
+
+
 def reply_complete(buf: str) -> bool:
     """True once `buf` holds one whole reply: `<body>\\n<prompt>` or a bare pol reply."""
-    if "\n" in buf:
-        tail = buf.rsplit("\n", 1)[1]
-        return tail.endswith("@")
-    return bool(_POL_REPLY.match(buf.strip()))
+    replies, pending = _frame_all(buf)
+    if pending or not replies or replies[-1].kind != "prompt":
+        return False
+    return replies[-1].text != "@" or any(r.kind != "prompt" for r in replies)
 
 
 def strip_prompt_prefix(text: str) -> str:
     """Drop a stray prompt (e.g. the rest of `@alice@` split off a previous reply)."""
-    for marker in ("data:", "error:"):
-        i = text.find(marker)
-        if i > 0 and ":" not in text[:i]:
-            return text[i:]
-    return text
+    return strip_prompt(text)
 
 
-def parse_reply(buf: str) -> RemoteReply:
-    """Turn one complete reply into data / error (legacy `AT0015-…` or JSON error form)."""
-    raw = buf
-    if "\n" not in buf:
-        return RemoteReply(data=buf.strip(), raw=raw)  # pol reply `@alice@`
-    body = strip_prompt_prefix(buf.rsplit("\n", 1)[0].strip())
+def to_remote(reply: Reply, raw: str = "") -> RemoteReply:
+    """A framed reply as a :class:`RemoteReply` (a prompt here is ``pol``'s ``@bob@``)."""
+    if reply.kind == "prompt":
+        return RemoteReply(data=reply.text, raw=raw)
+    body = reply.line.strip()
     if body.startswith("data:"):
         return RemoteReply(data=body[5:].lstrip(" ") if body.startswith("data: ") else body[5:],
                            raw=raw)
@@ -59,19 +68,22 @@ def parse_reply(buf: str) -> RemoteReply:
     return RemoteReply(code="AT0014", message=f"unexpected reply: {body[:200]}", raw=raw)
 
 
+def parse_reply(buf: str) -> RemoteReply:
+    """Turn one complete reply into data / error (legacy `AT0015-…` or JSON error form)."""
+    replies, _pending = _frame_all(buf)
+    for reply in replies:
+        if reply.kind != "prompt":
+            return to_remote(reply, buf)
+    named = [r for r in replies if r.text != "@"]
+    if named:
+        return to_remote(named[-1], buf)  # the pol reply `@alice@`
+    return RemoteReply(code="AT0014", message=f"unexpected reply: {buf.strip()[:200]}", raw=buf)
+
+
 def parse_error(text: str, raw: str = "") -> RemoteReply:
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            obj = json.loads(text)
-            return RemoteReply(code=str(obj.get("errorCode", "AT0011")),
-                               message=str(obj.get("errorDescription", "")), raw=raw)
-        except ValueError:
-            pass
-    m = re.match(r"^(AT\d{4})[-:]?(.*)$", text, re.S)
-    if m:
-        return RemoteReply(code=m.group(1), message=m.group(2).strip(), raw=raw)
-    return RemoteReply(code="AT0011", message=text, raw=raw)
+    """What follows ``error:`` as a RemoteReply (:func:`noports.atprotocol.wire.parse_error`)."""
+    err = _parse_error(text)
+    return RemoteReply(code=err.code, message=err.message, raw=raw)
 
 
 def parse_proof(data: str) -> tuple[str, str]:

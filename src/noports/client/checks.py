@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 from noports.npproto import keys as npkeys
 from noports.npproto.envelope import verify_envelope
 from noports.npproto.errors import ProtocolError, SignatureError
@@ -51,10 +52,12 @@ class Route:
     session_id: str = ""
 
 
-def sender_atsign(from_atsign: str | None) -> str:
-    """The sender as the atServer reported it, lower-case with ``@``."""
-    sender = (from_atsign or "").lower()
-    return sender if sender.startswith("@") else "@" + sender
+def sender_atsign(from_atsign: str | None) -> str | None:
+    """The sender as the atServer reported it, by the one atSign rule; None if not an atSign."""
+    try:
+        return normalize_atsign(from_atsign or "")
+    except InvalidAtSign:
+        return None
 
 
 def route(p: SessionParams, key: str, from_atsign: str | None) -> Route | None:
@@ -69,6 +72,8 @@ def route(p: SessionParams, key: str, from_atsign: str | None) -> Route | None:
     except ProtocolError:
         return None
     sender = sender_atsign(from_atsign)
+    if sender is None:
+        return None
     if ck.kind == "relay_response":
         return Route("relay", sender, ck.session_id or "")
     if sender != p.device_atsign or ck.device != p.device:

@@ -6,9 +6,10 @@ directly, and the CLI only maps flags and profiles onto it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 
 from .errors import UsageError
 
@@ -22,16 +23,14 @@ DEFAULT_CONNECT_TIMEOUT = 10.0  # atServer / relay TCP+TLS connect
 DEFAULT_IDLE_TIMEOUT = 30.0  # official srv: wait this long for the local ssh to connect
 DEFAULT_CIPHERS = ("chacha20-poly1305-v1", "aes-256-ctr")
 
-_ATSIGN_CHARS = re.compile(r"[\s:@/\\\x00]")
 
 
 def norm_atsign(value: str, what: str) -> str:
     """'Alice' / '@alice' -> '@alice', or a UsageError naming the flag."""
-    text = (value or "").strip()
-    text = text[1:] if text.startswith("@") else text
-    if not text or _ATSIGN_CHARS.search(text):
-        raise UsageError(f"{what}: not a valid atSign: {value!r}")
-    return "@" + text.lower()
+    try:
+        return normalize_atsign(value)
+    except InvalidAtSign as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def parse_root(value: str) -> tuple[str, int]:

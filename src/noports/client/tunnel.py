@@ -61,6 +61,8 @@ class AesTunnel:
                                       to_relay=to_relay, from_relay=from_relay)
 
     def close(self) -> None:
+        from noports.relay.pump import abort_pump
+        abort_pump(self.relay_sock)  # a running pump's transports must not outlive the socket
         with contextlib.suppress(OSError):
             self.relay_sock.close()
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from noports import crypto
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 from noports.npproto.dartjson import dart_json_decode
 from noports.npproto.envelope import (
     parse_dart_iso,
@@ -282,9 +283,7 @@ class DaemonHandler:
 
     def route(self, n: Inbound) -> Request | Ignore:
         """Authorize, then classify; never raises for any input."""
-        sender = (n.sender or "").strip().lower()
-        if sender and not sender.startswith("@"):
-            sender = "@" + sender
+        sender = _sender(n.sender)
         denial = self.authorize(sender)
         if denial is not None:
             return Ignore("unauthorized", f"Notification ignored from {sender or '?'} which is "
@@ -486,3 +485,11 @@ __all__ = [
     "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Fresh", "Ignore", "Inbound", "Reply",
     "Request", "SessionPlan", "ShareRecord", "check_request_time", "permitted",
 ]
+
+
+def _sender(atsign: str | None) -> str:
+    """A notification's sender under the one atSign rule; '' (never authorized) if invalid."""
+    try:
+        return normalize_atsign(atsign or "")
+    except InvalidAtSign:
+        return ""

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
+
 log = logging.getLogger(__name__)
 
 MAX_ATSIGN_BYTES = 253  # the wire line limit is 255 bytes including '\r\n'
@@ -37,24 +39,11 @@ class InvalidAddressError(ValueError):
 
 
 def normalise_atsign(atsign: str) -> str:
-    """Store key for `atsign`: no leading '@', lower-case; rejects what the wire cannot carry."""
-    if not isinstance(atsign, str):
-        raise InvalidAtSignError(f"atSign must be a string, got {type(atsign).__name__}")
-    key = atsign.strip()
-    if key.startswith("@"):
-        key = key[1:]
-    key = key.lower()
-    if not key:
-        raise InvalidAtSignError(f"invalid atSign {atsign!r}: empty")
-    bad = sorted({ch for ch in key if ch.isspace() or ch in ":@"})
-    if bad:
-        raise InvalidAtSignError(
-            f"invalid atSign {atsign!r}: must not contain whitespace, ':' or a second '@' "
-            f"(found {''.join(bad)!r})")
-    if len(key.encode("utf-8")) > MAX_ATSIGN_BYTES:
-        raise InvalidAtSignError(
-            f"invalid atSign {atsign!r}: longer than {MAX_ATSIGN_BYTES} bytes in UTF-8")
-    return key
+    """Store key for `atsign`: the one atSign rule (noports.atprotocol.atsign), no '@'."""
+    try:
+        return normalize_atsign(atsign)[1:]
+    except InvalidAtSign as exc:
+        raise InvalidAtSignError(f"invalid atSign {atsign!r}: {exc.reason}") from None
 
 
 def validate_address(address: str) -> str:

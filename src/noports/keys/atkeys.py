@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from noports import crypto
+from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
 
 KEYS_FILE_SUFFIX = "_key.atKeys"
 
@@ -36,7 +36,6 @@ ENROLLMENT_ID = "enrollmentId"
 
 _ENCRYPTED_FIELDS = (PKAM_PUBLIC, PKAM_PRIVATE, ENCRYPT_PUBLIC, ENCRYPT_PRIVATE)
 # Characters that can never be part of an atSign; several would also break file names.
-_BAD_ATSIGN_CHARS = re.compile(r"[\s:@/\\\x00]")
 
 
 class AtKeysError(ValueError):
@@ -61,20 +60,15 @@ class AtKeys:
 
 
 def normalise_atsign(atsign: str) -> str:
-    """'Alice' / ' @alice ' -> '@alice'. atSigns are case-insensitive; servers lower-case them.
+    """'Alice' / ' @alice ' -> '@alice': the one atSign rule (noports.atprotocol.atsign).
 
     Raises AtKeysError for strings that cannot be an atSign (empty, whitespace, ':', '/', ...),
     which also keeps them safe to use in file names.
     """
-    text = (atsign or "").strip()
-    if text.startswith("@"):
-        text = text[1:]
-    text = text.lower()
-    if not text or _BAD_ATSIGN_CHARS.search(text) or text in {".", ".."}:
-        raise AtKeysError(f"not a valid atSign: {atsign!r}")
-    if len(text) > 55:
-        raise AtKeysError(f"not a valid atSign (longer than 55 characters): {atsign!r}")
-    return "@" + text
+    try:
+        return normalize_atsign(atsign)
+    except InvalidAtSign as exc:
+        raise AtKeysError(str(exc)) from None
 
 
 def keys_file_name(atsign: str) -> str:

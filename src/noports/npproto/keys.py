@@ -14,6 +14,9 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from noports.atprotocol.atsign import InvalidAtSign
+from noports.atprotocol.atsign import normalize_atsign as _normalize_atsign
+
 from .errors import ProtocolError
 
 SSHNP_NS = "sshnp"
@@ -26,7 +29,6 @@ RELAY_NS = "sshrvd"  # the relay kept its old namespace after the srvd rename
 DEVICE_NAME_RE = re.compile(r"[a-z0-9_][a-z0-9_\-]{1,35}")
 DEVICE_NAME_MAX = 36
 
-_ATSIGN_RE = re.compile(r"@[^\s:@]+")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 #: Values of K3 and of daemon kinds dispatched on (sshnpd_impl.dart ``_notificationHandler``).
@@ -66,15 +68,11 @@ def validate_device_name(name: str) -> str:
 
 
 def normalize_atsign(atsign: str) -> str:
-    """``Alice`` / ``@Alice`` -> ``@alice``; atSigns are case-insensitive on the wire."""
-    if not isinstance(atsign, str):
-        raise ProtocolError(f"atSign must be a string, got {type(atsign).__name__}")
-    a = atsign.strip().lower()
-    if not a.startswith("@"):
-        a = "@" + a
-    if not _ATSIGN_RE.fullmatch(a):
-        raise ProtocolError(f"invalid atSign {atsign!r}")
-    return a
+    """``Alice`` / ``@Alice`` -> ``@alice``: the one atSign rule (noports.atprotocol.atsign)."""
+    try:
+        return _normalize_atsign(atsign)
+    except InvalidAtSign as exc:
+        raise ProtocolError(f"invalid atSign {atsign!r}: {exc.reason}") from None
 
 
 def validate_session_id(sid: str) -> str:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,8 +104,38 @@ def cipher_transforms(cipher: StreamCipher,
             FlowTransform(decrypt or cipher.decrypt, check_end))
 
 
-async def _finish(sp: Splice) -> PumpStats:
-    await sp.wait_closed()
+# relay socket -> the splice pumping it, so its owner can stop the pump before closing it
+_RUNNING: weakref.WeakKeyDictionary[socket.socket, Splice] = weakref.WeakKeyDictionary()
+
+
+def _stop(sp: Splice) -> None:
+    abort = getattr(sp, "abort", None)  # ProtocolSplice; an OsSplice has no transports
+    (abort or sp.close)()
+
+
+def abort_pump(relay: socket.socket) -> bool:
+    """Stop the pump running on ``relay`` now (True if there was one).
+
+    Call it before closing a socket a pump owns: the pump's asyncio transports must not
+    outlive the socket, or they keep claiming its fd number and the next connection of the
+    loop that gets the same number fails ("File descriptor N is used by transport").
+    """
+    sp = _RUNNING.pop(relay, None)
+    if sp is None:
+        return False
+    _stop(sp)
+    return True
+
+
+async def _finish(sp: Splice, relay: socket.socket) -> PumpStats:
+    _RUNNING[relay] = sp
+    try:
+        await sp.wait_closed()
+    except asyncio.CancelledError:
+        _stop(sp)  # the caller gave up on the pump: drop its transports now (see abort_pump)
+        raise
+    finally:
+        _RUNNING.pop(relay, None)
     end = sp.ended_at or time.monotonic()
     stats = PumpStats(sp.bytes_ab, sp.bytes_ba, end - sp.started_at, sp.close_reason)
     log.info("pump finished (%s): to relay %d bytes, from relay %d bytes, %.1fs",
@@ -118,7 +149,7 @@ async def pump_socket(local: socket.socket, relay: socket.socket, *,
     """Pump between two connected sockets until both directions end; owns both sockets."""
     sp = await splice_sockets(local, relay, mode="protocol", transform_ab=to_relay,
                               transform_ba=from_relay, high_water=high_water)
-    return await _finish(sp)
+    return await _finish(sp, relay)
 
 
 async def pump_stdio(relay: socket.socket, *, stdin_fd: int = 0, stdout_fd: int = 1,
@@ -128,7 +159,7 @@ async def pump_stdio(relay: socket.socket, *, stdin_fd: int = 0, stdout_fd: int 
     sp = await splice_stdio(relay, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
                             transform_in=to_relay, transform_out=from_relay,
                             high_water=high_water)
-    return await _finish(sp)
+    return await _finish(sp, relay)
 
 
 async def run_sshrv(host: str, port: int, auth_line: bytes | str | None, *,
