@@ -1,0 +1,392 @@
+"""Connection limits shared by the TLS servers (atdirectory, atserver).
+
+Why this module: ``asyncio.start_server(ssl=...)`` only calls the handler *after* the TLS
+handshake, so a limit counted in the handler misses every connection that never starts TLS
+(4,000 raw TCP opens took the directory to 1.4 GB). Here the count starts at TCP accept,
+before TLS, and the slot is held until the socket closes, whatever happens in between.
+
+Pieces (small on purpose; each is usable alone):
+
+* :func:`source_of` maps a peer address to the key counted per source (IPv4 address,
+  IPv6 /64).
+* :class:`Admission` is pure bookkeeping: ``admit(source)`` returns ``None`` (counted) or the
+  reason string naming the limit and its value; ``release(source)`` on close.
+* :func:`start_guarded_server` is a drop-in for ``asyncio.start_server(ssl=...)``: it accepts
+  plain TCP, asks the :class:`Admission`, runs the TLS handshake under a deadline and only
+  then calls ``client_connected_cb(reader, writer)``. A refused peer is told why (one line,
+  over TLS, when the caller gives ``refusal``) and closed.
+* :func:`make_idle_tls_cheap` lowers asyncio's per-connection SSL read buffer (256 KiB by
+  default) so an idle TLS connection costs tens of KiB; :func:`release_memory` and
+  :class:`MemoryReleaser` give freed heap back to the OS (glibc keeps it otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import ipaddress
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: asyncio's default SSL read buffer per connection (``SSLProtocol.max_size``).
+ASYNCIO_SSL_BUFFER = 256 * 1024
+#: What :func:`make_idle_tls_cheap` sets by default: two full TLS records (16 KiB + overhead).
+CHEAP_SSL_BUFFER = 32 * 1024
+#: Longest a refused peer may take for the TLS handshake that carries the refusal line.
+REFUSAL_HANDSHAKE_TIMEOUT = 5.0
+#: Refusals told over TLS at the same time; beyond this, refused sockets are just closed.
+MAX_REFUSALS_IN_FLIGHT = 32
+
+ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def source_of(peername: Any) -> str | None:
+    """The per-source key of a socket peer name: the IPv4 address, or the IPv6 /64.
+
+    One IPv6 host usually owns a whole /64, so counting single IPv6 addresses would not limit
+    anybody. IPv4-mapped IPv6 addresses count as their IPv4 address. Unix sockets and unknown
+    shapes give ``None`` (not counted per source, still counted in the total).
+    """
+    if not isinstance(peername, (tuple, list)) or not peername:
+        return None
+    try:
+        addr = ipaddress.ip_address(str(peername[0]).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        if addr.is_loopback:
+            return str(addr)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class Admission:
+    """Counts open connections in total and per source; pure, no sockets, no clock.
+
+    ``total_name`` and ``per_source_name`` are how the operator sets the limits (CLI flags), so
+    the refusal text tells the peer and the log which knob was hit.
+    """
+
+    def __init__(self, max_total: int, max_per_source: int, *,
+                 total_name: str = "--max-connections",
+                 per_source_name: str = "--max-connections-per-ip") -> None:
+        if max_total < 1 or max_per_source < 1:
+            raise ValueError("connection limits must be at least 1")
+        self.max_total = max_total
+        self.max_per_source = max_per_source
+        self.total_name = total_name
+        self.per_source_name = per_source_name
+        self._total = 0
+        self._per_source: Counter[str] = Counter()
+
+    @property
+    def open_total(self) -> int:
+        return self._total
+
+    def open_from(self, source: str | None) -> int:
+        return self._per_source.get(source, 0) if source is not None else 0
+
+    def sources(self) -> int:
+        """Number of sources with at least one open connection (memory is bounded by it)."""
+        return len(self._per_source)
+
+    def admit(self, source: str | None) -> str | None:
+        """Count one new connection, or return why not (nothing is counted then)."""
+        if self._total >= self.max_total:
+            return (f"server busy: {self._total} connections open, "
+                    f"limit {self.total_name} {self.max_total}")
+        if source is not None and self._per_source[source] >= self.max_per_source:
+            return (f"too many connections from {source}: "
+                    f"limit {self.per_source_name} {self.max_per_source}")
+        self._total += 1
+        if source is not None:
+            self._per_source[source] += 1
+        return None
+
+    def release(self, source: str | None) -> None:
+        """Forget one connection counted by :meth:`admit` (call exactly once per admit)."""
+        self._total = max(0, self._total - 1)
+        if source is not None and source in self._per_source:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def make_idle_tls_cheap(buffer_size: int = CHEAP_SSL_BUFFER) -> int:
+    """Lower asyncio's per-connection SSL read buffer; returns the previous size.
+
+    ``asyncio.sslproto.SSLProtocol`` allocates (and zero-fills) ``max_size`` bytes per TLS
+    connection, 256 KiB by default: 1,000 idle clients then hold ~250 MB. It is a class
+    attribute, so this is process-wide: call it once at server start. A TLS record carries at
+    most 16 KiB, so 32 KiB costs bulk transfers a few more loop turns and nothing else.
+    """
+    from asyncio import sslproto
+
+    if buffer_size < 17 * 1024:
+        raise ValueError("the SSL buffer must hold one full TLS record (>= 17 KiB)")
+    previous = int(sslproto.SSLProtocol.max_size)
+    sslproto.SSLProtocol.max_size = buffer_size
+    return previous
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_memory() -> bool:
+    """Ask glibc to return free heap pages to the OS (``malloc_trim(0)``).
+
+    Returns True when glibc released something, False when not or where glibc is absent.
+    Many closed connections leave free but fragmented heap that glibc keeps otherwise.
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    return bool(_MALLOC_TRIM(0))
+
+
+class MemoryReleaser:
+    """Decides when to call :func:`release_memory` after connections close.
+
+    ``closed()`` counts a close; ``due(now)`` says whether to trim now (at least ``every``
+    closes since the last trim and ``min_interval`` seconds later: a trim of a large heap takes
+    milliseconds); ``wait(now)`` is how long until it may. The server schedules the call.
+    """
+
+    def __init__(self, every: int = 256, min_interval: float = 2.0,
+                 trim: Callable[[], bool] = release_memory) -> None:
+        self.every = every
+        self.min_interval = min_interval
+        self.trim = trim
+        self.pending = 0
+        self.last = -float("inf")
+        self.trims = 0
+
+    def closed(self) -> None:
+        self.pending += 1
+
+    def due(self, now: float) -> bool:
+        return self.pending >= self.every and now - self.last >= self.min_interval
+
+    def wait(self, now: float) -> float:
+        return max(0.0, self.last + self.min_interval - now)
+
+    def run(self, now: float) -> bool:
+        """Trim if due; returns whether it trimmed."""
+        if not self.due(now):
+            return False
+        self.pending = 0
+        self.last = now
+        self.trims += 1
+        self.trim()
+        return True
+
+
+# --------------------------------------------------------------------------- server edge
+
+
+class _Gate(asyncio.Protocol):
+    """Per-socket protocol from TCP accept to close: admission, TLS, then the stream handler.
+
+    After the handshake it stays the transport's protocol and forwards everything to a
+    ``StreamReaderProtocol``, so it sees the close and releases the slot exactly once.
+    """
+
+    def __init__(self, guard: _Guard) -> None:
+        self.guard = guard
+        self.source: str | None = None
+        self.admitted = False
+        self.inner: asyncio.StreamReaderProtocol | None = None
+        self.early: list[bytes] = []
+        self.early_eof = False
+        self.lost = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- raw phase
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.raw = transport
+        self.source = source_of(transport.get_extra_info("peername"))
+        reason = self.guard.admission.admit(self.source)
+        loop = asyncio.get_running_loop()
+        if reason is None:
+            self.admitted = True
+            self.task = loop.create_task(self._upgrade())
+        else:
+            log.warning("refusing connection from %s: %s", self.source, reason)
+            self.task = loop.create_task(self._refuse(reason))
+
+    async def _handshake(self, timeout: float) -> asyncio.Transport | None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(self.raw, self, self.guard.ssl, server_side=True,
+                                       ssl_handshake_timeout=timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.debug("TLS handshake with %s failed: %s", self.source, exc)
+            self.raw.abort()
+            return None
+        return tls
+
+    async def _upgrade(self) -> None:
+        try:
+            tls = await self._handshake(self.guard.handshake_timeout)
+            if tls is None or self.lost:
+                return
+            reader = asyncio.StreamReader(limit=self.guard.limit)
+            self.inner = asyncio.StreamReaderProtocol(reader, self.guard.callback)
+            self.inner.connection_made(tls)
+            for data in self.early:
+                self.inner.data_received(data)
+            self.early.clear()
+            if self.early_eof and not self.inner.eof_received():
+                tls.close()
+        finally:
+            if self.inner is None:
+                self._release()
+
+    async def _refuse(self, reason: str) -> None:
+        guard = self.guard
+        message = guard.refusal(reason) if guard.refusal is not None else None
+        if message is None or guard.refusing >= guard.max_refusals:
+            self.raw.abort()
+            return
+        guard.refusing += 1
+        try:
+            tls = await self._handshake(min(guard.handshake_timeout, REFUSAL_HANDSHAKE_TIMEOUT))
+            if tls is not None:
+                tls.write(message)
+                tls.close()
+        finally:
+            guard.refusing -= 1
+
+    # -- forwarded after the handshake
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+        elif self.admitted:
+            self.early.append(data)
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
+        self.early_eof = True
+        return True
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+        self._release()
+
+    def _release(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.guard.closed(self.source)
+
+
+class _Guard:
+    """State shared by the gates of one listening server."""
+
+    def __init__(self, callback: ClientCallback, ssl_context: ssl.SSLContext,
+                 admission: Admission, handshake_timeout: float, limit: int,
+                 refusal: Callable[[str], bytes | None] | None,
+                 releaser: MemoryReleaser | None, max_refusals: int) -> None:
+        self.callback = callback
+        self.ssl = ssl_context
+        self.admission = admission
+        self.handshake_timeout = handshake_timeout
+        self.limit = limit
+        self.refusal = refusal
+        self.releaser = releaser
+        self.max_refusals = max_refusals
+        self.refusing = 0
+        self._trim_handle: asyncio.TimerHandle | None = None
+
+    def closed(self, source: str | None) -> None:
+        self.admission.release(source)
+        if self.releaser is None:
+            return
+        self.releaser.closed()
+        if self._trim_handle is None and self.releaser.pending >= self.releaser.every:
+            loop = asyncio.get_running_loop()
+            self._trim_handle = loop.call_later(self.releaser.wait(loop.time()) + 0.1,
+                                                self._trim)
+
+    def _trim(self) -> None:
+        self._trim_handle = None
+        assert self.releaser is not None
+        if self.releaser.run(asyncio.get_running_loop().time()):
+            log.debug("released free heap to the OS after many closes")
+
+
+async def start_guarded_server(client_connected_cb: ClientCallback, host: str | None,
+                               port: int, *, ssl: ssl.SSLContext, admission: Admission,
+                               handshake_timeout: float = 10.0,
+                               refusal: Callable[[str], bytes | None] | None = None,
+                               releaser: MemoryReleaser | None = None,
+                               limit: int = 2 ** 16, backlog: int = 1024,
+                               max_refusals: int = MAX_REFUSALS_IN_FLIGHT,
+                               **kwargs: Any) -> asyncio.Server:
+    """Like ``asyncio.start_server(cb, host, port, ssl=...)``, counted from TCP accept.
+
+    * ``admission`` decides at accept, before TLS; its slot is freed when the socket closes.
+    * ``handshake_timeout`` (seconds) bounds the TLS handshake; a peer that never sends a
+      ClientHello holds its slot at most that long.
+    * ``refusal(reason)`` returns the bytes a refused peer is sent over TLS before the close
+      (``None``: close without a word). At most ``max_refusals`` such handshakes run at once;
+      beyond that refused sockets are closed at once.
+    * ``releaser`` (optional) trims the heap after many closes.
+    * ``limit`` is the StreamReader buffer limit, as in ``start_server``; other keyword
+      arguments go to ``loop.create_server`` (``reuse_address`` and the like).
+    """
+    if handshake_timeout <= 0:
+        raise ValueError("handshake_timeout must be > 0")
+    guard = _Guard(client_connected_cb, ssl, admission, handshake_timeout, limit, refusal,
+                   releaser, max_refusals)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Gate(guard), host, port, backlog=backlog,
+                                    **kwargs)
+
+
+async def aclose_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
+    """Close a stream and wait at most ``timeout`` for the TLS close (never raises)."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+
+
+__all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser",
+           "aclose_writer", "make_idle_tls_cheap", "release_memory", "source_of",
+           "start_guarded_server"]
