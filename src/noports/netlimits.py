@@ -30,21 +30,24 @@ import ipaddress
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 #: asyncio's default SSL read buffer per connection (``SSLProtocol.max_size``).
 ASYNCIO_SSL_BUFFER = 256 * 1024
-#: What :func:`make_idle_tls_cheap` sets by default: two full TLS records (16 KiB + overhead).
-CHEAP_SSL_BUFFER = 32 * 1024
+#: What :func:`make_idle_tls_cheap` sets by default: one full TLS record (16 KiB + overhead).
+CHEAP_SSL_BUFFER = 20 * 1024
 #: Longest a refused peer may take for the TLS handshake that carries the refusal line.
 REFUSAL_HANDSHAKE_TIMEOUT = 5.0
 #: Refusals told over TLS at the same time; beyond this, refused sockets are just closed.
 MAX_REFUSALS_IN_FLIGHT = 32
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+#: What ``refusal(reason)`` returns: bytes written in one write, a sequence of chunks written
+#: one write (one TLS record) each, or None to close without a word.
+Refusal = bytes | Sequence[bytes] | None
 
 
 def source_of(peername: Any) -> str | None:
@@ -87,6 +90,9 @@ class Admission:
         self.per_source_name = per_source_name
         self._total = 0
         self._per_source: Counter[str] = Counter()
+        #: Highest number of connections ever open at once, in total and from one source.
+        self.peak_total = 0
+        self.peak_per_source = 0
 
     @property
     def open_total(self) -> int:
@@ -108,8 +114,10 @@ class Admission:
             return (f"too many connections from {source}: "
                     f"limit {self.per_source_name} {self.max_per_source}")
         self._total += 1
+        self.peak_total = max(self.peak_total, self._total)
         if source is not None:
             self._per_source[source] += 1
+            self.peak_per_source = max(self.peak_per_source, self._per_source[source])
         return None
 
     def release(self, source: str | None) -> None:
@@ -130,7 +138,8 @@ def make_idle_tls_cheap(buffer_size: int = CHEAP_SSL_BUFFER) -> int:
     ``asyncio.sslproto.SSLProtocol`` allocates (and zero-fills) ``max_size`` bytes per TLS
     connection, 256 KiB by default: 1,000 idle clients then hold ~250 MB. It is a class
     attribute, so this is process-wide: call it once at server start. A TLS record carries at
-    most 16 KiB, so 32 KiB costs bulk transfers a few more loop turns and nothing else.
+    most 16 KiB (+ header and MAC), so 20 KiB costs bulk transfers more loop turns per MiB
+    (one read per record) and nothing else.
     """
     from asyncio import sslproto
 
@@ -170,43 +179,58 @@ def release_memory() -> bool:
 
 
 class MemoryReleaser:
-    """Decides when to call :func:`release_memory` after connections close.
+    """Decides when to call :func:`release_memory` after connections close (pure; no clock).
 
-    ``closed()`` counts a close; ``due(now)`` says whether to trim now (at least ``every``
-    closes since the last trim and ``min_interval`` seconds later: a trim of a large heap takes
-    milliseconds); ``wait(now)`` is how long until it may. The server schedules the call.
+    A trim is worth it after a burst of closes, not after each: ``closed(now)`` counts a
+    close; the trim is due once at least ``every`` closes are pending and closes have paused
+    for ``quiet`` seconds (so the stragglers of a burst are included), or ``max_wait`` seconds
+    after the first pending close while churn goes on. A trim of a large heap takes
+    milliseconds, hence ``every``. ``next_check(now)`` says when to ask again; the server
+    schedules the call.
     """
 
-    def __init__(self, every: int = 256, min_interval: float = 2.0,
+    def __init__(self, every: int = 256, quiet: float = 0.5, max_wait: float = 5.0,
                  trim: Callable[[], bool] = release_memory) -> None:
         self.every = every
-        self.min_interval = min_interval
+        self.quiet = quiet
+        self.max_wait = max_wait
         self.trim = trim
         self.pending = 0
-        self.last = -float("inf")
+        self.first = 0.0
+        self.last_close = 0.0
         self.trims = 0
 
-    def closed(self) -> None:
+    def closed(self, now: float) -> None:
+        if self.pending == 0:
+            self.first = now
         self.pending += 1
+        self.last_close = now
 
     def due(self, now: float) -> bool:
-        return self.pending >= self.every and now - self.last >= self.min_interval
+        return self.pending >= self.every and (now - self.last_close >= self.quiet
+                                               or now - self.first >= self.max_wait)
 
-    def wait(self, now: float) -> float:
-        return max(0.0, self.last + self.min_interval - now)
+    def next_check(self, now: float) -> float:
+        """Seconds from ``now`` until :meth:`due` may turn true (0 when it is)."""
+        return max(0.0, min(self.last_close + self.quiet, self.first + self.max_wait) - now)
 
     def run(self, now: float) -> bool:
         """Trim if due; returns whether it trimmed."""
         if not self.due(now):
             return False
         self.pending = 0
-        self.last = now
         self.trims += 1
         self.trim()
         return True
 
 
 # --------------------------------------------------------------------------- server edge
+
+
+def _break_transport_cycle(transport: asyncio.BaseTransport) -> None:
+    if transport.is_closing() and getattr(transport, "_sock", None) is None:
+        with contextlib.suppress(AttributeError):
+            transport._read_ready_cb = None  # type: ignore[attr-defined]
 
 
 class _Gate(asyncio.Protocol):
@@ -247,6 +271,9 @@ class _Gate(asyncio.Protocol):
                                        ssl_handshake_timeout=timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             log.debug("TLS handshake with %s failed: %s", self.source, exc)
+            # The traceback holds start_tls's frame, which holds the future holding this
+            # exception: a cycle that would keep the SSL object and its buffer until a full gc.
+            exc.__traceback__ = None
             self.raw.abort()
             return None
         return tls
@@ -278,7 +305,8 @@ class _Gate(asyncio.Protocol):
         try:
             tls = await self._handshake(min(guard.handshake_timeout, REFUSAL_HANDSHAKE_TIMEOUT))
             if tls is not None:
-                tls.write(message)
+                for chunk in [message] if isinstance(message, bytes) else message:
+                    tls.write(chunk)
                 tls.close()
         finally:
             guard.refusing -= 1
@@ -309,6 +337,12 @@ class _Gate(asyncio.Protocol):
         if self.inner is not None:
             self.inner.connection_lost(exc)
         self._release()
+        self.inner = None
+        self.early.clear()
+        # asyncio's socket transport keeps a bound method of itself (a reference cycle), so a
+        # closed transport waits for a full gc; clear it once the socket is gone.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(_break_transport_cycle, self.raw)
 
     def _release(self) -> None:
         if self.admitted:
@@ -321,7 +355,7 @@ class _Guard:
 
     def __init__(self, callback: ClientCallback, ssl_context: ssl.SSLContext,
                  admission: Admission, handshake_timeout: float, limit: int,
-                 refusal: Callable[[str], bytes | None] | None,
+                 refusal: Callable[[str], Refusal] | None,
                  releaser: MemoryReleaser | None, max_refusals: int) -> None:
         self.callback = callback
         self.ssl = ssl_context
@@ -338,10 +372,15 @@ class _Guard:
         self.admission.release(source)
         if self.releaser is None:
             return
-        self.releaser.closed()
+        loop = asyncio.get_running_loop()
+        self.releaser.closed(loop.time())
+        self._schedule_trim()
+
+    def _schedule_trim(self) -> None:
+        assert self.releaser is not None
         if self._trim_handle is None and self.releaser.pending >= self.releaser.every:
             loop = asyncio.get_running_loop()
-            self._trim_handle = loop.call_later(self.releaser.wait(loop.time()) + 0.1,
+            self._trim_handle = loop.call_later(self.releaser.next_check(loop.time()) + 0.01,
                                                 self._trim)
 
     def _trim(self) -> None:
@@ -349,12 +388,14 @@ class _Guard:
         assert self.releaser is not None
         if self.releaser.run(asyncio.get_running_loop().time()):
             log.debug("released free heap to the OS after many closes")
+        else:
+            self._schedule_trim()
 
 
 async def start_guarded_server(client_connected_cb: ClientCallback, host: str | None,
                                port: int, *, ssl: ssl.SSLContext, admission: Admission,
                                handshake_timeout: float = 10.0,
-                               refusal: Callable[[str], bytes | None] | None = None,
+                               refusal: Callable[[str], Refusal] | None = None,
                                releaser: MemoryReleaser | None = None,
                                limit: int = 2 ** 16, backlog: int = 1024,
                                max_refusals: int = MAX_REFUSALS_IN_FLIGHT,
@@ -364,8 +405,8 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
     * ``admission`` decides at accept, before TLS; its slot is freed when the socket closes.
     * ``handshake_timeout`` (seconds) bounds the TLS handshake; a peer that never sends a
       ClientHello holds its slot at most that long.
-    * ``refusal(reason)`` returns the bytes a refused peer is sent over TLS before the close
-      (``None``: close without a word). At most ``max_refusals`` such handshakes run at once;
+    * ``refusal(reason)`` returns what a refused peer is sent over TLS before the close: bytes,
+      or a sequence of chunks each sent as its own write (``None``: close without a word). At most ``max_refusals`` such handshakes run at once;
       beyond that refused sockets are closed at once.
     * ``releaser`` (optional) trims the heap after many closes.
     * ``limit`` is the StreamReader buffer limit, as in ``start_server``; other keyword

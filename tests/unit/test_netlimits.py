@@ -69,19 +69,20 @@ def test_admission_release_forgets_sources_and_never_goes_negative() -> None:
         Admission(0, 1)
 
 
-def test_memory_releaser_waits_for_enough_closes_and_interval() -> None:
+def test_memory_releaser_trims_once_after_a_burst_has_paused() -> None:
     calls: list[int] = []
-    rel = MemoryReleaser(every=3, min_interval=10.0, trim=lambda: calls.append(1) or True)
-    rel.closed()
-    rel.closed()
-    assert not rel.due(0.0) and not rel.run(0.0)
-    rel.closed()
-    assert rel.run(0.0) and calls == [1]
-    for _ in range(5):
-        rel.closed()
-    assert not rel.run(5.0)  # too soon after the last trim
-    assert rel.wait(5.0) == pytest.approx(5.0)
-    assert rel.run(10.0) and len(calls) == 2 and rel.pending == 0
+    rel = MemoryReleaser(every=3, quiet=0.5, max_wait=5.0, trim=lambda: calls.append(1) or True)
+    rel.closed(9.9)
+    rel.closed(9.95)
+    assert not rel.due(10.0) and not rel.run(10.0)  # too few closes to be worth a trim
+    rel.closed(10.0)
+    assert not rel.run(10.2)  # the burst may go on
+    assert rel.next_check(10.2) == pytest.approx(0.3)
+    assert rel.run(10.5) and calls == [1] and rel.pending == 0
+    # closes that never pause: trimmed max_wait after the first pending one
+    for i in range(100):
+        rel.closed(20.0 + i * 0.1)
+    assert rel.due(25.0) and rel.run(25.0) and len(calls) == 2
 
 
 def test_release_memory_returns_a_bool() -> None:
