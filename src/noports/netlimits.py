@@ -15,6 +15,7 @@ Pieces (small on purpose; each is usable alone):
   plain TCP, asks the :class:`Admission`, runs the TLS handshake under a deadline and only
   then calls ``client_connected_cb(reader, writer)``. A refused peer is told why (one line,
   over TLS, when the caller gives ``refusal``) and closed.
+* :func:`linger_close` closes after a last error line without the RST that would eat it.
 * :func:`make_idle_tls_cheap` lowers asyncio's per-connection SSL read buffer (256 KiB by
   default) so an idle TLS connection costs tens of KiB; :func:`release_memory` and
   :class:`MemoryReleaser` give freed heap back to the OS (glibc keeps it otherwise).
@@ -29,6 +30,7 @@ import ctypes.util
 import ipaddress
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -43,6 +45,11 @@ CHEAP_SSL_BUFFER = 20 * 1024
 REFUSAL_HANDSHAKE_TIMEOUT = 5.0
 #: Refusals told over TLS at the same time; beyond this, refused sockets are just closed.
 MAX_REFUSALS_IN_FLIGHT = 32
+#: At most one "refusing connection" log line per this many seconds (a flood would fill disks).
+REFUSAL_LOG_INTERVAL = 1.0
+#: How long a closing side keeps reading (and discarding) after its last words, so the peer's
+#: in-flight bytes do not meet a closed socket, whose RST would discard the unread error line.
+LINGER_SECONDS = 1.0
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 #: What ``refusal(reason)`` returns: bytes written in one write, a sequence of chunks written
@@ -261,7 +268,7 @@ class _Gate(asyncio.Protocol):
             self.admitted = True
             self.task = loop.create_task(self._upgrade())
         else:
-            log.warning("refusing connection from %s: %s", self.source, reason)
+            self.guard.log_refusal(self.source, reason)
             self.task = loop.create_task(self._refuse(reason))
 
     async def _handshake(self, timeout: float) -> asyncio.Transport | None:
@@ -289,8 +296,8 @@ class _Gate(asyncio.Protocol):
             for data in self.early:
                 self.inner.data_received(data)
             self.early.clear()
-            if self.early_eof and not self.inner.eof_received():
-                tls.close()
+            if self.early_eof:
+                self.inner.eof_received()
         finally:
             if self.inner is None:
                 self._release()
@@ -307,6 +314,12 @@ class _Gate(asyncio.Protocol):
             if tls is not None:
                 for chunk in [message] if isinstance(message, bytes) else message:
                     tls.write(chunk)
+                # Linger: the peer may still be sending its request (discarded in
+                # data_received); closing now would answer it with an RST.
+                for _ in range(int(LINGER_SECONDS / 0.05)):
+                    if self.lost:
+                        break
+                    await asyncio.sleep(0.05)
                 tls.close()
         finally:
             guard.refusing -= 1
@@ -322,7 +335,7 @@ class _Gate(asyncio.Protocol):
         if self.inner is not None:
             return self.inner.eof_received()
         self.early_eof = True
-        return True
+        return False  # under TLS a half-close cannot be kept open anyway
 
     def pause_writing(self) -> None:
         if self.inner is not None:
@@ -332,10 +345,14 @@ class _Gate(asyncio.Protocol):
         if self.inner is not None:
             self.inner.resume_writing()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
+        if exc is not None and not isinstance(exc, Exception):
+            # seen under load: a CancelledError as the reason; handed on, it would cancel the
+            # handler's wait_closed() and so the handler itself
+            exc = ConnectionAbortedError(f"connection lost ({type(exc).__name__})")
         if self.inner is not None:
-            self.inner.connection_lost(exc)
+            self.inner.connection_lost(exc)  # type: ignore[arg-type]
         self._release()
         self.inner = None
         self.early.clear()
@@ -367,6 +384,20 @@ class _Guard:
         self.max_refusals = max_refusals
         self.refusing = 0
         self._trim_handle: asyncio.TimerHandle | None = None
+        self._refusal_log_at = -float("inf")
+        self._refusals_unlogged = 0
+
+    def log_refusal(self, source: str | None, reason: str) -> None:
+        """One warning per second at most, with the count of refusals not logged since."""
+        now = time.monotonic()
+        if now - self._refusal_log_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more = (f" (and {self._refusals_unlogged} more refusals since the last such line)"
+                if self._refusals_unlogged else "")
+        log.warning("refusing connection from %s: %s%s", source, reason, more)
+        self._refusal_log_at = now
+        self._refusals_unlogged = 0
 
     def closed(self, source: str | None) -> None:
         self.admission.release(source)
@@ -422,12 +453,46 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
 
 
 async def aclose_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
-    """Close a stream and wait at most ``timeout`` for the TLS close (never raises)."""
+    """Close a stream and wait at most ``timeout`` for the TLS close.
+
+    Never raises, except CancelledError when the calling task itself is being cancelled.
+    """
     writer.close()
-    with contextlib.suppress(Exception):
+    try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)
+        if cancelling is None or cancelling():
+            raise
+    except Exception:  # noqa: S110 - closing is best effort
+        pass
+
+
+async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       seconds: float = LINGER_SECONDS, max_bytes: int = 1 << 20) -> None:
+    """Close after a last reply, reading and discarding what the peer still sends.
+
+    Closing a socket with unread input makes the kernel send an RST, and an RST makes the
+    peer's kernel drop data it has not read yet, such as the error line just written. So
+    flush, then discard input until the peer closes, ``seconds`` pass or ``max_bytes`` came.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), seconds)
+        got = 0
+        while got < max_bytes:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            chunk = await asyncio.wait_for(reader.read(65536), left)
+            if not chunk:
+                break
+            got += len(chunk)
+    await aclose_writer(writer)
 
 
 __all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser",
-           "aclose_writer", "make_idle_tls_cheap", "release_memory", "source_of",
+           "aclose_writer", "linger_close", "make_idle_tls_cheap", "release_memory", "source_of",
            "start_guarded_server"]
