@@ -307,3 +307,40 @@ def test_zero_max_delay_disables_delays() -> None:
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MissPolicy(**kwargs)
+
+
+# --------------------------------------------------------------------------- properties (receive)
+
+_PIECES = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from([b"alice\xf0\x9f\x9b\xa0\n", b"BOB\r\n", b"@exit\n", b"\n", b"\r\n",
+                     b"nobody\n", b"a" * 254 + b"\n", b"a" * 300, b"x:y\n", b"\xff\n"]),
+)
+
+
+@given(st.lists(_PIECES, max_size=12))
+@settings(derandomize=True, max_examples=300, deadline=None)
+def test_receive_never_raises_and_every_line_gets_one_reply_or_the_close(
+        chunks: list[bytes]) -> None:
+    """Any bytes, any split: one reply per complete line; a close is last and, unless the
+    peer asked for it (@exit), comes right after an ``error:`` line that names the limit."""
+    s = DirectorySession(no_delay_limiter(), max_pending_bytes=2048)
+    actions: list[Write | Close] = []
+    fed = b""
+    for chunk in chunks:
+        actions += drive(s, chunk)
+        fed += chunk
+        if s.closed:
+            break
+    writes = [a for a in actions if isinstance(a, Write)]
+    closes = [a for a in actions if isinstance(a, Close)]
+    if not s.closed:
+        assert not closes
+        assert len(writes) == fed.count(b"\n")
+        assert all(w.data.endswith(b"\r\n@") for w in writes)
+    else:
+        assert closes == [actions[-1]]
+        if closes[0].reason != "@exit":
+            assert writes and writes[-1] == actions[-2]
+            assert writes[-1].data.startswith(b"error:") and b"limit --" in writes[-1].data
+        assert s.receive(b"bob\n") == []
