@@ -131,6 +131,8 @@ async def attacker(targets: list[tuple[str, int]], ca: str, seed: int, idle: int
         rng = random.Random(seed * 1000 + i)
         while time.monotonic() < end:
             for line in hostile_lines(rng):
+                if time.monotonic() >= end:
+                    break
                 await send_and_drop(target, ATTACK_SOURCES[i % 4], line)
 
     async def fuzzer(target: tuple[str, int], i: int) -> None:
@@ -190,13 +192,18 @@ def attacker_main(args: argparse.Namespace) -> int:
 
 
 def legit_loop(plane, ctx: ssl.SSLContext, keys: dict, duration: float) -> dict:  # type: ignore[no-untyped-def]
-    """Round-robin over the three operations for ``duration`` s: latencies (ms), failures."""
+    """Each operation in its own thread, in a loop for ``duration`` s: latencies (ms), failures.
+
+    One thread per operation, so a stalled atServer does not starve the directory's figures.
+    """
+    import threading
+
     from noports.atclient import AtConnection, find_secondary
 
     lat: dict[str, list[float]] = {op: [] for op in OPS}
     fails: dict[str, list[str]] = {op: [] for op in OPS}
     d = plane.directory
-    conn: AtConnection | None = None
+    end = time.monotonic() + duration
 
     def connect() -> AtConnection:
         host, port = find_secondary(d.host, d.port, "@alice", ctx, timeout=10)
@@ -204,9 +211,9 @@ def legit_loop(plane, ctx: ssl.SSLContext, keys: dict, duration: float) -> dict:
         c.authenticate_pkam("@alice", keys["@alice"].pkam_private)
         return c
 
-    end = time.monotonic() + duration
-    while time.monotonic() < end:
-        for op in OPS:
+    def run(op: str) -> None:
+        conn: AtConnection | None = None
+        while time.monotonic() < end:
             t0 = time.perf_counter()
             try:
                 if op == "directory":
@@ -223,12 +230,18 @@ def legit_loop(plane, ctx: ssl.SSLContext, keys: dict, duration: float) -> dict:
                 lat[op].append((time.perf_counter() - t0) * 1000)
             except Exception as exc:  # counted and shown, never fatal
                 fails[op].append(f"{type(exc).__name__}: {str(exc)[:120]}")
-                if conn is not None and op != "directory":
+                if conn is not None:
                     conn.close()
                     conn = None
-            time.sleep(0.01)
-    if conn is not None:
-        conn.close()
+            time.sleep(0.02)
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=run, args=(op,), daemon=True) for op in OPS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration + 60)
     return {"lat": lat, "fails": fails}
 
 
@@ -246,6 +259,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1, help="fuzzer seed (default 1)")
     ap.add_argument("--idle", type=int, default=2000,
                     help="idle TLS connections per server (and half as many raw TCP)")
+    ap.add_argument("--only", choices=["directory", "atserver"],
+                    help="attack only this server (default: both); the client uses both")
     ap.add_argument("--attack", help=argparse.SUPPRESS)  # attacker subprocess mode
     ap.add_argument("--ca", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -275,7 +290,9 @@ def main() -> int:
                   file=sys.stderr, flush=True)
             rss0 = {k: rss_kib(p) for k, p in pids.items()}
             base = legit_loop(plane, ctx, keys, args.duration)
-            targets = f"{plane.root},127.0.0.1:{server.ports['@alice']}"
+            targets = ",".join(t for name, t in (
+                ("directory", plane.root), ("atserver", f"127.0.0.1:{server.ports['@alice']}"))
+                if args.only in (None, name))
             warmup = 3.0
             print(f"attack: {args.duration:g} s with the attacker (seed {args.seed}, "
                   f"{args.idle} idle TLS per server) ...", file=sys.stderr, flush=True)
@@ -294,8 +311,8 @@ def main() -> int:
         finally:
             plane.stop()
     astats = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-    print(f"\nlegitimate client on loopback, {args.duration:g} s per phase; attacker seed "
-          f"{args.seed}: {astats}")
+    print(f"\nlegitimate client on loopback, {args.duration:g} s per phase; attacked: "
+          f"{args.only or 'both servers'}; attacker seed {args.seed}: {astats}")
     print(f"{'operation':<16} {'alone p50':>10} {'p99 ms':>8} {'n':>5} {'fail':>5} | "
           f"{'attack p50':>10} {'p99 ms':>8} {'n':>5} {'fail':>5}")
     for op in OPS:

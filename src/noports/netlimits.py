@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import ipaddress
 import logging
+import os
 import ssl
 import time
 from collections import Counter
@@ -261,6 +262,8 @@ class _Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.raw = transport
+        # Read nothing before the handshake: the bytes belong to TLS (see _wait_first_byte).
+        transport.pause_reading()
         self.source = source_of(transport.get_extra_info("peername"))
         reason = self.guard.admission.admit(self.source)
         loop = asyncio.get_running_loop()
@@ -271,11 +274,45 @@ class _Gate(asyncio.Protocol):
             self.guard.log_refusal(self.source, reason)
             self.task = loop.create_task(self._refuse(reason))
 
+    async def _wait_first_byte(self, timeout: float) -> bool:
+        """Wait until the socket is readable (ClientHello, EOF or error), reading nothing.
+
+        A socket that never starts TLS then costs a transport and a future, not the TLS state
+        (OpenSSL object, BIOs, asyncio's read buffer: about 60 KiB). The transport owns the
+        file descriptor, so the wait uses a duplicate of it. False when ``timeout`` passed.
+        """
+        loop = asyncio.get_running_loop()
+        sock = self.raw.get_extra_info("socket")
+        try:
+            fd = os.dup(sock.fileno())
+        except (AttributeError, OSError, ValueError):
+            return True  # cannot wait cheaply here: let the handshake do the waiting
+        ready = loop.create_future()
+        try:
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        except (NotImplementedError, RuntimeError, OSError):
+            os.close(fd)
+            return True
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
     async def _handshake(self, timeout: float) -> asyncio.Transport | None:
         loop = asyncio.get_running_loop()
+        start = loop.time()
+        if not await self._wait_first_byte(timeout) or self.lost:
+            log.debug("no TLS handshake from %s within %gs", self.source, timeout)
+            self.raw.abort()
+            return None
+        left = max(0.1, timeout - (loop.time() - start))
         try:
             tls = await loop.start_tls(self.raw, self, self.guard.ssl, server_side=True,
-                                       ssl_handshake_timeout=timeout)
+                                       ssl_handshake_timeout=left)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             log.debug("TLS handshake with %s failed: %s", self.source, exc)
             # The traceback holds start_tls's frame, which holds the future holding this
