@@ -114,9 +114,10 @@ async def hold(pid: int, host: str, port: int, n: int, ctx: ssl.SSLContext | Non
 
 
 def measure(name: str, pid: int, host: str, port: int, counts: list[int],
-            ctx: ssl.SSLContext, hostname: str, wait: float) -> list[tuple]:
+            ctx: ssl.SSLContext, hostname: str, wait: float,
+            kinds: tuple[str, ...] = ("tls", "raw")) -> list[tuple]:
     rows = []
-    for kind in ("tls", "raw"):
+    for kind in kinds:
         for n in counts:
             before = settle(pid, wait)
 
@@ -158,8 +159,12 @@ def main() -> int:
                     help="start an atserver (one atSign) in the bench's own plane and measure it")
     ap.add_argument("--src", help="run the directory from this source tree (baseline)")
     ap.add_argument("--wait", type=float, default=2.0, help="settle seconds per sample")
+    ap.add_argument("--kinds", default="tls,raw",
+                    help="which connections, in order (default tls,raw; 'raw' alone measures "
+                         "raw TCP on a fresh server)")
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
+    kinds = tuple(k for k in args.kinds.split(",") if k in ("tls", "raw"))
     make_idle_tls_cheap()  # the bench's own client side; it measures the servers
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +174,8 @@ def main() -> int:
             ctx = client_context(plane.tls.ca_cert)
             pid = proc.popen.pid
             label = "atdirectory" + (" (--src)" if args.src else "")
-            rows += measure(label, pid, "127.0.0.1", port, counts, ctx, "127.0.0.1", args.wait)
+            rows += measure(label, pid, "127.0.0.1", port, counts, ctx, "127.0.0.1", args.wait,
+                            kinds)
             targets: list[tuple[str, str, int, ssl.SSLContext]] = []
             if args.atserver:
                 h, p = args.atserver.rsplit(":", 1)
@@ -184,7 +190,7 @@ def main() -> int:
                 if spid is None:
                     print(f"cannot find the pid listening on {p}; skipping {name}")
                     continue
-                rows += measure(name, spid, h, p, counts, c, h, args.wait)
+                rows += measure(name, spid, h, p, counts, c, h, args.wait, kinds)
         finally:
             for s in plane.servers:
                 s.proc.stop()

@@ -30,6 +30,7 @@ import ctypes.util
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import Counter
@@ -275,38 +276,41 @@ class _Gate(asyncio.Protocol):
             self.task = loop.create_task(self._refuse(reason))
 
     async def _wait_first_byte(self, timeout: float) -> bool:
-        """Wait until the socket is readable (ClientHello, EOF or error), reading nothing.
+        """Wait until the peer sends its first byte (peeked, not read); False on EOF/timeout.
 
         A socket that never starts TLS then costs a transport and a future, not the TLS state
-        (OpenSSL object, BIOs, asyncio's read buffer: about 60 KiB). The transport owns the
-        file descriptor, so the wait uses a duplicate of it. False when ``timeout`` passed.
+        (OpenSSL object, BIOs, asyncio's read buffer: about 60 KiB), and one closed before TLS
+        costs no handshake. The transport owns the file descriptor, so the wait uses a
+        duplicate of it.
         """
         loop = asyncio.get_running_loop()
-        sock = self.raw.get_extra_info("socket")
         try:
-            fd = os.dup(sock.fileno())
+            dup = socket.socket(fileno=os.dup(self.raw.get_extra_info("socket").fileno()))
         except (AttributeError, OSError, ValueError):
             return True  # cannot wait cheaply here: let the handshake do the waiting
         ready = loop.create_future()
         try:
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            dup.setblocking(False)
+            loop.add_reader(dup.fileno(), lambda: ready.done() or ready.set_result(None))
         except (NotImplementedError, RuntimeError, OSError):
-            os.close(fd)
+            dup.close()
             return True
         try:
             await asyncio.wait_for(ready, timeout)
-            return True
-        except asyncio.TimeoutError:
+            return dup.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True  # spurious wake-up: the handshake will wait
+        except (asyncio.TimeoutError, OSError):
             return False
         finally:
-            loop.remove_reader(fd)
-            os.close(fd)
+            loop.remove_reader(dup.fileno())
+            dup.close()
 
     async def _handshake(self, timeout: float) -> asyncio.Transport | None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         if not await self._wait_first_byte(timeout) or self.lost:
-            log.debug("no TLS handshake from %s within %gs", self.source, timeout)
+            log.debug("no TLS from %s (closed, or nothing within %gs)", self.source, timeout)
             self.raw.abort()
             return None
         left = max(0.1, timeout - (loop.time() - start))
