@@ -97,7 +97,7 @@ async def attacker(targets: list[tuple[str, int]], ca: str, seed: int, idle: int
     make_idle_tls_cheap()
     ctx = ssl.create_default_context(cafile=ca)
     stats = {"connections": 0, "connect_failures": 0, "lines": 0, "idle_open": 0}
-    end = time.monotonic() + duration
+    end = time.monotonic() + 3600  # set once the idle connections are open
     held: list[asyncio.StreamWriter] = []
 
     async def conn(target: tuple[str, int], source: str, tls: bool = True):  # type: ignore[no-untyped-def]
@@ -168,10 +168,13 @@ async def attacker(targets: list[tuple[str, int]], ca: str, seed: int, idle: int
                     stats["idle_open"] += 1
         await asyncio.gather(*(one(k) for k in range(n)))
 
+    # The idle connections first (a handshake flood while they open), then everything else.
+    await asyncio.gather(*(idlers(t, idle, True) for t in targets),
+                         *(idlers(t, idle // 2, False) for t in targets))
+    print("READY", flush=True)
+    end = time.monotonic() + duration
     jobs = []
     for target in targets:
-        jobs.append(idlers(target, idle, True))
-        jobs.append(idlers(target, idle // 2, False))
         jobs += [known(target, i) for i in range(2)]
         jobs += [fuzzer(target, i) for i in range(2)]
         jobs += [slowloris(target, i) for i in range(20)]
@@ -302,6 +305,13 @@ def main() -> int:
                  "--duration", str(args.duration + warmup + 2)],
                 stdout=subprocess.PIPE, text=True,
                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            assert attack.stdout is not None
+            t_open = time.monotonic()
+            while attack.stdout.readline().strip() != "READY":  # idle connections are open
+                if attack.poll() is not None:
+                    raise RuntimeError("the attacker process exited early")
+            print(f"  {args.idle} idle TLS + {args.idle // 2} raw per server opened in "
+                  f"{time.monotonic() - t_open:.1f} s", file=sys.stderr, flush=True)
             time.sleep(warmup)
             under = legit_loop(plane, ctx, keys, args.duration)
             rss1 = {k: rss_kib(p) for k, p in pids.items()}

@@ -164,10 +164,12 @@ class DirectoryServer:
                                        max_line_bytes=self.config.max_line_bytes,
                                        max_pending_bytes=self.config.max_pending_bytes)
             await self._run(session, session.start(), writer)
-            expecting, since = session.expecting_line, loop.time()
+            # a deadline runs from the moment the session's state last changed: waiting for a
+            # (next) request line, or idle after an answer
+            state, since = (session.expecting_line, session.lookups), loop.time()
             while not session.closed:
-                if session.expecting_line != expecting:
-                    expecting, since = session.expecting_line, loop.time()
+                if (session.expecting_line, session.lookups) != state:
+                    state, since = (session.expecting_line, session.lookups), loop.time()
                 deadline = self._deadline(session, since)
                 try:
                     if deadline is None:
