@@ -248,6 +248,15 @@ def legit_loop(plane, ctx: ssl.SSLContext, keys: dict, duration: float) -> dict:
     return {"lat": lat, "fails": fails}
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -292,7 +301,9 @@ def main() -> int:
             print(f"baseline: {args.duration:g} s of legitimate traffic alone ...",
                   file=sys.stderr, flush=True)
             rss0 = {k: rss_kib(p) for k, p in pids.items()}
+            cpu0 = {k: cpu_s(p) for k, p in pids.items()}
             base = legit_loop(plane, ctx, keys, args.duration)
+            cpu_alone = {k: (cpu_s(p) - cpu0[k]) / args.duration for k, p in pids.items()}
             targets = ",".join(t for name, t in (
                 ("directory", plane.root), ("atserver", f"127.0.0.1:{server.ports['@alice']}"))
                 if args.only in (None, name))
@@ -313,8 +324,11 @@ def main() -> int:
             print(f"  {args.idle} idle TLS + {args.idle // 2} raw per server opened in "
                   f"{time.monotonic() - t_open:.1f} s", file=sys.stderr, flush=True)
             time.sleep(warmup)
+            cpu1 = {k: cpu_s(p) for k, p in pids.items()}
             under = legit_loop(plane, ctx, keys, args.duration)
+            cpu_under = {k: (cpu_s(p) - cpu1[k]) / args.duration for k, p in pids.items()}
             rss1 = {k: rss_kib(p) for k, p in pids.items()}
+            load = os.getloadavg()[0]
             out, _ = attack.communicate(timeout=120)
             alive = {k: p.proc.popen.poll() is None
                      for k, p in (("atdirectory", plane.directory), ("atserver", server))}
@@ -333,8 +347,10 @@ def main() -> int:
               f"{len(b):>5} {len(under['fails'][op]):>5}")
     print("goal under attack: p99 <= 50 ms, 0 failures")
     for name in pids:
-        print(f"{name}: RSS {rss0[name]} KiB alone, {rss1[name]} KiB under attack; "
+        print(f"{name}: RSS {rss0[name]} KiB alone, {rss1[name]} KiB under attack; CPU "
+              f"{cpu_alone[name]:.0%} alone, {cpu_under[name]:.0%} under attack; "
               f"{'still running' if alive[name] else 'DIED'}")
+    print(f"machine load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPUs")
     for op in OPS:
         for phase, res in (("alone", base), ("attack", under)):
             if res["fails"][op]:
