@@ -343,6 +343,12 @@ def test_refused_clients_are_told_which_limit_and_raw_tcp_counts(tmp_path: Path)
         from noports.atclient import AtClientError, find_secondary
         with pytest.raises(AtClientError, match="limit --max-connections 40"):
             find_secondary("127.0.0.1", d.port, "@erin", client_context(d.ca))
+        import asyncio
+
+        from noports.atclient.aio import lookup_secondary
+        with pytest.raises(AtClientError, match="refused the lookup of @erin: server busy"):
+            asyncio.run(lookup_secondary(("127.0.0.1", d.port), "@erin", client_context(d.ca),
+                                         use_cache=False))
         # the handshake deadline (6 s) frees the slots of the silent sockets
         assert wait_until(lambda: hogs[0].recv(1) == b"", 10)
         c = RootClient(d.port, d.ca)
