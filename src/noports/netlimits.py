@@ -15,6 +15,7 @@ Pieces (small on purpose; each is usable alone):
   plain TCP, asks the :class:`Admission`, runs the TLS handshake under a deadline and only
   then calls ``client_connected_cb(reader, writer)``. A refused peer is told why (one line,
   over TLS, when the caller gives ``refusal``) and closed.
+* :func:`linger_close` closes after a last error line without the RST that would eat it.
 * :func:`make_idle_tls_cheap` lowers asyncio's per-connection SSL read buffer (256 KiB by
   default) so an idle TLS connection costs tens of KiB; :func:`release_memory` and
   :class:`MemoryReleaser` give freed heap back to the OS (glibc keeps it otherwise).
@@ -28,7 +29,10 @@ import ctypes
 import ctypes.util
 import ipaddress
 import logging
+import os
+import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -43,6 +47,11 @@ CHEAP_SSL_BUFFER = 20 * 1024
 REFUSAL_HANDSHAKE_TIMEOUT = 5.0
 #: Refusals told over TLS at the same time; beyond this, refused sockets are just closed.
 MAX_REFUSALS_IN_FLIGHT = 32
+#: At most one "refusing connection" log line per this many seconds (a flood would fill disks).
+REFUSAL_LOG_INTERVAL = 1.0
+#: How long a closing side keeps reading (and discarding) after its last words, so the peer's
+#: in-flight bytes do not meet a closed socket, whose RST would discard the unread error line.
+LINGER_SECONDS = 1.0
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 #: What ``refusal(reason)`` returns: bytes written in one write, a sequence of chunks written
@@ -254,6 +263,8 @@ class _Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.raw = transport
+        # Read nothing before the handshake: the bytes belong to TLS (see _wait_first_byte).
+        transport.pause_reading()
         self.source = source_of(transport.get_extra_info("peername"))
         reason = self.guard.admission.admit(self.source)
         loop = asyncio.get_running_loop()
@@ -261,14 +272,51 @@ class _Gate(asyncio.Protocol):
             self.admitted = True
             self.task = loop.create_task(self._upgrade())
         else:
-            log.warning("refusing connection from %s: %s", self.source, reason)
+            self.guard.log_refusal(self.source, reason)
             self.task = loop.create_task(self._refuse(reason))
+
+    async def _wait_first_byte(self, timeout: float) -> bool:
+        """Wait until the peer sends its first byte (peeked, not read); False on EOF/timeout.
+
+        A socket that never starts TLS then costs a transport and a future, not the TLS state
+        (OpenSSL object, BIOs, asyncio's read buffer: about 60 KiB), and one closed before TLS
+        costs no handshake. The transport owns the file descriptor, so the wait uses a
+        duplicate of it.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            dup = socket.socket(fileno=os.dup(self.raw.get_extra_info("socket").fileno()))
+        except (AttributeError, OSError, ValueError):
+            return True  # cannot wait cheaply here: let the handshake do the waiting
+        ready = loop.create_future()
+        try:
+            dup.setblocking(False)
+            loop.add_reader(dup.fileno(), lambda: ready.done() or ready.set_result(None))
+        except (NotImplementedError, RuntimeError, OSError):
+            dup.close()
+            return True
+        try:
+            await asyncio.wait_for(ready, timeout)
+            return dup.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True  # spurious wake-up: the handshake will wait
+        except (asyncio.TimeoutError, OSError):
+            return False
+        finally:
+            loop.remove_reader(dup.fileno())
+            dup.close()
 
     async def _handshake(self, timeout: float) -> asyncio.Transport | None:
         loop = asyncio.get_running_loop()
+        start = loop.time()
+        if not await self._wait_first_byte(timeout) or self.lost:
+            log.debug("no TLS from %s (closed, or nothing within %gs)", self.source, timeout)
+            self.raw.abort()
+            return None
+        left = max(0.1, timeout - (loop.time() - start))
         try:
             tls = await loop.start_tls(self.raw, self, self.guard.ssl, server_side=True,
-                                       ssl_handshake_timeout=timeout)
+                                       ssl_handshake_timeout=left)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
             log.debug("TLS handshake with %s failed: %s", self.source, exc)
             # The traceback holds start_tls's frame, which holds the future holding this
@@ -289,8 +337,8 @@ class _Gate(asyncio.Protocol):
             for data in self.early:
                 self.inner.data_received(data)
             self.early.clear()
-            if self.early_eof and not self.inner.eof_received():
-                tls.close()
+            if self.early_eof:
+                self.inner.eof_received()
         finally:
             if self.inner is None:
                 self._release()
@@ -307,6 +355,12 @@ class _Gate(asyncio.Protocol):
             if tls is not None:
                 for chunk in [message] if isinstance(message, bytes) else message:
                     tls.write(chunk)
+                # Linger: the peer may still be sending its request (discarded in
+                # data_received); closing now would answer it with an RST.
+                for _ in range(int(LINGER_SECONDS / 0.05)):
+                    if self.lost:
+                        break
+                    await asyncio.sleep(0.05)
                 tls.close()
         finally:
             guard.refusing -= 1
@@ -322,7 +376,7 @@ class _Gate(asyncio.Protocol):
         if self.inner is not None:
             return self.inner.eof_received()
         self.early_eof = True
-        return True
+        return False  # under TLS a half-close cannot be kept open anyway
 
     def pause_writing(self) -> None:
         if self.inner is not None:
@@ -332,10 +386,14 @@ class _Gate(asyncio.Protocol):
         if self.inner is not None:
             self.inner.resume_writing()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
+        if exc is not None and not isinstance(exc, Exception):
+            # seen under load: a CancelledError as the reason; handed on, it would cancel the
+            # handler's wait_closed() and so the handler itself
+            exc = ConnectionAbortedError(f"connection lost ({type(exc).__name__})")
         if self.inner is not None:
-            self.inner.connection_lost(exc)
+            self.inner.connection_lost(exc)  # type: ignore[arg-type]
         self._release()
         self.inner = None
         self.early.clear()
@@ -367,6 +425,20 @@ class _Guard:
         self.max_refusals = max_refusals
         self.refusing = 0
         self._trim_handle: asyncio.TimerHandle | None = None
+        self._refusal_log_at = -float("inf")
+        self._refusals_unlogged = 0
+
+    def log_refusal(self, source: str | None, reason: str) -> None:
+        """One warning per second at most, with the count of refusals not logged since."""
+        now = time.monotonic()
+        if now - self._refusal_log_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_unlogged += 1
+            return
+        more = (f" (and {self._refusals_unlogged} more refusals since the last such line)"
+                if self._refusals_unlogged else "")
+        log.warning("refusing connection from %s: %s%s", source, reason, more)
+        self._refusal_log_at = now
+        self._refusals_unlogged = 0
 
     def closed(self, source: str | None) -> None:
         self.admission.release(source)
@@ -422,12 +494,46 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
 
 
 async def aclose_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> None:
-    """Close a stream and wait at most ``timeout`` for the TLS close (never raises)."""
+    """Close a stream and wait at most ``timeout`` for the TLS close.
+
+    Never raises, except CancelledError when the calling task itself is being cancelled.
+    """
     writer.close()
-    with contextlib.suppress(Exception):
+    try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)
+        if cancelling is None or cancelling():
+            raise
+    except Exception:  # noqa: S110 - closing is best effort
+        pass
+
+
+async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       seconds: float = LINGER_SECONDS, max_bytes: int = 1 << 20) -> None:
+    """Close after a last reply, reading and discarding what the peer still sends.
+
+    Closing a socket with unread input makes the kernel send an RST, and an RST makes the
+    peer's kernel drop data it has not read yet, such as the error line just written. So
+    flush, then discard input until the peer closes, ``seconds`` pass or ``max_bytes`` came.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), seconds)
+        got = 0
+        while got < max_bytes:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            chunk = await asyncio.wait_for(reader.read(65536), left)
+            if not chunk:
+                break
+            got += len(chunk)
+    await aclose_writer(writer)
 
 
 __all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser",
-           "aclose_writer", "make_idle_tls_cheap", "release_memory", "source_of",
+           "aclose_writer", "linger_close", "make_idle_tls_cheap", "release_memory", "source_of",
            "start_guarded_server"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -91,8 +93,10 @@ def start_directory(state_dir: Path, *extra: str) -> Directory:
 class RootClient:
     """Minimal blocking root client that checks the exact reply framing."""
 
-    def __init__(self, port: int, ca: Path, host: str = "127.0.0.1") -> None:
-        raw = socket.create_connection((host, port), timeout=10)
+    def __init__(self, port: int, ca: Path, host: str = "127.0.0.1",
+                 source: str | None = None) -> None:
+        raw = socket.create_connection((host, port), timeout=10,
+                                       source_address=(source, 0) if source else None)
         self.sock = client_context(ca).wrap_socket(raw, server_hostname=host)
         assert self.recv_reply() == b"@"
 
@@ -108,6 +112,14 @@ class RootClient:
     def ask(self, line: bytes) -> bytes:
         self.sock.sendall(line)
         return self.recv_reply()
+
+    def read_until_closed(self) -> bytes:
+        """Everything the server sends until it closes (errors after data end the read)."""
+        data = b""
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            while chunk := self.sock.recv(4096):
+                data += chunk
+        return data
 
     def is_closed_by_server(self) -> bool:
         try:
@@ -213,13 +225,27 @@ def test_restart_keeps_registrations_and_sigterm_exits_cleanly(tmp_path: Path) -
 # --------------------------------------------------------------------------- (e) garbage
 
 
+OVERLONG = b"error:request line longer than 255 bytes: limit --max-line-bytes 255\r\n@"
+
+
 def test_garbage_and_oversized_lines_do_not_kill_the_server(sqlite_directory: Directory) -> None:
     d = sqlite_directory
     assert d.cli("register", "erin", "erin.example:1").returncode == 0
-    # oversized line: that connection is closed
+    # oversized line: answered with the limit, then that connection is closed
     c = RootClient(d.port, d.ca)
     c.sock.sendall(b"A" * 300 + b"\n")
-    assert c.is_closed_by_server()
+    assert c.read_until_closed() == OVERLONG
+    c.close()
+    # 254 characters + CRLF (the issue's case) is 256 bytes: also answered
+    c = RootClient(d.port, d.ca)
+    c.sock.sendall(b"b" * 254 + b"\r\n")
+    assert c.read_until_closed() == OVERLONG
+    c.close()
+    # a 100 KB line: the server reads on while it answers, so no RST eats the error line
+    c = RootClient(d.port, d.ca)
+    with contextlib.suppress(OSError):
+        c.sock.sendall(b"x" * 100_000)
+    assert c.read_until_closed() == OVERLONG
     c.close()
     # oversized without newline, in small pieces
     c = RootClient(d.port, d.ca)
@@ -228,7 +254,7 @@ def test_garbage_and_oversized_lines_do_not_kill_the_server(sqlite_directory: Di
             c.sock.sendall(b"z" * 10)
         except (ConnectionError, ssl.SSLError):
             break
-    assert c.is_closed_by_server()
+    assert c.read_until_closed() == OVERLONG
     c.close()
     # binary garbage, invalid UTF-8, blanks: answered null, connection stays usable
     c = RootClient(d.port, d.ca)
@@ -249,6 +275,217 @@ def test_garbage_and_oversized_lines_do_not_kill_the_server(sqlite_directory: Di
     idle.close()
     assert d.proc.poll() is None
     assert "Traceback" not in d.log.read_text()
+
+
+# --------------------------------------------------------------------------- (f) limits, hostile
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def raw_connections(port: int, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """n TCP connections from `source` that never start TLS."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def wait_until(predicate, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def refused_text(port: int, ca: Path, source: str) -> bytes:
+    """What a TLS client from `source` reads after sending a lookup, up to the close."""
+    raw = socket.socket()
+    raw.bind((source, 0))
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    sock = client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1")
+    sock.sendall(b"erin\n")
+    data = b""
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        while chunk := sock.recv(4096):
+            data += chunk
+    sock.close()
+    return data
+
+
+def test_refused_clients_are_told_which_limit_and_raw_tcp_counts(tmp_path: Path) -> None:
+    d = start_directory(tmp_path / "state", "--max-connections-per-ip", "20",
+                        "--max-connections", "40", "--handshake-timeout", "6")
+    try:
+        assert d.cli("register", "erin", "erin.example:1").returncode == 0
+        # 20 raw TCP sockets that never start TLS take every slot of 127.0.0.1 ...
+        hogs = raw_connections(d.port, 20)
+        time.sleep(0.3)
+        assert refused_text(d.port, d.ca, "127.0.0.1") == (
+            b"@error:too many connections from 127.0.0.1: "
+            b"limit --max-connections-per-ip 20\r\n@")
+        # ... and 20 more from 127.0.0.2 fill the total: a third address is told so
+        hogs += raw_connections(d.port, 20, "127.0.0.2")
+        time.sleep(0.3)
+        assert refused_text(d.port, d.ca, "127.0.0.3") == (
+            b"@error:server busy: 40 connections open, limit --max-connections 40\r\n@")
+        # the project's client names the limit to its user
+        from noports.atclient import AtClientError, find_secondary
+        with pytest.raises(AtClientError, match="limit --max-connections 40"):
+            find_secondary("127.0.0.1", d.port, "@erin", client_context(d.ca))
+        import asyncio
+
+        from noports.atclient.aio import lookup_secondary
+        with pytest.raises(AtClientError, match="refused the lookup of @erin: server busy"):
+            asyncio.run(lookup_secondary(("127.0.0.1", d.port), "@erin", client_context(d.ca),
+                                         use_cache=False))
+        # the handshake deadline (6 s) frees the slots of the silent sockets
+        assert wait_until(lambda: hogs[0].recv(1) == b"", 10)
+        c = RootClient(d.port, d.ca)
+        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
+        c.close()
+        for s in hogs:
+            s.close()
+        log = d.log.read_text()
+        assert "refusing connection from 127.0.0.1: too many connections" in log
+    finally:
+        d.stop()
+
+
+def test_slow_and_silent_clients_are_told_the_request_deadline(tmp_path: Path) -> None:
+    d = start_directory(tmp_path / "state", "--request-timeout", "2")
+    try:
+        assert d.cli("register", "erin", "erin.example:1").returncode == 0
+        expected = (b"error:no complete request line within 2 s: "
+                    b"limit --request-timeout 2\r\n@")
+        silent = RootClient(d.port, d.ca)  # TLS done, never asks
+        slow = RootClient(d.port, d.ca)  # slowloris: one byte every 0.3 s, never a newline
+        for _ in range(4):
+            slow.sock.sendall(b"e")
+            time.sleep(0.3)
+        assert silent.read_until_closed() == expected
+        assert slow.read_until_closed() == expected
+        # a client that asks in time is unaffected, and may stay idle between requests
+        c = RootClient(d.port, d.ca)
+        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
+        time.sleep(2.5)  # idle between answered requests: no deadline by default
+        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_flood_of_raw_tcp_slowloris_and_garbage_while_a_client_is_served(tmp_path: Path) -> None:
+    """Issue 9: 4,000 TCP opens that never start TLS took the directory to 1.4 GB, for good.
+
+    Default limits, except shorter deadlines so the test is quick. The attacker is 127.0.0.1;
+    the legitimate client (127.0.0.2) looks up in a loop, new connection per lookup (Dart
+    style), during the whole attack, and every lookup must be answered.
+    """
+    d = start_directory(tmp_path / "state", "--handshake-timeout", "3", "--request-timeout", "3")
+    assert d.cli("register", "erin", "erin.example:1").returncode == 0
+    import threading
+
+    answers: list[bytes] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def legit() -> None:
+        while not stop.is_set():
+            try:
+                raw = socket.socket()
+                raw.bind(("127.0.0.2", 0))
+                raw.settimeout(10)
+                raw.connect(("127.0.0.1", d.port))
+                sock = client_context(d.ca).wrap_socket(raw, server_hostname="127.0.0.1")
+                data = b""
+                while data != b"@":
+                    data += sock.recv(1)
+                sock.sendall(b"erin\n")
+                data = b""
+                while not data.endswith(b"\r\n@"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError(f"closed after {data!r}")
+                    data += chunk
+                answers.append(data)
+                sock.close()
+            except Exception as exc:  # recorded, asserted below
+                errors.append(repr(exc))
+            time.sleep(0.02)
+
+    before = rss_kib(d.proc.pid)
+    t = threading.Thread(target=legit, daemon=True)
+    t.start()
+    try:
+        hogs = raw_connections(d.port, 4000)
+        slow = [RootClient(d.port, d.ca, source="127.0.0.3") for _ in range(20)]
+        for c in slow:
+            c.sock.sendall(b"e")
+        garbage = RootClient(d.port, d.ca, source="127.0.0.4")
+        garbage.sock.sendall(bytes(b for b in os.urandom(600) if b != 10)[:300])
+        peak = rss_kib(d.proc.pid)
+        # beyond the per-IP limit (512 by default) the server closed the raw sockets itself
+        closed_by_server = 0
+        for s in hogs[600:]:
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                if s.recv(1) == b"":
+                    closed_by_server += 1
+        assert closed_by_server == len(hogs) - 600
+        for c in slow:
+            assert c.read_until_closed().startswith(b"error:no complete request line")
+        assert garbage.read_until_closed() == OVERLONG
+        time.sleep(1)
+        peak = max(peak, rss_kib(d.proc.pid))
+        for s in hogs:
+            s.close()
+    finally:
+        stop.set()
+        t.join(15)
+    assert not errors, errors[:5]
+    assert len(answers) >= 20 and set(answers) == {b"erin.example:1\r\n@"}
+    # generous bound: HEAD grew by 1.4 GB; 512 held handshakes cost well under 100 MB
+    assert peak - before < 150_000, (before, peak)
+    assert d.proc.poll() is None
+    assert d.stop() == 0
+    assert "Traceback" not in d.log.read_text()
+
+
+def test_200_concurrent_lookups_from_one_controller_pass_default_limits(
+        sqlite_directory: Directory) -> None:
+    """200 sshnp sessions started at once each look up the directory: none may be refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from noports.atclient import find_secondary
+
+    d = sqlite_directory
+    assert d.cli("register", "erin", "erin.example:1").returncode == 0
+    ctx = client_context(d.ca)
+    barrier = __import__("threading").Barrier(200)
+
+    def one(_: int) -> tuple[str, int]:
+        barrier.wait(30)
+        return find_secondary("127.0.0.1", d.port, "@erin", ctx, timeout=30)
+
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(one, range(200)))
+    assert results == [("erin.example", 1)] * 200
+    assert d.stop() == 0
+    log = d.log.read_text()
+    assert "refusing connection" not in log
+    peak = re.search(r"connections at peak: (\d+) open, (\d+) from one source", log)
+    assert peak is not None and 1 <= int(peak.group(2)) <= 200, peak
 
 
 # --------------------------------------------------------------------------- CLI errors
@@ -405,19 +642,23 @@ def test_connection_cap_per_ip_refuses_only_new_connections(tmp_path: Path) -> N
     try:
         assert d.cli("register", "frank", "f.example:2").returncode == 0
         a, b = RootClient(d.port, d.ca), RootClient(d.port, d.ca)
-        with pytest.raises((ConnectionError, ssl.SSLError)):
-            RootClient(d.port, d.ca)
+        refused = RootClient(d.port, d.ca)  # TLS and the prompt still work: it is told why
+        assert refused.ask(b"frank\n") == (b"error:too many connections from 127.0.0.1: "
+                                           b"limit --max-connections-per-ip 2\r\n@")
+        assert refused.is_closed_by_server()
+        refused.close()
         assert a.ask(b"frank\n") == b"f.example:2\r\n@"  # open connections are unaffected
         b.close()
         deadline = time.monotonic() + 5
         while True:  # the server notices b's close asynchronously
-            try:
-                c = RootClient(d.port, d.ca)
+            c = RootClient(d.port, d.ca)
+            reply = c.ask(b"frank\n")
+            if not reply.startswith(b"error:too many connections"):
                 break
-            except (ConnectionError, ssl.SSLError):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        assert c.ask(b"frank\n") == b"f.example:2\r\n@"
+            c.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert reply == b"f.example:2\r\n@"
         a.close()
         c.close()
     finally:

@@ -107,26 +107,53 @@ def test_exit_closes_without_reply_and_ignores_later_data() -> None:
     assert s.receive(b"bob\n") == []
 
 
-def test_line_of_255_bytes_is_accepted_and_256_closes() -> None:
+OVERLONG = b"error:request line longer than 255 bytes: limit --max-line-bytes 255\r\n@"
+
+
+def test_line_of_255_bytes_is_accepted_and_256_answers_the_limit_then_closes() -> None:
     ok = DirectorySession(no_delay_limiter())
     assert ok.receive(b"a" * 254 + b"\n") == [Lookup("a" * 254)]
     too_long = DirectorySession(no_delay_limiter())
     actions = too_long.receive(b"a" * 255 + b"\n")
-    assert len(actions) == 1 and isinstance(actions[0], Close)
+    assert actions == [Write(OVERLONG), Close(OVERLONG[6:-3].decode())]
     assert too_long.closed
+    # 254 characters and CRLF are 256 bytes: over the limit too, and the peer is told so.
+    crlf = DirectorySession(no_delay_limiter())
+    assert wire(crlf.receive(b"a" * 254 + b"\r\n")) == OVERLONG
 
 
-def test_unterminated_overflow_closes_before_newline_arrives() -> None:
+def test_unterminated_overflow_answers_before_newline_arrives() -> None:
     s = DirectorySession(no_delay_limiter())
     assert s.receive(b"x" * 200) == []
     actions = s.receive(b"x" * 55)
-    assert isinstance(actions[0], Close)
+    assert actions[0] == Write(OVERLONG) and isinstance(actions[1], Close)
 
 
-def test_too_many_pipelined_requests_close() -> None:
+def test_line_limit_is_configurable_and_named() -> None:
+    s = DirectorySession(no_delay_limiter(), max_line_bytes=10, line_limit_name="--x")
+    assert wire(s.receive(b"a" * 10 + b"\n")) == \
+        b"error:request line longer than 10 bytes: limit --x 10\r\n@"
+
+
+def test_too_many_pipelined_requests_answer_the_limit_then_close() -> None:
     s = DirectorySession(no_delay_limiter(), max_pending_bytes=100)
     actions = s.receive(b"abc\n" * 40)
     assert isinstance(actions[-1], Close)
+    assert actions[-2] == Write(b"error:too many pipelined requests: "
+                                b"limit --max-pending-bytes 100 bytes\r\n@")
+
+
+def test_expecting_line_drives_the_request_deadline() -> None:
+    s = DirectorySession(no_delay_limiter())
+    assert s.expecting_line  # nothing asked yet
+    drive(s, b"bob\n")
+    assert not s.expecting_line  # answered, idle
+    s.receive(b"al")
+    assert s.expecting_line  # inside a partial line
+    assert s.expire("no complete request line within 10 s") == [
+        Write(b"error:no complete request line within 10 s\r\n@"),
+        Close("no complete request line within 10 s")]
+    assert s.closed and not s.expecting_line and s.expire("again") == []
 
 
 @pytest.mark.parametrize("garbage", [b"\xff\xfe\n", b"a b\n", b"x:y\n", b"a@b\n", b"@\n"])
@@ -177,9 +204,12 @@ def test_any_bytes_any_split_never_crash_and_replies_are_well_formed(data: bytes
         pos += cut
         if s.closed:
             break
-    for a in outs:
+    for i, a in enumerate(outs):
         if isinstance(a, Write):
-            assert a.data == NULL_REPLY
+            # null replies, or one error line followed by the close
+            assert a.data == NULL_REPLY or (
+                a.data.startswith(b"error:") and a.data.endswith(b"\r\n@")
+                and isinstance(outs[i + 1], Close))
 
 
 @given(st.text(min_size=1, max_size=40))
@@ -277,3 +307,40 @@ def test_zero_max_delay_disables_delays() -> None:
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MissPolicy(**kwargs)
+
+
+# --------------------------------------------------------------------------- properties (receive)
+
+_PIECES = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from([b"alice\xf0\x9f\x9b\xa0\n", b"BOB\r\n", b"@exit\n", b"\n", b"\r\n",
+                     b"nobody\n", b"a" * 254 + b"\n", b"a" * 300, b"x:y\n", b"\xff\n"]),
+)
+
+
+@given(st.lists(_PIECES, max_size=12))
+@settings(derandomize=True, max_examples=300, deadline=None)
+def test_receive_never_raises_and_every_line_gets_one_reply_or_the_close(
+        chunks: list[bytes]) -> None:
+    """Any bytes, any split: one reply per complete line; a close is last and, unless the
+    peer asked for it (@exit), comes right after an ``error:`` line that names the limit."""
+    s = DirectorySession(no_delay_limiter(), max_pending_bytes=2048)
+    actions: list[Write | Close] = []
+    fed = b""
+    for chunk in chunks:
+        actions += drive(s, chunk)
+        fed += chunk
+        if s.closed:
+            break
+    writes = [a for a in actions if isinstance(a, Write)]
+    closes = [a for a in actions if isinstance(a, Close)]
+    if not s.closed:
+        assert not closes
+        assert len(writes) == fed.count(b"\n")
+        assert all(w.data.endswith(b"\r\n@") for w in writes)
+    else:
+        assert closes == [actions[-1]]
+        if closes[0].reason != "@exit":
+            assert writes and writes[-1] == actions[-2]
+            assert writes[-1].data.startswith(b"error:") and b"limit --" in writes[-1].data
+        assert s.receive(b"bob\n") == []

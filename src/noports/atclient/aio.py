@@ -244,6 +244,8 @@ async def lookup_secondary(root: tuple[str, int], atsign: str,
         stream.close()
     if body in ("null", "@null"):
         raise AtSecondaryNotFound(f"{atsign} is not registered in {peer}")
+    if body.startswith("error:"):  # a limit of the directory, named in the text
+        raise AtProtocolError("", f"{peer} refused the lookup of {atsign}: {body[6:200]}")
     host, sep, port = body.lstrip("@").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise AtProtocolError("", f"{peer} returned a malformed address for {atsign}")

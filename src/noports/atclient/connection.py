@@ -354,6 +354,8 @@ def find_secondary(root_host: str, root_port: int, atsign: str,
         sock.close()
     if body == "null":
         raise AtSecondaryNotFound(f"{_at(atsign)} is not registered in {peer}")
+    if body.startswith("error:"):  # a limit of the directory, named in the text
+        raise AtProtocolError("", f"{peer} refused the lookup of {_at(atsign)}: {body[6:200]}")
     host, sep, port = body.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise AtProtocolError("", f"{peer} returned a malformed address for {_at(atsign)}: "

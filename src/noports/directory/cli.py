@@ -68,6 +68,11 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 
 _non_negative = arg_type(float, "a number", lambda v: math.isfinite(v) and v >= 0,
                          "must be a finite number >= 0: {text!r}")
+_positive = arg_type(float, "a number", lambda v: math.isfinite(v) and v > 0,
+                    "must be a finite number > 0: {text!r}")
+_positive_int = arg_type(int, "an integer", lambda v: v >= 1, "must be at least 1: {text!r}")
+_line_bytes = arg_type(int, "an integer", lambda v: 2 <= v <= 65536,
+                       "must be 2-65536: {text!r}")
 _port = port_type("port must be 0-65535: {text!r}")
 
 
@@ -105,11 +110,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tls-name", action="append", default=[], metavar="NAME",
                     help="extra DNS name or IP for the generated server certificate "
                          "(repeatable; use the name clients dial)")
-    sp.add_argument("--max-connections-per-ip", type=int, default=64, metavar="N",
-                    help="refuse further connections from one IP beyond N open ones (default: 64)")
-    sp.add_argument("--idle-timeout", type=_non_negative, default=0.0, metavar="SECONDS",
-                    help="close connections idle this long; 0 = never (default: 0, because "
-                         "the Python SDK keeps one root connection per process)")
+    c = ServerConfig()
+    lim = sp.add_argument_group(
+        "connection limits (counted from TCP accept, before TLS; a refused or cut-off peer "
+        "gets one 'error:<what>: limit <flag> <value>' line before the close)")
+    lim.add_argument("--max-connections", type=_positive_int, default=c.max_connections,
+                     metavar="N",
+                     help=f"open connections in total (default: {c.max_connections})")
+    lim.add_argument("--max-connections-per-ip", type=_positive_int,
+                     default=c.max_connections_per_ip, metavar="N",
+                     help="open connections from one IPv4 address or IPv6 /64 (default: "
+                          f"{c.max_connections_per_ip}; 200 concurrent sshnp sessions from one "
+                          "controller stay far below it)")
+    lim.add_argument("--handshake-timeout", type=_positive, default=c.handshake_timeout,
+                     metavar="SECONDS",
+                     help="TLS handshake deadline from TCP accept "
+                          f"(default: {c.handshake_timeout:g})")
+    lim.add_argument("--request-timeout", type=_positive, default=c.request_timeout,
+                     metavar="SECONDS",
+                     help="deadline for the first request line after the prompt, for any "
+                          "partial line to be completed, and for a reply to be taken by the "
+                          f"peer (default: {c.request_timeout:g})")
+    lim.add_argument("--idle-timeout", type=_non_negative, default=c.idle_timeout,
+                     metavar="SECONDS",
+                     help="close connections idle this long after an answered request; "
+                          "0 = never (default: 0, because the Python SDK keeps one root "
+                          "connection per process and hangs if it is closed)")
+    lim.add_argument("--max-line-bytes", type=_line_bytes, default=c.max_line_bytes,
+                     metavar="N",
+                     help="longest request line, newline included "
+                          f"(default: {c.max_line_bytes}, the official root's)")
+    lim.add_argument("--max-pending-bytes", type=_positive_int, default=c.max_pending_bytes,
+                     metavar="N",
+                     help="pipelined request bytes buffered per connection "
+                          f"(default: {c.max_pending_bytes})")
     g = sp.add_argument_group("anti-enumeration (misses = lookups answered null)")
     g.add_argument("--miss-burst", type=_non_negative, default=d.conn_burst, metavar="N",
                    help=f"misses per connection answered without delay (default: {d.conn_burst:g})")
@@ -212,8 +246,6 @@ def _tls_context(args: argparse.Namespace) -> tuple[ssl.SSLContext, TlsFiles]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    if args.max_connections_per_ip < 1:
-        raise CliError("--max-connections-per-ip must be at least 1")
     try:
         policy = MissPolicy(conn_burst=args.miss_burst, conn_refill_per_s=args.miss_refill,
                             ip_burst=args.ip_miss_burst, ip_refill_per_s=args.ip_miss_refill,
@@ -225,8 +257,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     store = _open(args)
     log.info("store: %r; TLS: %s (clients trust %s)", store, files.cert, files.ca_cert)
     config = ServerConfig(host=args.host, port=args.port,
+                          max_connections=args.max_connections,
                           max_connections_per_ip=args.max_connections_per_ip,
-                          idle_timeout=args.idle_timeout)
+                          handshake_timeout=args.handshake_timeout,
+                          request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                          max_line_bytes=args.max_line_bytes,
+                          max_pending_bytes=args.max_pending_bytes)
 
     def on_listening(sockets: list[tuple[str, int]]) -> None:
         for host, port in sockets:

@@ -24,6 +24,18 @@ DEFAULT_MAX_LINE_BYTES = 255
 DEFAULT_MAX_PENDING_BYTES = 8192
 
 
+def error_reply(text: str) -> bytes:
+    """The reply sent before the server closes a connection: ``error:<text>``, CRLF, ``@``.
+
+    The official root destroys the socket without a word; a client (or operator) then cannot
+    tell an overflow from a crash. The usual reply framing is kept (one write, CRLF, prompt)
+    so every client's reply reader returns the text: the Python SDK puts it in its "malformed
+    response" error, our clients print it. The connection closes right after.
+    """
+    clean = text.replace("\r", " ").replace("\n", " ")
+    return b"error:" + clean.encode("utf-8", "replace") + b"\r\n@"
+
+
 def reply_for(address: str | None) -> bytes:
     """The complete reply for one lookup: answer, CRLF and the next prompt (one write)."""
     if address is None:
@@ -201,6 +213,9 @@ class DirectorySession:
     peer: str | None = None
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    #: How the operator sets each limit (named in the error line the peer gets).
+    line_limit_name: str = "--max-line-bytes"
+    pending_limit_name: str = "--max-pending-bytes"
     _buffer: bytearray = field(default_factory=bytearray, init=False)
     _lines: list[bytes] = field(default_factory=list, init=False)
     _in_flight: str | None = field(default=None, init=False)
@@ -208,6 +223,8 @@ class DirectorySession:
     _bucket: TokenBucket | None = field(default=None, init=False)
     lookups: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
+    #: True once the session closed with an ``error:`` reply (the driver lingers then).
+    errored: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._bucket = self.limiter.connection_bucket()
@@ -219,6 +236,22 @@ class DirectorySession:
     @property
     def awaiting_lookup(self) -> bool:
         return self._in_flight is not None
+
+    @property
+    def expecting_line(self) -> bool:
+        """True while a request is due: before the first line, or inside a partial line.
+
+        The driver applies its request deadline then, and its idle deadline otherwise (between
+        answered requests with nothing buffered).
+        """
+        if self._closed:
+            return False
+        return bool(self._buffer) or (self.lookups == 0 and not self._lines
+                                      and self._in_flight is None)
+
+    def expire(self, text: str) -> list[Action]:
+        """A deadline of the driver passed: tell the peer ``text`` and close."""
+        return [] if self._closed else self._refuse(text)
 
     def start(self) -> list[Action]:
         """Actions on accept: the bare prompt, as the official root sends."""
@@ -234,13 +267,14 @@ class DirectorySession:
             if nl < 0:
                 break
             if nl + 1 > self.max_line_bytes:
-                return self._close(f"line longer than {self.max_line_bytes} bytes")
+                return self._overflow()
             self._lines.append(bytes(self._buffer[:nl]))
             del self._buffer[: nl + 1]
         if len(self._buffer) >= self.max_line_bytes:
-            return self._close(f"line longer than {self.max_line_bytes} bytes")
+            return self._overflow()
         if len(self._buffer) + sum(len(x) + 1 for x in self._lines) > self.max_pending_bytes:
-            return self._close("too many pipelined requests")
+            return self._refuse(f"too many pipelined requests: limit {self.pending_limit_name} "
+                                f"{self.max_pending_bytes} bytes")
         return self._advance()
 
     def resolved(self, address: str | None) -> list[Action]:
@@ -264,6 +298,15 @@ class DirectorySession:
         return self._close("peer closed") if not self._closed else []
 
     # ------------------------------------------------------------------ internals
+
+    def _overflow(self) -> list[Action]:
+        return self._refuse(f"request line longer than {self.max_line_bytes} bytes: "
+                            f"limit {self.line_limit_name} {self.max_line_bytes}")
+
+    def _refuse(self, text: str) -> list[Action]:
+        """Answer ``error:<text>`` (pending replies are dropped), then close."""
+        self.errored = True
+        return [Write(error_reply(text)), *self._close(text)]
 
     def _close(self, reason: str) -> list[Action]:
         self._closed = True

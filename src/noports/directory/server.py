@@ -12,10 +12,29 @@ import contextlib
 import logging
 import signal
 import ssl
-from collections import Counter
 from dataclasses import dataclass
 
-from .protocol import Close, DirectorySession, Lookup, MissLimiter, MissPolicy, Write
+from noports.netlimits import (
+    Admission,
+    MemoryReleaser,
+    aclose_writer,
+    linger_close,
+    make_idle_tls_cheap,
+    start_guarded_server,
+)
+
+from .protocol import (
+    DEFAULT_MAX_LINE_BYTES,
+    DEFAULT_MAX_PENDING_BYTES,
+    PROMPT,
+    Close,
+    DirectorySession,
+    Lookup,
+    MissLimiter,
+    MissPolicy,
+    Write,
+    error_reply,
+)
 from .store import DirectoryStore, DirectoryStoreError
 
 log = logging.getLogger(__name__)
@@ -25,14 +44,41 @@ READ_CHUNK = 4096
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Runtime knobs of the atDirectory server."""
+    """Runtime knobs of the atDirectory server (each is an ``atdirectory serve`` flag).
+
+    Connections are counted from TCP accept, before TLS (``noports.netlimits``), so sockets
+    that never start TLS count too. Sizing of the defaults: docs/directory.md, "Limits".
+    """
 
     host: str = "127.0.0.1"
     port: int = 64
-    max_connections_per_ip: int = 64
+    max_connections: int = 4096
+    max_connections_per_ip: int = 512
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0
     idle_timeout: float = 0.0  # 0 = never; the Python SDK keeps one connection per process
-    handshake_timeout: float = 30.0
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     shutdown_grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_connections_per_ip", "max_line_bytes",
+                     "max_pending_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.handshake_timeout <= 0 or self.request_timeout <= 0 or self.idle_timeout < 0:
+            raise ValueError("handshake and request timeouts must be > 0, idle timeout >= 0")
+        if self.max_line_bytes < 2:
+            raise ValueError("max_line_bytes must be at least 2")
+
+
+def refusal_for(reason: str) -> tuple[bytes, bytes]:
+    """What a peer refused at accept sees: the prompt, then one ``error:`` line (two writes).
+
+    The prompt first, so a client that waits for ``@`` before reading a reply (all of them)
+    reads the error line as the reply to its lookup.
+    """
+    return PROMPT, error_reply(reason)
 
 
 class DirectoryServer:
@@ -45,9 +91,13 @@ class DirectoryServer:
         self.ssl_context = ssl_context
         self.config = config or ServerConfig()
         self.limiter = limiter or MissLimiter(policy)
+        self.admission = Admission(self.config.max_connections,
+                                   self.config.max_connections_per_ip,
+                                   total_name="--max-connections",
+                                   per_source_name="--max-connections-per-ip")
+        self.releaser = MemoryReleaser()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_ip: Counter[str] = Counter()
         self._store_blocks = bool(getattr(store, "may_block", True))
 
     @property
@@ -58,9 +108,11 @@ class DirectoryServer:
         return [s.getsockname()[:2] for s in self._server.sockets]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, host=self.config.host, port=self.config.port, ssl=self.ssl_context,
-            ssl_handshake_timeout=self.config.handshake_timeout, reuse_address=True)
+        make_idle_tls_cheap()
+        self._server = await start_guarded_server(
+            self._handle, self.config.host, self.config.port, ssl=self.ssl_context,
+            admission=self.admission, handshake_timeout=self.config.handshake_timeout,
+            refusal=refusal_for, releaser=self.releaser, reuse_address=True)
 
     async def stop(self) -> None:
         """Stop accepting, then cancel open connections (idle clients never end on their own).
@@ -77,12 +129,27 @@ class DirectoryServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=self.config.shutdown_grace)
-        log.info("atdirectory stopped")
+        log.info("atdirectory stopped; connections at peak: %d open, %d from one source "
+                 "(limits --max-connections %d, --max-connections-per-ip %d)",
+                 self.admission.peak_total, self.admission.peak_per_source,
+                 self.config.max_connections, self.config.max_connections_per_ip)
 
     async def _lookup(self, atsign: str) -> str | None:
         if self._store_blocks:
             return await asyncio.to_thread(self.store.get, atsign)
         return self.store.get(atsign)
+
+    def _deadline(self, session: DirectorySession, since: float) -> tuple[float, str] | None:
+        """(absolute loop time, error text) of the deadline now running, or None."""
+        cfg = self.config
+        if session.expecting_line:
+            return (since + cfg.request_timeout,
+                    f"no complete request line within {cfg.request_timeout:g} s: "
+                    f"limit --request-timeout {cfg.request_timeout:g}")
+        if cfg.idle_timeout > 0:
+            return (since + cfg.idle_timeout,
+                    f"idle for {cfg.idle_timeout:g} s: limit --idle-timeout {cfg.idle_timeout:g}")
+        return None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -90,43 +157,45 @@ class DirectoryServer:
         self._tasks.add(task)
         peername = writer.get_extra_info("peername")
         peer = str(peername[0]) if peername else None
-        counted = peer is not None
+        loop = asyncio.get_running_loop()
         try:
-            if counted:
-                self._per_ip[peer] += 1
-                if self._per_ip[peer] > self.config.max_connections_per_ip:
-                    log.warning("refusing connection from %s: more than %d open", peer,
-                                self.config.max_connections_per_ip)
-                    return
             log.debug("connection from %s", peer)
-            session = DirectorySession(self.limiter, peer=peer)
+            session = DirectorySession(self.limiter, peer=peer,
+                                       max_line_bytes=self.config.max_line_bytes,
+                                       max_pending_bytes=self.config.max_pending_bytes)
             await self._run(session, session.start(), writer)
+            # a deadline runs from the moment the session's state last changed: waiting for a
+            # (next) request line, or idle after an answer
+            state, since = (session.expecting_line, session.lookups), loop.time()
             while not session.closed:
+                if (session.expecting_line, session.lookups) != state:
+                    state, since = (session.expecting_line, session.lookups), loop.time()
+                deadline = self._deadline(session, since)
                 try:
-                    if self.config.idle_timeout > 0:
-                        data = await asyncio.wait_for(reader.read(READ_CHUNK),
-                                                      self.config.idle_timeout)
-                    else:
+                    if deadline is None:
                         data = await reader.read(READ_CHUNK)
+                    else:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK),
+                                                      max(0.0, deadline[0] - loop.time()))
                 except asyncio.TimeoutError:
-                    log.debug("closing idle connection from %s", peer)
+                    assert deadline is not None
+                    log.info("closing connection from %s: %s", peer, deadline[1])
+                    await self._run(session, session.expire(deadline[1]), writer)
                     break
                 actions = session.receive(data) if data else session.eof()
                 await self._run(session, actions, writer)
-        except (ConnectionError, ssl.SSLError, OSError) as exc:
-            log.debug("connection from %s ended: %s", peer, exc)
+            if session.closed and session.errored:
+                # the peer may still be sending (the rest of a long line): an immediate close
+                # would answer with an RST, which drops the error line on the peer's side
+                await linger_close(reader, writer)
+        except (ConnectionError, ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            log.debug("connection from %s ended: %s", peer, exc or type(exc).__name__)
         except asyncio.CancelledError:
             log.debug("connection from %s cancelled (shutdown)", peer)
         except Exception:
             log.exception("unexpected error on connection from %s", peer)
         finally:
-            if counted:
-                self._per_ip[peer] -= 1
-                if self._per_ip[peer] <= 0:
-                    del self._per_ip[peer]
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            await aclose_writer(writer)
             self._tasks.discard(task)
 
     async def _run(self, session: DirectorySession, actions: list, writer: asyncio.StreamWriter
@@ -140,7 +209,8 @@ class DirectoryServer:
                     log.debug("delaying miss reply to %s by %.2fs", session.peer, action.delay)
                     await asyncio.sleep(action.delay)
                 writer.write(action.data)
-                await writer.drain()
+                # A peer that does not read must not hold the connection forever.
+                await asyncio.wait_for(writer.drain(), self.config.request_timeout)
             elif isinstance(action, Lookup):
                 try:
                     address = await self._lookup(action.atsign)
@@ -150,7 +220,8 @@ class DirectoryServer:
                     continue
                 queue = session.resolved(address) + queue
             elif isinstance(action, Close):
-                log.debug("closing connection from %s: %s", session.peer, action.reason)
+                level = logging.DEBUG if action.reason in ("@exit", "peer closed") else logging.INFO
+                log.log(level, "closing connection from %s: %s", session.peer, action.reason)
                 return
 
 
