@@ -16,7 +16,7 @@ import time
 import pytest
 from test_atserver_s2s import Client, Plane, _wait_line
 
-from noports import crypto
+from noports import crypto, netlimits
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +76,7 @@ def test_per_source_and_total_limits_name_the_flag(server):
         assert other.data("noop:0") == "ok"
         held.append(other)
         held += [login(plane, port, "127.0.0.3") for _ in range(3)]  # 8 open in total
+        time.sleep(netlimits.REFUSAL_LOG_INTERVAL + 0.2)  # refusals are logged once a second
         line = refusal(plane, port, "127.0.0.4")
         assert "server busy: 8 connections open, limit --max-connections 8" in line
         assert all(c.data("noop:0") == "ok" for c in held)  # the admitted ones are served

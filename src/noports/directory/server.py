@@ -35,7 +35,7 @@ from .protocol import (
     Write,
     error_reply,
 )
-from .store import DirectoryStore, DirectoryStoreError
+from .store import DirectoryStore, DirectoryStoreError, InvalidAtSignError, normalise_atsign
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class DirectoryServer:
                  self.config.max_connections, self.config.max_connections_per_ip)
 
     async def _lookup(self, atsign: str) -> str | None:
+        """The address, or None: a name that is no atSign is answered like an unknown one."""
+        try:
+            normalise_atsign(atsign)
+        except InvalidAtSignError:
+            return None
         if self._store_blocks:
             return await asyncio.to_thread(self.store.get, atsign)
         return self.store.get(atsign)
