@@ -42,7 +42,11 @@ notes:
     connection plugin path; see docs/ansible-connection.md. The fully qualified name
     C(noports.sshnp.sshnp) always works.
   - C(ansible.posix.synchronize) is not supported through this plugin (its rsync would not use
-    the tunnel); use C(ansible.builtin.copy) or run rsync with C(delegate_to).
+    the tunnel); use C(ansible.builtin.copy), or rsync with C(delegate_to) through an ssh_config
+    C(Host) whose ProxyCommand is C(sshnp --stdio) (docs/rsync.md).
+  - When the device's signed response pins a host key other than the pinned one (the device's
+    sshd host key was rotated), the client replaces the pin and the plugin shows a warning with
+    the old and new fingerprints, once per rendezvous.
   - O(host_key_checking=false) does not weaken the pinned host key check; use
     O(host_key_policy=accept-new) for daemons that do not pin.
   - O(port) is the device sshd port, passed to the client as C(--remote-sshd-port).
