@@ -31,6 +31,7 @@ lock_holder() {  # FILE -> "pid N (command line)" of a process holding a lock on
   # /proc/locks: "1: POSIX ADVISORY WRITE <pid> <maj:min:inode> <start> <end>"; lines with
   # "->" are waiters, not holders; OFD locks show pid -1 (holder unknown)
   while read -r line; do
+    # shellcheck disable=SC2086  # split the /proc/locks line into its fields
     set -- $line
     [ "$2" = "->" ] && continue
     [ "$6" = "$want" ] || continue
@@ -91,8 +92,9 @@ install_debian_packages() {
     # the lock may be taken again between our check and apt-get: apt waits for it too
     local apt=("${asroot[@]}" env DEBIAN_FRONTEND=noninteractive apt-get
                -o "DPkg::Lock::Timeout=$timeout")
-    "${apt[@]}" update -qq >&2
-    "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2
+    # (explicit returns: errexit does not apply inside a function called as `f || exit`)
+    "${apt[@]}" update -qq >&2 || return 1
+    "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >&2 || return 1
   else
     say "not root: cannot install ${missing[*]}; tests that need them are skipped" \
         "(as root: apt-get install ${missing[*]})"
