@@ -42,7 +42,11 @@ notes:
     connection plugin path; see docs/ansible-connection.md. The fully qualified name
     C(noports.sshnp.sshnp) always works.
   - C(ansible.posix.synchronize) is not supported through this plugin (its rsync would not use
-    the tunnel); use C(ansible.builtin.copy) or run rsync with C(delegate_to).
+    the tunnel); use C(ansible.builtin.copy), or rsync with C(delegate_to) through an ssh_config
+    C(Host) whose ProxyCommand is C(sshnp --stdio) (docs/rsync.md).
+  - When the device's signed response pins a host key other than the pinned one (the device's
+    sshd host key was rotated), the client replaces the pin and the plugin shows a warning with
+    the old and new fingerprints, once per rendezvous.
   - O(host_key_checking=false) does not weaken the pinned host key check; use
     O(host_key_policy=accept-new) for daemons that do not pin.
   - O(port) is the device sshd port, passed to the client as C(--remote-sshd-port).
@@ -273,6 +277,8 @@ display = Display()
 
 #: what the client prints for an expected failure (noports/client/progress.py)
 _CLIENT_ERROR = re.compile(r"^sshnp: error: (?P<msg>.+?)\s*$", re.MULTILINE)
+#: what the client prints for what the user must see even with -q (a pinned host key replaced)
+_CLIENT_WARNING = re.compile(r"^sshnp: warning: (?P<msg>.+?)\s*$", re.MULTILINE)
 _SAFE_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,252}$")
 #: client defaults (noports/client/params.py), for the ConnectTimeout budget only
 _CLIENT_RELAY_TIMEOUT = 20.0
@@ -322,6 +328,15 @@ def client_failure(stderr: bytes | str) -> str | None:
     ssh's), or None when the client reported nothing."""
     found = _CLIENT_ERROR.findall(to_text(stderr, errors="surrogate_or_replace"))
     return found[-1] if found else None
+
+
+def client_warnings(text: bytes | str) -> list[str]:
+    """The client's ``sshnp: warning: ...`` messages, in order, without repeats."""
+    out: list[str] = []
+    for msg in _CLIENT_WARNING.findall(to_text(text, errors="surrogate_or_replace")):
+        if msg not in out:
+            out.append(msg)
+    return out
 
 
 class Connection(SshConnection):
@@ -506,17 +521,50 @@ class Connection(SshConnection):
             rc, b_out, b_err = super()._bare_run(cmd, in_data, sudoable=sudoable,
                                                  checkrc=checkrc)
         except AnsibleConnectionFailure as exc:
+            self.surface_client_warnings()
             # With pipelining (in_data), ssh.py raises its own generic "Data could not be
             # sent" on exit 255 before returning: name the tunnel's failed step instead.
             message = self.failure_message(to_text(exc), self.client_log_since(started))
             if message:
                 raise AnsibleConnectionFailure(message) from exc
             raise
+        self.surface_client_warnings()
         if rc == 255:
             message = self.failure_message(b_err, self.client_log_since(started))
             if message:
                 raise AnsibleConnectionFailure(message)
         return rc, b_out, b_err
+
+    def surface_client_warnings(self) -> list[str]:
+        """Show the client's warnings (host key rotation) as Ansible warnings, once per client
+        run: the client's stderr goes to :meth:`client_log_path` (ControlPersist sends it to
+        /dev/null otherwise), and a ``.shown`` file next to it records which version of the
+        log (mtime, size) was already shown, so later tasks on the same master, in other
+        worker processes, do not repeat it."""
+        try:
+            path = self.client_log_path(self.sshnp_identity())
+            st = os.stat(path)
+        except (OSError, AnsibleError):
+            return []
+        version = f"{st.st_mtime_ns} {st.st_size}"
+        marker = path + ".shown"
+        try:
+            with open(marker, encoding="utf-8") as fh:
+                if fh.read().strip() == version:
+                    return []
+        except OSError:
+            pass
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                warnings = client_warnings(fh.read(65536))
+            with open(marker, "w", encoding="utf-8") as fh:
+                fh.write(version + "\n")
+        except OSError:
+            return []
+        host = self.__dict__.get("_sshnp_raw_host")
+        for msg in warnings:
+            display.warning(f"sshnp: {msg} (host {host})")
+        return warnings
 
     def client_log_since(self, started: float) -> str:
         """The client's stderr if a client ran for this tunnel since ``started``, else ''."""

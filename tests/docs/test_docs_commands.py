@@ -17,8 +17,13 @@ Convention (docs/index.md, "Commands in these pages"):
   carry over), in a sandbox: a temporary HOME, no ``ANSIBLE_*``/``NOPORTS_*``/``SSL_CERT_FILE``
   from the caller, the repository as the starting directory, the virtualenv first on PATH.
   A line ending in ``&`` starts a long-running program in the background; the test waits
-  for its "ready" line (``READY``) and stops every process of the session at the end.
-* Pages that need a special environment are listed in ``ENVIRONMENTS``. ``device``: root,
+  for its "ready" line (``READY``; in the file the line sends its output to when it ends in
+  ``> FILE 2>&1 &``, as the pages write it so that logs do not flood the reader's terminal)
+  and stops every process of the session at the end.
+* Pages that need a special environment are listed in ``ENVIRONMENTS``. ``bare-device``:
+  root, a private network namespace (``unshare -n``) with nothing listening and no ``USER``
+  or ``LOGNAME`` in the environment: a machine where the page must start its own sshd.
+  ``device``: root,
   a private network namespace (``unshare -n``) with an OpenSSH sshd on 127.0.0.1:22 that
   reads ``$HOME/.ssh/authorized_keys``, like a device's. ``host``: root, a private mount and
   network namespace (``unshare -m -n``) that looks like a server of the examples: overlays
@@ -78,10 +83,11 @@ READY = {
     "atdirectory": r"atdirectory listening on",
     "atserver": r"atserver \S+ listening on",
     "redis-server": r"Ready to accept connections",
+    "sshd": r"Server listening on \S+ port",
 }
 # pages run in a special environment (others: the plain sandbox)
 ENVIRONMENTS = {
-    "docs/quickstart.md": "device",
+    "docs/quickstart.md": "bare-device",
     "docs/atserver.md": "host",
     "docs/cli.md": "host",
     "docs/control-plane.md": "host",
@@ -595,6 +601,11 @@ def build_script(page_blocks: list[Block], logdir: Path) -> str:
                 n += 1
                 prog = os.path.basename(shlex.split(m.group(1))[0])
                 assert prog in READY, f"{where}: no READY pattern for background {prog}"
+                own = re.match(r"^(.*\S)\s*>\s*(\S+)\s+2>&1\s*$", m.group(1))
+                if own:  # the page names its log file: run it as written, wait on that file
+                    parts.append(f"{m.group(1).strip()} &\n"
+                                 f"docs_ready $! {own.group(2)} {shlex.quote(READY[prog])}")
+                    continue
                 log = logdir / f"bg-{n}-{prog}.log"
                 parts.append(f"{{ {m.group(1).strip()} ; }} > {log} 2>&1 &\n"
                              f"docs_ready $! {log} {shlex.quote(READY[prog])}")
@@ -609,7 +620,10 @@ def _run_page(rel: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     blocks = parse_blocks(page)
     env_name = ENVIRONMENTS.get(rel, "sandbox")
     # a short HOME: OpenSSH's ControlPath (~/.ansible/cp/...) must fit a unix socket path
-    short = Path(tempfile.mkdtemp(prefix="np-docs-", dir="/tmp"))
+    # "bare-device": the page's own sshd checks (StrictModes) that no directory above
+    # ~/.ssh/authorized_keys is world-writable, as /tmp is: a HOME under root's /run instead
+    short = Path(tempfile.mkdtemp(prefix="np-docs-",
+                                  dir="/run" if env_name == "bare-device" else "/tmp"))
     home = short / "home"
     logs = tmp_path / "logs"
     home.mkdir()
@@ -622,6 +636,11 @@ def _run_page(rel: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     if env_name == "device":
         script = PRELUDE + DEVICE_PRELUDE + script
         argv = ["unshare", "-n", "bash", "-c", script]
+    elif env_name == "bare-device":
+        script = PRELUDE + "ip link set lo up\n" + script
+        argv = ["unshare", "-n", "bash", "-c", script]
+        env.pop("USER", None)
+        env.pop("LOGNAME", None)
     elif env_name == "host":
         env["HOME"] = "/root"
         script = PRELUDE + "ip link set lo up\n" + HOST_PRELUDE + DEVICE_PRELUDE + script
@@ -699,7 +718,8 @@ RUN_PAGES = sorted({str(b.page.relative_to(REPO)) for b in COMMAND_BLOCKS if b.s
 @pytest.mark.timeout(PAGE_TIMEOUT + 30)
 @pytest.mark.parametrize("rel", RUN_PAGES)
 def test_page_commands_run(rel, tmp_path):
-    if ENVIRONMENTS.get(rel) == "device" and (reason := _device_env_reason()):
+    if ENVIRONMENTS.get(rel) in ("device", "bare-device") and (
+            reason := _device_env_reason()):
         pytest.skip(reason)
     if ENVIRONMENTS.get(rel) == "host" and (reason := _host_env_reason()):
         pytest.skip(reason)

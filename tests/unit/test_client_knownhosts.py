@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from noports.client.knownhosts import (
+    PinChange,
     device_known_hosts_path,
+    fingerprint,
     host_key_alias,
     known_hosts_lines,
+    pin_change,
     update_known_hosts,
 )
 from noports.client.pkcache import load_cached_pk, store_cached_pk
@@ -79,3 +84,43 @@ def test_pk_cache_roundtrip(tmp_path: Path) -> None:
     store_cached_pk(tmp_path, "@Dev", "MIIBpub")
     assert (tmp_path / "cached_pks" / "dev").read_text() == "MIIBpub"
     assert load_cached_pk(tmp_path, "@dev") == "MIIBpub"
+
+
+ED2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILMGhqQpPY7VVmpe10kZt2XlXE+3U/pd/J45ZJVWadqq"
+
+
+@pytest.mark.skipif(not shutil.which("ssh-keygen"), reason="OpenSSH ssh-keygen not installed")
+def test_fingerprint_is_what_ssh_keygen_prints(tmp_path: Path) -> None:
+    for key in (ED, ED2):
+        (tmp_path / "k.pub").write_text(key + " c\n")
+        out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(tmp_path / "k.pub")],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split()[1] == fingerprint(key.split()[1])
+    assert fingerprint("not base64!") == "unreadable key"
+
+
+def test_rotation_is_reported_with_both_fingerprints(tmp_path: Path) -> None:
+    f = tmp_path / "kh"
+    seen: list[PinChange] = []
+    update_known_hosts(f, "d/x", [ED], on_change=seen.append)
+    assert seen == []  # first use: nothing was pinned, nothing to report
+    update_known_hosts(f, "d/x", [ED], on_change=seen.append)
+    assert seen == []  # same key again
+    update_known_hosts(f, "other/y", [ED2], on_change=seen.append)
+    assert seen == []  # another device's first pin
+    update_known_hosts(f, "d/x", [ED2], on_change=seen.append)
+    assert f.read_text().splitlines() == [f"other/y {ED2}", f"d/x {ED2}"]
+    [change] = seen
+    old, new = fingerprint(ED.split()[1]), fingerprint(ED2.split()[1])
+    assert change.old == [f"ssh-ed25519 {old}"] and change.new == [f"ssh-ed25519 {new}"]
+    msg = change.message()
+    assert old in msg and new in msg and "d/x" in msg and str(f) in msg
+    assert msg.index(old) < msg.index(new)  # "was <old>; now <new>"
+
+
+def test_pin_change_ignores_other_aliases_and_reorders() -> None:
+    old = [f"d/x {ED}", f"d/x {RSA.rsplit(' ', 1)[0]}", f"e/z {ED2}"]
+    assert pin_change(old, "d/x", known_hosts_lines("d/x", [RSA, ED]), Path("k")) is None
+    assert pin_change([f"e/z {ED}"], "d/x", [f"d/x {ED2}"], Path("k")) is None
+    added = pin_change([f"d/x {ED}"], "d/x", known_hosts_lines("d/x", [ED, ED2]), Path("k"))
+    assert added is not None and len(added.new) == 2

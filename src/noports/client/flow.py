@@ -522,7 +522,8 @@ class _Flow:
         if pin.target is not None:
             target = pin.target
             try:
-                known = update_known_hosts(target, alias, host_keys)
+                known = update_known_hosts(target, alias, host_keys, on_change=lambda c:
+                                           self.progress.warning(c.message()))
             except (OSError, ValueError) as exc:
                 tunnel.close()
                 raise SecurityError(f"cannot write the pinned host keys to {target}: {exc}",

@@ -7,6 +7,7 @@ through ``logging`` (``-v``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -34,6 +35,11 @@ class Progress:
     def error(self, message: str) -> None:
         self._write(f"sshnp: error: {message}")
 
+    def warning(self, message: str) -> None:
+        """Printed even with ``-q``: for what the user must see (a pinned host key replaced)."""
+        self.lines.append(f"sshnp: warning: {message}")
+        self._write(f"sshnp: warning: {message}")
+
     def _write(self, line: str) -> None:
         stream = self.stream or sys.stderr
         try:
@@ -46,3 +52,8 @@ class Progress:
 class NullProgress(Progress):
     def __init__(self) -> None:
         super().__init__(quiet=True)
+
+    def warning(self, message: str) -> None:
+        """Library use (no terminal): warnings go to ``logging``, not to stderr."""
+        self.lines.append(f"sshnp: warning: {message}")
+        logging.getLogger("noports.client").warning("%s", message)

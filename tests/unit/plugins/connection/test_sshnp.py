@@ -389,3 +389,30 @@ def test_a_stale_log_file_is_ignored(monkeypatch):
     log.write_text("sshnp: error: relay: old failure\n")
     os.utime(log, (1, 1))
     assert conn.client_log_since(10**9) == ""
+
+
+def test_client_warnings_parsed_in_order_without_repeats():
+    text = ("sshnp [ 0.1s] tunnel ready\nsshnp: warning: host key of a/b changed: was X; now Y\n"
+            "sshnp: error: boom\nsshnp: warning: second\nsshnp: warning: host key of a/b "
+            "changed: was X; now Y\n")
+    assert plugin.client_warnings(text) == ["host key of a/b changed: was X; now Y", "second"]
+    assert plugin.client_warnings(b"") == []
+
+
+def test_client_warnings_shown_once_per_client_run(monkeypatch):
+    conn = make_conn()
+    shown: list[str] = []
+    monkeypatch.setattr(plugin.display, "warning", shown.append)
+    log = Path(conn.client_log_path(conn.sshnp_identity()))
+    assert conn.surface_client_warnings() == []  # no client ran yet: no log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("sshnp: warning: host key of alice_device/pi4 changed: was A; now B\n")
+    assert conn.surface_client_warnings() == ["host key of alice_device/pi4 changed: was A; now B"]
+    assert shown == ["sshnp: host key of alice_device/pi4 changed: was A; now B "
+                     "(host pi4.alice_device)"]
+    assert conn.surface_client_warnings() == []  # the next task on the same master: silent
+    assert make_conn().surface_client_warnings() == []  # ... also from another worker
+    log.write_text("sshnp: warning: host key of alice_device/pi4 changed: was B; now C\n")
+    os.utime(log, ns=(1, 1))  # a new client run (new log version)
+    assert conn.surface_client_warnings() == ["host key of alice_device/pi4 changed: was B; now C"]
+    assert len(shown) == 2
