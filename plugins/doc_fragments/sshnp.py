@@ -8,14 +8,27 @@ connection plugin and the ``devices`` inventory plugin share. Each plugin adds i
 sources (``vars:``/``ini:``) on top; the ``ANSIBLE_SSHNP_*`` environment variables work for both.
 
 ``SSH`` (``noports.sshnp.sshnp.ssh``): every option of ``ansible.builtin.ssh``, copied from
-ansible-core 2.19 plus ``scp_if_ssh`` (read by 2.16 only). The connection plugin subclasses
-the ssh plugin, whose code calls ``get_option()`` on each of these, so all of them must be
-declared; a computed DOCUMENTATION would work at run time but not for ``ansible-doc`` or the
-sanity tests, which read it by AST. tests/unit/plugins/connection/test_sshnp.py fails when the
-installed ansible-core declares an ssh option that is missing here: re-sync this block then.
+ansible-core 2.19 (the same in 2.20 and 2.21). The connection plugin subclasses the ssh plugin,
+whose code calls ``get_option()`` on each of these, so all of them must be declared; the
+plugin's own DOCUMENTATION is read by AST, but fragments are imported, so the literal below is
+what the sanity tests lint and :func:`for_ansible_core` adapts it, at import, to the running
+ansible-core when its ssh plugin declares other options or defaults (docs/decisions/0018):
+
+* 2.16: no ``verbosity``, ``password_mechanism``, ``private_key``, ``private_key_passphrase``;
+  ``ssh_transfer_method`` has NO default and ``scp_if_ssh`` (default ``smart``) decides when it
+  is unset; with 2.19's ``smart`` default, ``ansible_scp_if_ssh`` would be ignored there.
+* 2.17, 2.18: no ``verbosity``, ``password_mechanism``, ``private_key``,
+  ``private_key_passphrase``.
+
+tests/unit/plugins/connection/test_sshnp.py fails when the installed ansible-core declares an
+ssh option that is missing here; tests/integration/test_ansible_versions.py compares names and
+defaults with ``ansible-doc -t connection ssh --json`` of the oldest and the newest
+ansible-core: re-sync this block then.
 """
 
 from __future__ import annotations
+
+import yaml
 
 
 class ModuleDocFragment:
@@ -350,17 +363,6 @@ options:
         key: control_path_dir
     vars:
       - name: ansible_control_path_dir
-  scp_if_ssh:
-      default: smart
-      description:
-        - Only read by ansible-core 2.16 (removed from the ssh plugin in 2.17); use O(ssh_transfer_method) instead.
-        - "Preferred method to use when transferring files over SSH: V(smart), V(True) (scp) or V(False) (sftp)."
-        - This setting is overridden by O(ssh_transfer_method) if set.
-      env: [{name: ANSIBLE_SCP_IF_SSH}]
-      ini:
-        - {key: scp_if_ssh, section: ssh_connection}
-      vars:
-        - name: ansible_scp_if_ssh
   sftp_batch_mode:
     default: true
     description:
@@ -434,3 +436,60 @@ options:
     vars:
       - name: ansible_ssh_verbosity
 """
+
+
+# Options of the ssh plugin that ansible-core declares only from this version on.
+SSH_OPTIONS_SINCE: dict[str, tuple[int, int]] = {
+    "password_mechanism": (2, 19),
+    "private_key": (2, 19),
+    "private_key_passphrase": (2, 19),
+    "verbosity": (2, 19),
+}
+
+# ansible-core 2.16's ssh reads this when ssh_transfer_method is unset (it has no default there).
+SCP_IF_SSH_2_16 = r"""
+options:
+  scp_if_ssh:
+      default: smart
+      description:
+        - Only declared with ansible-core 2.16 (removed from the ssh plugin in 2.17); use O(ssh_transfer_method) instead.
+        - "Preferred method to use when transferring files over SSH: V(smart), V(True) (scp) or V(False) (sftp)."
+        - This setting is overridden by O(ssh_transfer_method) if set.
+      env: [{name: ANSIBLE_SCP_IF_SSH}]
+      ini:
+        - {key: scp_if_ssh, section: ssh_connection}
+      vars:
+        - name: ansible_scp_if_ssh
+"""
+
+
+def core_version(version: str) -> tuple[int, int]:
+    """``"2.16.19"`` -> ``(2, 16)``."""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def for_ansible_core(ssh_doc: str, version: tuple[int, int]) -> str:
+    """The ``SSH`` fragment as the ssh plugin of ansible-core ``version`` declares its options."""
+    doc = yaml.safe_load(ssh_doc)
+    options = doc["options"]
+    for name, since in SSH_OPTIONS_SINCE.items():
+        if version < since:
+            options.pop(name, None)
+    if version < (2, 17):
+        options["ssh_transfer_method"].pop("default", None)
+        options.update(yaml.safe_load(SCP_IF_SSH_2_16)["options"])
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _running_core() -> tuple[int, int] | None:
+    try:
+        from ansible.release import __version__
+    except ImportError:  # imported outside Ansible (docs rendering): keep the literal
+        return None
+    return core_version(__version__)
+
+
+_RUNNING = _running_core()
+if _RUNNING is not None and _RUNNING < (2, 19):
+    ModuleDocFragment.SSH = for_ansible_core(ModuleDocFragment.SSH, _RUNNING)
