@@ -9,16 +9,18 @@ matches wins (order matters: ``update:meta`` before ``update``, ``notify:list`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import regex
 
-from ._dartre import compile_dart
+from ._dartre import compile_dart, compile_linear
 from .errors import AtError, invalid_syntax
 from .metadata import UPDATE_PARAMS
 
-# Upper bound for one regex evaluation; a pathological line must not stall the server.
+# Upper bound for one backtracking regex evaluation (the few verbs RE2 cannot take); the match
+# releases the GIL, so a server that parses long lines off its event loop keeps serving.
 _REGEX_TIMEOUT_S = 2.0
 
 # --- VerbSyntax (at_commons 5.0.1 as quoted by the reference) ---------------------------
@@ -154,7 +156,28 @@ USAGE: dict[str, str] = {
     "keys": "keys:put|get|delete:...",
 }
 
-_COMPILED: dict[str, regex.Pattern] = {verb: compile_dart(p) for verb, p in SYNTAX.items()}
+# RE2 (linear in the line) wherever it can say the Dart pattern; the backtracking engine, with a
+# time budget, only for the six verbs whose official patterns use lookaround.
+_LINEAR: dict[str, Any] = {}
+_BACKTRACKING: dict[str, regex.Pattern] = {}
+for _verb, _pattern in SYNTAX.items():
+    _rx = compile_linear(_pattern)
+    if _rx is not None:
+        _LINEAR[_verb] = _rx
+    else:
+        _BACKTRACKING[_verb] = compile_dart(_pattern)
+
+
+def engine(verb: str) -> str:
+    """Which engine parses ``verb``: "re2" (linear time) or "backtracking" (time-boxed)."""
+    return "re2" if verb in _LINEAR else "backtracking"
+
+
+def _finditer(verb: str, command: str) -> Iterator[Any]:
+    linear = _LINEAR.get(verb)
+    if linear is not None:
+        return linear.finditer(command)
+    return _BACKTRACKING[verb].finditer(command, timeout=_REGEX_TIMEOUT_S, concurrent=True)
 
 
 def _not_notify_sub(c: str) -> bool:
@@ -220,16 +243,15 @@ def convert_command(line: str) -> str:
 
 def match_params(verb: str, command: str) -> dict[str, str] | None:
     """Named groups of all matches of ``verb``'s regex, put-if-absent; None if no match."""
-    pattern = _COMPILED[verb]
     params: dict[str, str] = {}
     found = False
     try:
-        for m in pattern.finditer(command, timeout=_REGEX_TIMEOUT_S):
+        for m in _finditer(verb, command):
             found = True
             for name, value in m.groupdict().items():
                 if value is not None and name not in params:
                     params[name] = value
-    except TimeoutError:
+    except (TimeoutError, UnicodeEncodeError):  # budget spent; a lone surrogate is no UTF-8
         raise invalid_syntax(f"Invalid syntax. {USAGE[verb]}") from None
     return params if found else None
 
