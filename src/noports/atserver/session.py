@@ -62,6 +62,9 @@ TINY, SHORT, KEYED = 256, 1024, 2048
 # whose grammar is the slowest) are parsed in a worker thread (`regex` releases the GIL), so
 # no line stalls the event loop for other connections.
 PARSE_INLINE_MAX = 512
+# Empty lines answered before cram/pkam/pol: at_c sends one per connection; the next one past
+# this limit closes the connection (docs/atserver.md "Limits").
+MAX_EMPTY_LINES_UNAUTH = 16
 _PARSE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="atserver-parse")
 
 VERBS: dict[str, Verb] = {
@@ -138,6 +141,7 @@ class Session(Conn):
         super().__init__(host, emit, session_id)
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already known to hold no newline
+        self.empty_lines = 0  # empty lines answered before authentication
 
     # --- input framing ------------------------------------------------------------------
 
@@ -181,6 +185,27 @@ class Session(Conn):
                 return self.error(invalid_syntax("command is not valid UTF-8"))
             if line:
                 return line
+            return self._empty_line()
+
+    def _empty_line(self) -> Reply:
+        """The reply to an empty line (`\\n`, `\\r\\n`, blanks): the official server's.
+
+        at_c sends `\\r\\n` right after the `@` prompt of every connection and reads one
+        reply (within 3 s) before `from:`; the official server dispatches the empty command,
+        finds no verb and answers AT0003 `invalid command`. Replying is what makes at_c work;
+        before authentication the count is bounded (MAX_EMPTY_LINES_UNAUTH), so a stream of
+        newlines cannot make the server write ~40 bytes per byte received indefinitely.
+        """
+        self.requests += 1
+        if not (self.authenticated or self.pol_atsign):
+            self.empty_lines += 1
+            if self.empty_lines > MAX_EMPTY_LINES_UNAUTH:
+                self._buf.clear()
+                self._scanned = 0
+                return self.error(AtError(
+                    "AT0003", f"more than {MAX_EMPTY_LINES_UNAUTH} empty lines before "
+                    "authentication; closing", close=True))
+        return self.error(invalid_syntax("invalid command"))
 
     def auth_timed_out(self) -> Reply:
         """The closing reply for a connection that did not authenticate in time.
