@@ -1,4 +1,4 @@
-"""`make demo` (``python -m noports.demo``) as a user runs it: a subprocess, end to end.
+"""`make demo` (``python -m demo.run``) as a user runs it: a subprocess, end to end.
 
 * A full run: every device reached over ``ansible_connection: sshnp``, failed=0, one
   rendezvous per device, the proof lines (as root: every TCP connect from the controller to a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,25 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from topology import PREFIX, SSHD, STATE_DIR, want_namespaces
+
+from tests.harness.ansible import skip_reason
+from tests.harness.topology import PREFIX, STATE_DIR, want_namespaces
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 N_DEVICES = 3
-
-
-def _skip_reason() -> str | None:
-    for tool in ("ssh", "ssh-keygen", "ss"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not Path(SSHD).exists():
-        return "OpenSSH sshd is not installed"
-    if not (Path(sys.executable).parent / "ansible-playbook").exists():
-        return "ansible-playbook is not installed in this environment"
-    if want_namespaces() and not shutil.which("nft"):
-        return "nft is not installed"
-    return None
 
 
 @dataclass
@@ -104,7 +92,7 @@ class DemoRun:
 
 def start_demo(n_devices: int = N_DEVICES) -> DemoRun:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "noports.demo", "-n", str(n_devices)],
+    p = subprocess.Popen([sys.executable, "-m", "demo.run", "-n", str(n_devices)],
                          cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     return DemoRun(p).start()
@@ -147,7 +135,7 @@ def assert_nothing_left(work_dir: str, run_id: str | None, demo: DemoRun) -> Non
 
 @pytest.fixture(autouse=True)
 def _requirements() -> None:
-    reason = _skip_reason()
+    reason = skip_reason()  # what the demo itself needs (it says the same in its preflight)
     if reason:
         pytest.skip(reason)
 

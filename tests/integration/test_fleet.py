@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fleet_harness import (
+
+from tests.harness.fleet import (
     CLIENT,
     REDIS_CLI,
     REDIS_SERVER,
@@ -42,7 +43,7 @@ from fleet_harness import (
     run_playbook,
     sshnp_inventory,
 )
-from topology import SSHD, tcp_probe
+from tests.harness.topology import SSHD, tcp_probe
 
 N_DEVICES = 6
 N_SHARDS = 3
