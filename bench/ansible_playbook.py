@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ansible over sshnp vs plain ssh, to the same sshd, side by side in one run.
 
-Not a test; prints a table. The world is tests/integration/noports_harness.py's (network
+Not a test; prints a table. The world is tests/harness/world.py's (network
 namespaces, root): a real plane + srvd in the relay namespace, one namespace per device with
 OpenSSH sshd on its own 127.0.0.1:22 behind a drop-all firewall, and sshnpd. Two inventories
 reach the SAME sshd of each device:
@@ -80,7 +80,7 @@ class Scenario:
 
 
 class Bench:
-    def __init__(self, world, base: Path) -> None:  # noqa: ANN001 - noports_harness.World
+    def __init__(self, world, base: Path) -> None:  # noqa: ANN001 - tests.harness.world.World
         self.w = world
         self.base = base
         self.home = base / "ansible-home"

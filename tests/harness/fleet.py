@@ -18,10 +18,10 @@ namespace too, with ``atdirectory register`` (the operator's tool) or, for large
 with one ``redis-cli`` pipe in the official layout (key = atSign without ``@``, lower-case;
 value = ``host:port``).
 
-Used by tests/integration/test_fleet.py and bench/fleet.py (which puts tests/integration on
-sys.path). Self-contained on top of topology.py / plane_harness.py on purpose: it needs a
-Redis directory, several atserver processes and several relays, which the single-relay
-noports_harness.World does not model.
+Used by tests/integration/test_fleet.py and bench/fleet.py. ``Fleet`` is a
+``world.BaseWorld`` (topology, plane, client key, srvd/sshnpd command lines) with what the
+single-relay ``world.World`` does not model: a Redis directory, several atserver processes and
+several relays.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.plane import Proc, spawn
+from tests.harness.plane import Proc, free_port, spawn
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -56,3 +57,27 @@ def start_sshd(directory: Path, *, port: int, authorized_keys: Path, listen: str
     proc = spawner([SSHD, "-D", "-e", "-f", str(cfg)])
     proc.wait_for(rf"Server listening on {re.escape(listen)} port {port}", timeout=timeout)
     return proc, key
+
+
+@dataclass
+class LoopbackSshd:
+    """An sshd on a free port of 127.0.0.1 (as whoever runs the tests) and the client key it
+    accepts: what the loopback tests put behind sshnpd."""
+
+    proc: Proc
+    port: int
+    identity: Path  # the client's private key
+    authorized_keys: Path
+    host_pub: Path  # the sshd's public host key (what sshnpd pins)
+
+
+def loopback_sshd(base: Path, home: Path) -> LoopbackSshd:
+    """Client key ``home/id_ed25519``, authorized in ``base/authorized_keys`` (0600), and an
+    sshd with its files under ``base/sshd``."""
+    identity = keygen(home / "id_ed25519")
+    authorized = base / "authorized_keys"
+    authorized.write_text(Path(f"{identity}.pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    proc, key = start_sshd(base / "sshd", port=port, authorized_keys=authorized)
+    return LoopbackSshd(proc, port, identity, authorized, Path(f"{key}.pub"))

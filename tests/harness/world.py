@@ -10,7 +10,7 @@ Without root the topology falls back to loopback (every address 127.0.0.1, each 
 high port); the same helpers then run the same flows without namespaces.
 
 Used by tests/integration/test_noports_e2e.py and by bench/sshnp_setup.py,
-bench/scp_throughput.py and bench/noports_memory.py (which put tests/integration on sys.path).
+bench/scp_throughput.py and bench/noports_memory.py; BaseWorld is shared with fleet.Fleet.
 """
 
 from __future__ import annotations

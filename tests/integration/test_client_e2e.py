@@ -1,6 +1,6 @@
 """sshnp end to end on loopback: real plane, real srvd, real sshnpd, REAL OpenSSH sshd/ssh.
 
-Every component is the real program (subprocesses): atdirectory + atserver (plane_harness),
+Every component is the real program (subprocesses): atdirectory + atserver (tests.harness.plane),
 ``srvd``, ``sshnpd``, ``/usr/sbin/sshd`` on a high loopback port with a throw-away config,
 and ``sshnp`` itself run as ``python -m noports.client.cli``. Covered: exec mode in both
 tunnel modes, ``-x`` (background tunnel + the printed command), ``--stdio`` as the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.plane import Plane, Proc, free_port, spawn
-from tests.harness.sshd import keygen, start_sshd
+from tests.harness.plane import Plane, Proc, spawn
+from tests.harness.sshd import loopback_sshd
 
 pytestmark = [
     pytest.mark.integration,
@@ -60,14 +60,9 @@ class Env:
         return {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def _start_sshd(self) -> None:
-        self.identity = keygen(self.home / "id_ed25519")
-        self.authorized = self.base / "authorized_keys"
-        self.authorized.write_text((self.home / "id_ed25519.pub").read_text())
-        self.authorized.chmod(0o600)
-        self.sshd_port = free_port()
-        self.sshd, key = start_sshd(self.base / "sshd", port=self.sshd_port,
-                                    authorized_keys=self.authorized)
-        self.host_pub = Path(f"{key}.pub")
+        sshd = loopback_sshd(self.base, self.home)
+        self.sshd, self.sshd_port, self.identity = sshd.proc, sshd.port, sshd.identity
+        self.authorized, self.host_pub = sshd.authorized_keys, sshd.host_pub
         self.procs.append(self.sshd)
 
     def _start_srvd(self, atsign: str) -> Proc:

@@ -1,7 +1,7 @@
 """Fleet scale-out, end to end (ARCHITECTURE.md "Control plane: embedded default and
 scale-out"; docs/scale.md).
 
-One fleet, every program the real one (tests/integration/fleet_harness.py):
+One fleet, every program the real one (tests/harness/fleet.py):
 
 * 6 port-less devices (own network namespace, sshd on their own 127.0.0.1:22, nftables drops
   inbound NEW), each with sshnpd and its own atSign;

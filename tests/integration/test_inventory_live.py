@@ -3,7 +3,7 @@
 tests/unit/plugins/inventory/test_devices.py checks the plugin against a fake atServer; here
 every component is the real program (subprocesses), on loopback, as root or not:
 
-* the plane (plane_harness): one atdirectory, an atserver for the users (client, relay,
+* the plane (tests.harness.plane): one atdirectory, an atserver for the users (client, relay,
   ``@inv_nobody``) and a second atserver for the two device atSigns, so the device_info
   records reach the client's atServer as in production (server to server, autoNotify);
 * three ``sshnpd`` (``python -m noports.daemon.cli``) whose manager is the client atSign:
@@ -12,7 +12,7 @@ every component is the real program (subprocesses), on loopback, as root or not:
   sshd on a high loopback port; nothing listens on beta's sshd port;
 * ``srvd`` for the relay atSign;
 * the venv's REAL ``ansible-inventory`` and ``ansible`` CLIs, with the collection snapshot and
-  the ``ansible.cfg`` of test_ansible_e2e.py (ansible_harness.snapshot_collection,
+  the ``ansible.cfg`` of test_ansible_e2e.py (tests.harness.ansible.snapshot_collection,
   tests/ansible/e2e/ansible.cfg, the environment of ``AnsibleE2E.env``).
 
 Covered: ``ansible-inventory --list`` gives exactly the live devices with the documented
@@ -48,7 +48,7 @@ from noports.keys.atkeys import generate_atkeys, load_atkeys, save_atkeys
 from noports.keys.ca import ensure_plane_tls
 from tests.harness.ansible import ansible_env, ansible_tool, close_masters, snapshot_collection
 from tests.harness.plane import Plane, Proc, free_port, spawn
-from tests.harness.sshd import keygen, start_sshd
+from tests.harness.sshd import loopback_sshd
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -161,14 +161,9 @@ class Live:
 
     def _start_sshd(self) -> None:
         """A throw-away config, the current user, a high port (tests.harness.sshd)."""
-        self.identity = keygen(self.home / "id_ed25519")
-        self.authorized = self.base / "authorized_keys"
-        self.authorized.write_text((self.home / "id_ed25519.pub").read_text())
-        self.authorized.chmod(0o600)
-        self.sshd_port = free_port()
-        p, key = start_sshd(self.base / "sshd", port=self.sshd_port,
-                            authorized_keys=self.authorized)
-        self.host_pub = Path(f"{key}.pub")
+        sshd = loopback_sshd(self.base, self.home)
+        p, self.sshd_port, self.identity = sshd.proc, sshd.port, sshd.identity
+        self.authorized, self.host_pub = sshd.authorized_keys, sshd.host_pub
         self.procs.append(p)
 
     def _spawn_sshnpd(self, spec: DeviceSpec) -> Proc:
@@ -185,7 +180,7 @@ class Live:
         self.procs.append(p)
         return p
 
-    # -- Ansible (the environment of ansible_harness.AnsibleE2E.env) ------------------------
+    # -- Ansible (tests.harness.ansible.ansible_env, as AnsibleE2E.env) -----------------------
     def ansible_env(self, **extra: str) -> dict[str, str]:
         return ansible_env(self.base, home=self.home, collections=self.collections,
                            cp_dir=self.cp_dir, **extra)
