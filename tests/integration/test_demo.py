@@ -87,7 +87,7 @@ class DemoRun:
         return self.wait_for(r"^demo: work dir (\S+)", 30).group(1)
 
     def run_id(self) -> str:
-        return self.wait_for(r"^demo: run id ([0-9a-f]{6})", 60).group(1)
+        return self.wait_for(r"^demo: run id ([0-9a-f]{6})", 120).group(1)
 
 
 def start_demo(n_devices: int = N_DEVICES) -> DemoRun:
@@ -140,11 +140,11 @@ def _requirements() -> None:
         pytest.skip(reason)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_demo_end_to_end_summary_proof_and_clean_up():
     demo = start_demo()
     work_dir, run_id = demo.work_dir(), demo.run_id()
-    rc = demo.finish(200)
+    rc = demo.finish(540)
     print(demo.text())
     assert rc == 0, demo.text()
 
@@ -185,7 +185,8 @@ def test_demo_end_to_end_summary_proof_and_clean_up():
     assert_nothing_left(work_dir, run_id, demo)
 
 
-@pytest.mark.timeout(150)
+# timeouts only detect hangs: on a loaded 2-CPU machine the roles take minutes, not seconds
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize(("sig", "when", "whole_group"), [
     # Ctrl-C in a terminal signals the whole foreground process group
     pytest.param(signal.SIGINT, r"^      role noports\.sshnp\.srvd", True, id="ctrl-c-deploying"),
@@ -196,7 +197,7 @@ def test_demo_interrupted_in_the_middle_cleans_up(sig: int, when: str, whole_gro
     demo = start_demo(n_devices=2)
     work_dir = demo.work_dir()
     run_id = demo.run_id()
-    demo.wait_for(when, 110)
+    demo.wait_for(when, 300)
     if whole_group:
         os.killpg(demo.popen.pid, sig)
     else:
