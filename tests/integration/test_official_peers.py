@@ -22,7 +22,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from plane_harness import DEMO_ATKEYS, Plane, Proc, spawn
 from test_client_e2e import CLIENT, DEV, DEVICE, PY, Env
 
 from noports import crypto
@@ -30,6 +29,7 @@ from noports.atserver.session import MAX_EMPTY_LINES_UNAUTH
 from noports.keys.atkeys import load_atkeys
 from noports.keys.ca import client_context
 from noports.keys.onboarding import activate
+from tests.harness.plane import DEMO_ATKEYS, Plane, Proc, free_port, spawn
 
 pytestmark = [pytest.mark.integration]
 
@@ -177,12 +177,6 @@ def _official_progress(stderr: str) -> None:
     assert "tunnel ready (aes/aes-256-ctr)" in stderr  # no npCipher: AES-256-CTR
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tofu(kh: Path) -> list[str]:
     """ssh's own (trust on first use) known_hosts; tests never touch the user's real one."""
     return ["-o", f"UserKnownHostsFile={kh}"]
@@ -207,7 +201,7 @@ def test_exec_with_user_restarts_ssh_unpinned(official: OfficialReplyEnv, tmp_pa
 
 def test_exec_with_user_on_a_fixed_local_port(official: OfficialReplyEnv,
                                               tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     kh = tmp_path / "known_hosts"
     for run in range(2):  # the second run re-binds right after the first closed the port
         res = official.sshnp(*_tofu(kh), "-l", str(port), "echo", f"fixed-{run}")

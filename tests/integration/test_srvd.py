@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from plane_harness import Proc
-from topology import NsPlane, Topology, build_topology, capture
 
 from noports.atclient.aio import AtClient
 from noports.npproto import CtrDuplex, RelayRequest, RelayResponse, dart_iso_now, relay_auth_line
@@ -34,6 +32,8 @@ from noports.npproto.keys import (
     new_session_id,
     relay_response_key,
 )
+from tests.harness.plane import Proc
+from tests.harness.topology import NsPlane, Topology, build_topology, capture
 
 pytestmark = pytest.mark.integration
 
