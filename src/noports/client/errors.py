@@ -65,6 +65,13 @@ class RelayError(SshnpError):
     step = "relay"
 
 
+def relay_refused(relay: str, reason: str) -> RelayError:
+    """The relay's NACK (``nack.<sid>.sshrvd``): its own words, made printable and short,
+    since they come from another party and end up on the user's terminal."""
+    text = "".join(c if c.isprintable() else "?" for c in reason.strip())[:300]
+    return RelayError(f"relay {relay} refused: {text or '(no reason given)'}")
+
+
 class DeviceTimeout(SshnpError):
     exit_code = EXIT_DEVICE_TIMEOUT
     step = "device"

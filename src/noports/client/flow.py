@@ -54,6 +54,7 @@ from .errors import (
     RelayError,
     SecurityError,
     SshnpError,
+    relay_refused,
 )
 from .knownhosts import device_known_hosts_path, host_key_alias, update_known_hosts
 from .params import SessionParams
@@ -205,8 +206,12 @@ class _Router:
         if not sender.startswith("@"):
             sender = "@" + sender
         p = self.params
-        if ck.kind == "relay_response":
+        if ck.kind in ("relay_response", "relay_nack"):
             fut = self.relay_answers.get((sender, ck.session_id or ""))
+            if ck.kind == "relay_nack" and fut is not None and not fut.done() \
+                    and n.value is not None:
+                fut.set_exception(relay_refused(sender, n.value))
+                return
         elif ck.kind == "session_response" and sender == p.device_atsign \
                 and ck.device == p.device:
             fut = self.session_answers.get(ck.session_id or "")
