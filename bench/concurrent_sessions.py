@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import sys
 import tempfile
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from fleet_harness import fleet  # noqa: E402
+from fleet_harness import Fleet, cpu_s, fleet  # noqa: E402
 from test_load_sessions import (  # noqa: E402
     DIRECTORY_FLAGS,
     directory_flags,
@@ -45,6 +46,40 @@ from test_load_sessions import (  # noqa: E402
     run_plain_ssh,
     run_sshnp,
 )
+
+
+def components(f: Fleet) -> dict[str, list[int]]:
+    """Server-side processes by role (pids), for CPU accounting."""
+    d = f.plane.plane.directory
+    groups = {"atdirectory": [d.proc.popen.pid] if d is not None else [],
+              "srvd": [p.popen.pid for p in f.srvd.values()],
+              "sshnpd (all)": [p.popen.pid for p in f.daemons.values()]}
+    for name, srv in f.shards.items():
+        who = "client+" if f.shard_of.get("@np_fleet_client") == name else ""
+        groups[f"atserver {name} ({who}{len([a for a, s in f.shard_of.items() if s == name])}"
+               " atSigns)"] = [srv.proc.popen.pid]
+    return groups
+
+
+def cpu_table(f: Fleet, before: dict[str, float], children_before: float,
+              wall: float) -> str:
+    """CPU seconds each component used during a case, and as a share of one CPU over the
+    wall time: a single-process server near 100% is the limiting resource."""
+    lines = [f"  {'component':<40}{'CPU s':>8}{'% of 1 CPU':>12}"]
+    for name, pids in components(f).items():
+        used = sum(cpu_s(p) for p in pids) - before[name]
+        lines.append(f"  {name:<40}{used:>8.1f}{100 * used / wall:>11.0f}%")
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = kids.ru_utime + kids.ru_stime - children_before
+    lines.append(f"  {'clients (sshnp/ssh processes, reaped)':<40}{used:>8.1f}"
+                 f"{100 * used / wall:>11.0f}%")
+    return "\n".join(lines)
+
+
+def snapshot(f: Fleet) -> tuple[dict[str, float], float]:
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ({n: sum(cpu_s(p) for p in pids) for n, pids in components(f).items()},
+            kids.ru_utime + kids.ru_stime)
 
 
 def main() -> int:
@@ -71,9 +106,14 @@ def main() -> int:
                   srvd_args=shlex.split(args.srvd_flags)) as f:
         print(f"setup {time.monotonic() - t0:.1f}s "
               f"({'network namespaces' if f.namespaced else 'loopback fallback'})")
+        cpu = []
+        before = snapshot(f)
         results = [run_sshnp(f, args.n, timeout=args.timeout)]
+        cpu.append(("sshnp", cpu_table(f, *before, results[-1].wall)))
         if not args.no_baseline:
+            before = snapshot(f)
             results.append(run_plain_ssh(f, args.n, timeout=args.timeout))
+            cpu.append(("ssh", cpu_table(f, *before, results[-1].wall)))
         srvd = f.srvd[f.relays[0]]
         refused = [ln for ln in srvd.lines if "refused" in ln]
         print(report(results, args.n))
@@ -81,6 +121,10 @@ def main() -> int:
               f"{len(refused)} refusals logged")
         for ln in refused[:3]:
             print("  " + ln[-200:])
+        for case, table in cpu:
+            print(f"CPU during the {case} case (limiting resource: a one-process server "
+                  "near 100%, or the clients starving the machine):")
+            print(table)
     return 0
 
 

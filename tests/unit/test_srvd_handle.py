@@ -262,3 +262,22 @@ def test_dispatch_survives_handler_bugs() -> None:
 def test_serve_loop_values_never_crash(value: str | None) -> None:
     srvd, client, relay = make()
     assert run(srvd.handle(KEY, "@client", value)) is None
+
+
+def test_the_client_reads_the_nack_as_the_relays_refusal() -> None:
+    """Both ends of the NACK: the key srvd sends is the one the client classifies as a
+    refusal of that session, and the text it shows is the relay's, made safe to print."""
+    from noports.client.errors import EXIT_RELAY, relay_refused
+    from noports.npproto.keys import parse_client_key
+    from noports.relay.srvd import nack_key_name
+
+    ck = parse_client_key(f"@client:{nack_key_name(SID)}@relay")
+    assert (ck.kind, ck.session_id, ck.sender) == ("relay_nack", SID, "@relay")
+    err = relay_refused("@relay", "@client already has 64 sessions (max 64; srvd "
+                                  "--max-sessions-per-atsign)")
+    assert str(err) == ("relay: relay @relay refused: @client already has 64 sessions "
+                        "(max 64; srvd --max-sessions-per-atsign)")
+    assert err.exit_code == EXIT_RELAY
+    hostile = relay_refused("@relay", "\x1b[2J\x1b]0;owned\x07" + "x" * 5000)
+    assert "\x1b" not in str(hostile) and "\x07" not in str(hostile)
+    assert len(hostile.message) < 400
