@@ -7,7 +7,10 @@ Not a test; prints figures and asserts nothing. Real programs throughout
 device's own 127.0.0.1:22 behind an nftables guard, one sshnpd each), a relay namespace with
 redis-server, atdirectory --store redis://, 3 atserver shards and ONE srvd; the controller
 (root namespace) starts N ``sshnp ... echo tok`` processes at once, sessions spread
-round-robin over the devices. The client uses its default timeouts (what a user gets).
+round-robin over the devices. The client uses its default timeouts (what a user gets);
+clients of both cases run at nice 19 (test_load_sessions.CLIENT_NICE: on one machine, 200
+clients at nice 0 would starve the few server processes, which in a deployment run
+elsewhere).
 
 Printed per case: successes, p50/p99 time from process start to exit (setup + the ssh
 login + the remote echo) of the successful ones, wall time, and the most common failure
