@@ -73,6 +73,8 @@ async def v_enroll(s: Conn, cmd: Command) -> Reply:
             raise E.enrollment_error("enroll:request on an authenticated connection is only "
                                      "supported after CRAM")
         return _request_with_otp(s, params)
+    if op == "fetch" and s.authenticated and params.get("enrollmentId") == s.enrollment_id:
+        return _fetch_own(s)
     _require_manage(s)
     if op == "list":
         return _list(s, params)
@@ -105,6 +107,19 @@ async def v_enroll(s: Conn, cmd: Command) -> Reply:
     log.info("%s: enrollment %s (%s/%s) %s", s.me, eid, data.get("appName"),
              data.get("deviceName"), new_state)
     return s.data(dumps({"status": new_state, "enrollmentId": eid}))
+
+
+def _fetch_own(s: Conn) -> Reply:
+    """A device reads its own enrollment, with the keys the approver encrypted for it (only
+    its APKAM symmetric key decrypts them)."""
+    assert s.enrollment_id is not None
+    row = s.host.store.get_enrollment(s.me, s.enrollment_id)
+    if row is None or row.state != "approved":
+        raise AtError("AT0029", f"enrollment_id: {s.enrollment_id} is expired or invalid")
+    out = E.list_entry(row.id, s.me, row.state, row.data)[1]
+    for k in ("encryptedDefaultEncryptionPrivateKey", "encryptedDefaultSelfEncryptionKey"):
+        out[k] = row.data.get(k)
+    return s.data(dumps(remove_nulls(out)))
 
 
 def _expired(s: Conn, row: EnrollmentRow) -> bool:
