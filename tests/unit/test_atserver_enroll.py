@@ -272,3 +272,39 @@ def test_throttle_window_is_sliding():
     t.failed(50)
     assert t.blocked_for(60) == 40
     assert t.blocked_for(101) == 0
+
+
+# --- srvd side (decision 0021): which live sessions a revocation ends --------------------------
+
+def test_sessions_opened_before_a_revocation_end_others_stay():
+    from noports.relay.revocation import LiveSession, parse_marker, sessions_to_end
+
+    old = LiveSession("s1", frozenset({"@client", "@dev"}), 1000)
+    new = LiveSession("s2", frozenset({"@client", "@dev"}), 5000)
+    other = LiveSession("s3", frozenset({"@client", "@other"}), 1000)
+    marker = parse_marker(json.dumps({"lastRevokedAt": 2000, "enrollmentId": "x"}))
+    assert marker == 2000
+    ended = sessions_to_end([old, new, other], {"@dev": marker, "@client": None}, {})
+    assert ended == [("s1", "@dev revoked a device key")]
+    # a marker that changed since the session was first checked ends it whatever the clocks say
+    assert sessions_to_end([new], {"@dev": 3000}, {("s2", "@dev"): 2000}) == [
+        ("s2", "@dev revoked a device key")]
+    for bad in (None, "", "x" * 5000, "[]", '{"lastRevokedAt":"1"}', '{"lastRevokedAt":-1}'):
+        assert parse_marker(bad) is None
+
+
+def test_watcher_closes_and_survives_lookup_failures():
+    from noports.relay.revocation import LiveSession, RevocationWatcher
+
+    closed: list[tuple[str, str]] = []
+
+    async def lookup(who: str) -> str | None:
+        if who == "@broken":
+            raise ConnectionError("down")
+        return json.dumps({"lastRevokedAt": 10}) if who == "@dev" else None
+
+    sessions = [LiveSession("a", frozenset({"@dev"}), 5),
+                LiveSession("b", frozenset({"@broken", "@c"}), 5)]
+    w = RevocationWatcher(lookup, lambda: sessions, lambda sid, r: closed.append((sid, r)))
+    assert asyncio.run(w.check_once()) == ["a"]
+    assert closed == [("a", "@dev revoked a device key")] and w.ended == 1
