@@ -56,7 +56,7 @@ class ClosingError(AtError):
 
 
 def new_otp() -> str:
-    return "".join(secrets.choice(OTP_ALPHABET) for _ in range(OTP_LEN))
+    return "".join(secrets.choice(OTP_ALPHABET) for _i in range(OTP_LEN))
 
 
 def otp_digest(otp: str) -> str:
