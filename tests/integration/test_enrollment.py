@@ -12,6 +12,7 @@ Figures (revoke -> connection closed, revoke -> session ended) are printed, not 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,67 @@ def test_device_key_runs_sshnpd_and_revocation_ends_everything(world, tmp_path):
             ssh.wait()
         daemon.stop()
         mon.close()
+
+
+def ansible(w, tmp: Path, module: str, args: dict) -> dict:
+    """Run one module with the real `ansible` CLI on localhost; the task's result."""
+    from ansible_harness import ansible_tool, snapshot_collection
+
+    colls = tmp / "collections"
+    if not colls.exists():
+        snapshot_collection(colls)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(ANSIBLE_COLLECTIONS_PATH=str(colls), ANSIBLE_STDOUT_CALLBACK="minimal",
+               ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
+               ANSIBLE_HOME=str(tmp / "ansible-home"), HOME=str(tmp))
+    res = subprocess.run([ansible_tool("ansible"), "localhost", "-c", "local", "-i",
+                          "localhost,", "-e", f"ansible_python_interpreter={sys.executable}",
+                          "-m", f"noports.sshnp.{module}", "-a", json.dumps(args)],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert "=>" in res.stdout, res.stdout + res.stderr
+    head, _, rest = res.stdout.partition("=>")
+    out = json.loads(rest)
+    out["failed"] = "FAILED" in head
+    return out
+
+
+def runtime_prefix(tmp: Path) -> Path:
+    """A runtime prefix whose programs are the real ones (this venv)."""
+    p = tmp / "opt"
+    (p / "bin").mkdir(parents=True)
+    (p / "venv" / "bin").mkdir(parents=True)
+    (p / "bin" / "noports").symlink_to(Path(sys.executable).parent / "noports")
+    (p / "venv" / "bin" / "python").symlink_to(sys.executable)
+    return p
+
+
+def test_ansible_modules_enroll_approve_and_revoke_a_device(world, tmp_path):
+    w = world
+    prefix = str(runtime_prefix(tmp_path))
+    plane = {"atsign": DEV, "root_domain": w.root, "ca_file": w.ca, "runtime_prefix": prefix}
+    op = {**plane, "keys_file": str(w.keyfile(DEV))}
+    otp = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "otp", "ttl": 900})
+    assert otp["changed"] and len(otp["otp"]) == 6, otp
+    dev = {**plane, "method": "enroll", "device_name": "ans1",
+           "keys_dir": str(tmp_path / "device")}
+    first = ansible(w, tmp_path, "atsign_keys", {**dev, "otp": otp["otp"]})
+    assert first["changed"] and first["action"] == "pending", first
+    assert otp["otp"] not in json.dumps(first)
+    ok = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "approve",
+                                                     "device_name": "ans1"})
+    assert ok["changed"] and ok["status"] == "approved", ok
+    assert ok["enrollment_id"] == first["enrollment_id"]
+    done = ansible(w, tmp_path, "atsign_keys", {**dev, "wait": 20})
+    assert done["action"] == "enrolled", done
+    assert load_atkeys(done["path"]).enrollment_id == first["enrollment_id"]
+    again = ansible(w, tmp_path, "atsign_keys", dev)
+    assert not again["changed"] and again["action"] == "none", again
+    gone = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "revoke",
+                                                       "device_name": "ans1"})
+    assert gone["changed"] and gone["status"] == "revoked", gone
+    same = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "revoke",
+                                                       "device_name": "ans1"})
+    assert not same["changed"], same
+    bad = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "approve",
+                                                      "device_name": "nosuch"})
+    assert bad.get("failed") and "no pending enrollment" in bad["msg"], bad
