@@ -236,6 +236,9 @@ def test_huge_and_malformed_enroll_lines_are_refused_before_parsing(env):
     assert body(handle(s, "enroll:request:[1,2]")).startswith("error:AT0003")
     assert body(handle(s, "enroll:list")).startswith("error:AT0401")
     assert body(handle(s, "enroll:approve:{}")).startswith("error:AT0401")
+    op = cram(host)
+    r = handle(op, "enroll:fetch:{}")
+    assert body(r).startswith("error:AT0022") and "enrollmentId" in body(r) and not r.close
     assert data(handle(s, f"from:{ME}"))  # still served
 
 

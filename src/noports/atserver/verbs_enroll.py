@@ -73,7 +73,8 @@ async def v_enroll(s: Conn, cmd: Command) -> Reply:
             raise E.enrollment_error("enroll:request on an authenticated connection is only "
                                      "supported after CRAM")
         return _request_with_otp(s, params)
-    if op == "fetch" and s.authenticated and params.get("enrollmentId") == s.enrollment_id:
+    if (op == "fetch" and s.authenticated and s.enrollment_id
+            and params.get("enrollmentId") == s.enrollment_id):
         return _fetch_own(s)
     _require_manage(s)
     if op == "list":
