@@ -123,6 +123,10 @@ def test_wrong_replayed_and_guessed_codes_while_others_are_served(world, tmp_pat
     eid = json.loads(noports("enroll", "list", DEV, *operator(w), "--status", "pending",
                              "--json").stdout)[0]["enrollmentId"]
     assert "denied" in noports("enroll", "deny", DEV, eid, *operator(w)).stdout
+    denied = noports("enroll", "request", DEV, *plane_args(w), "--device", "one", "--keys-dir",
+                     str(tmp_path / "a"), check=False)
+    assert denied.returncode == 2 and "was denied; ask the operator for a new code" in \
+        denied.stderr
 
 
 

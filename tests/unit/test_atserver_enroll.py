@@ -311,3 +311,20 @@ def test_watcher_closes_and_survives_lookup_failures():
     w = RevocationWatcher(lookup, lambda: sessions, lambda sid, r: closed.append((sid, r)))
     assert asyncio.run(w.check_once()) == ["a"]
     assert closed == [("a", "@dev revoked a device key")] and w.ended == 1
+
+
+def test_cli_names_what_is_missing(tmp_path, capsys):
+    from noports import admin
+
+    argv = ["enroll", "request", "@fleet", "--root", "127.0.0.1:1", "--device", "d1",
+            "--keys-dir", str(tmp_path)]
+    assert admin.main(argv) == 2
+    assert "no pending enrollment: give the one-time code with --otp-file" in \
+        capsys.readouterr().err
+    code = tmp_path / "code"
+    code.write_text("AB CD\n")
+    assert admin.main([*argv, "--otp-file", str(code)]) == 2
+    assert "one code (no spaces)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        admin.main(["enroll", "otp", "@fleet", "--root", "127.0.0.1:1", "--ttl", "3601"])
+    assert "a code lives 1..3600 s" in capsys.readouterr().err
