@@ -136,6 +136,11 @@ def test_revoke_closes_live_connections_and_refuses_pkam(env):
     # unrevoke and delete follow the allowed transitions only
     assert body(handle(op, "enroll:approve:" + json.dumps({"enrollmentId": eid}))) \
         .startswith("error:AT0030")
+    pubkey = f"public:noports.dev1.pkam.__pkams.__public_keys{ME}"
+    assert host.get(pubkey) is None
+    handle(op, "enroll:unrevoke:" + json.dumps({"enrollmentId": eid}))
+    assert pkam(host, priv, eid)[1] == "data:success" and host.get(pubkey) is not None
+    handle(op, "enroll:revoke:" + json.dumps({"enrollmentId": eid}))
     assert json.loads(data(handle(op, "enroll:delete:" + json.dumps({"enrollmentId": eid}))))[
         "status"] == "deleted"
     assert host.store.get_enrollment(ME, eid) is None

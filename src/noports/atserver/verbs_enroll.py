@@ -101,7 +101,7 @@ async def v_enroll(s: Conn, cmd: Command) -> Reply:
     now = s.now()
     s.host.store.put_enrollment(EnrollmentRow(s.me, eid, new_state, row.created, now, None,
                                               remove_nulls(data)))
-    if op == "approve":
+    if op in ("approve", "unrevoke"):
         _publish_apkam_key(s, data)
     if op == "revoke":
         _revoked(s, eid, data, now)
