@@ -29,7 +29,15 @@ from noports.atprotocol.errors import (
 )
 from noports.atprotocol.grammar import Command, parse_command
 
-from . import verbs_auth, verbs_keys, verbs_misc, verbs_monitor, verbs_notify
+from . import (
+    enrollment,
+    verbs_auth,
+    verbs_enroll,
+    verbs_keys,
+    verbs_misc,
+    verbs_monitor,
+    verbs_notify,
+)
 from .context import Conn, Reply, dumps, remove_nulls
 from .host import Host, fresh_meta_storage
 from .store import NotificationRow
@@ -58,6 +66,8 @@ class Verb:
 # client regex a few hundred bytes in practice. The grammar's regexes cost up to quadratic
 # time in the line length, so these also bound the parse.
 TINY, SHORT, KEYED = 256, 1024, 2048
+# enroll:request/approve carry an APKAM public key and RSA-encrypted AES keys (~1.5 KiB).
+ENROLL = 6144
 # Lines up to this size parse in well under a millisecond; longer ones (and every notify:all,
 # whose grammar is the slowest) are parsed in a worker thread (`regex` releases the GIL), so
 # no line stalls the event loop for other connections.
@@ -73,7 +83,7 @@ VERBS: dict[str, Verb] = {
     "cram": Verb(verbs_auth.v_cram, ANY, SHORT),
     "pkam": Verb(verbs_auth.v_pkam, ANY, KEYED),
     "pol": Verb(verbs_auth.v_pol, ANY, TINY),
-    "enroll": Verb(verbs_auth.v_enroll),
+    "enroll": Verb(verbs_enroll.v_enroll, ANY, ENROLL),
     # keys
     "update": Verb(verbs_keys.v_update, OWNER),
     "update_json": Verb(verbs_keys.v_update_json, OWNER),
@@ -100,7 +110,7 @@ VERBS: dict[str, Verb] = {
     "batch": Verb(verbs_misc.v_batch, OWNER),
     # recognised by the grammar, not supported here
     "config": Verb(None, OWNER, SHORT),
-    "otp": Verb(None, OWNER, SHORT),
+    "otp": Verb(verbs_enroll.v_otp, OWNER, TINY),
     "keys": Verb(None, OWNER, KEYED),
 }
 
@@ -236,6 +246,10 @@ class Session(Conn):
     async def handle(self, line: str) -> Reply:
         """Execute one request line; never raises (unexpected failures → AT0011 + close)."""
         self.requests += 1
+        if self.revoked:
+            self.closed = True
+            return self.error(AtError("AT0027", "Apkam Access Revoked: this connection's "
+                                                "enrollment was revoked", close=True))
         try:
             self._admit(line)
             if len(line) <= PARSE_INLINE_MAX and not line[:10].lower().startswith("notify:all"):
@@ -255,7 +269,8 @@ class Session(Conn):
         except AtError as err:
             # Bad input never costs the client its connection (the reference closes on an
             # invalid atSign); only overflow and truly unexpected failures close.
-            return self.error(AtError(err.code, err.message, close=err.code == "AT0005"))
+            close = err.code == "AT0005" or isinstance(err, enrollment.ClosingError)
+            return self.error(AtError(err.code, err.message, close=close))
         except RemoteError as err:
             return self.error(AtError(err.code, err.message))
         except asyncio.CancelledError:

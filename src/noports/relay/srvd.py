@@ -44,6 +44,7 @@ from noports.npproto.keys import (
     validate_session_id,
 )
 
+from . import revocation
 from .server import RelayCapacityError, RelayConfig, Rendezvous, SessionSummary
 from .session import SideAuthenticator
 
@@ -434,6 +435,9 @@ class Srvd:
 
         consumer = asyncio.get_running_loop().create_task(consume())
         stopper = asyncio.get_running_loop().create_task(stop.wait())
+        # ends sessions of atSigns that revoke a device key (decision 0021)
+        revoker = asyncio.get_running_loop().create_task(revocation.for_srvd(self, self.client)
+                                                         .run())
         try:
             done, _pending = await asyncio.wait({consumer, stopper},
                                                 return_when=asyncio.FIRST_COMPLETED)
@@ -441,7 +445,7 @@ class Srvd:
                 consumer.result()  # surface a fatal monitor error
                 log.error("monitor ended unexpectedly")
         finally:
-            for t in (consumer, stopper):
+            for t in (consumer, stopper, revoker):
                 t.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await mon.aclose()  # type: ignore[attr-defined]
