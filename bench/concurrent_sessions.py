@@ -18,10 +18,10 @@ messages (the limiting resource: which part refused or timed out, as the user sa
 The baseline is N plain ssh at once to the same sshds, ProxyCommand
 ``ip netns exec <ns> socat STDIO TCP:127.0.0.1:22`` (no rendezvous, no plane).
 
-    sudo .venv/bin/python bench/concurrent_sessions.py                  # N = 200, D = 20
-    sudo .venv/bin/python bench/concurrent_sessions.py --n 100 --devices 10
-    sudo .venv/bin/python bench/concurrent_sessions.py --directory-flags=""   # dir defaults
-    sudo .venv/bin/python bench/concurrent_sessions.py --srvd-flags="--max-sessions-per-atsign 64"
+    sudo .venv/bin/python -m bench.concurrent_sessions                  # N = 200, D = 20
+    sudo .venv/bin/python -m bench.concurrent_sessions --n 100 --devices 10
+    sudo .venv/bin/python -m bench.concurrent_sessions --directory-flags=""   # dir defaults
+    sudo .venv/bin/python -m bench.concurrent_sessions --srvd-flags="--max-sessions-per-atsign 64"
 
 Without root the topology's loopback fallback runs (said in the output).
 """
@@ -37,12 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from fleet_harness import Fleet, cpu_s, fleet  # noqa: E402
-from test_load_sessions import (  # noqa: E402
+from tests.harness.fleet import Fleet, cpu_s, fleet
+from tests.integration.test_load_sessions import (
     DIRECTORY_FLAGS,
     directory_flags,
     report,

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from noports_harness import CLIENT, PY, device_atsign, noports_world
-from topology import SSHD
 
 from noports.atclient import AtConnection, AtProtocolError, find_secondary
 from noports.keys.atkeys import load_atkeys
 from noports.keys.ca import client_context
+from tests.harness.sshd import SSHD
+from tests.harness.world import CLIENT, PY, device_atsign, noports_world
 
 pytestmark = [
     pytest.mark.integration,

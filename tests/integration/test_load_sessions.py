@@ -18,7 +18,7 @@ them next to plain ssh. ``NP_LOAD_SESSIONS`` overrides the size (default 200). C
 Python client processes need ~150 CPU seconds, so on 2 idle CPUs this test takes at least
 ~75 s plus ~20 s of fleet setup.
 
-Also the helpers bench/concurrent_sessions.py uses (it puts this directory on sys.path).
+Also the helpers bench/concurrent_sessions.py uses (it imports this module by its package path).
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fleet_harness import SOCAT, Fleet, fleet
-from plane_harness import Directory, tool
-from topology import NsPlane
+
+from tests.harness.fleet import SOCAT, Fleet, fleet
+from tests.harness.plane import Directory, tool
+from tests.harness.topology import NsPlane
 
 pytestmark = pytest.mark.integration
 
