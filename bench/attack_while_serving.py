@@ -279,11 +279,10 @@ def main() -> int:
     if args.quick:
         args.duration = 8.0
 
-    from plane_harness import Plane
-
     from noports import crypto
     from noports.keys.ca import client_context
     from noports.keys.onboarding import activate
+    from tests.harness.plane import Plane
 
     with tempfile.TemporaryDirectory(prefix="np-attack-") as tmp:
         plane = Plane(Path(tmp))

@@ -189,7 +189,7 @@ def test_device_key_runs_sshnpd_and_revocation_ends_everything(world, tmp_path):
 
 def ansible(w, tmp: Path, module: str, args: dict) -> dict:
     """Run one module with the real `ansible` CLI on localhost; the task's result."""
-    from ansible_harness import ansible_tool, snapshot_collection
+    from tests.harness.ansible import ansible_tool, snapshot_collection
 
     colls = tmp / "collections"
     if not colls.exists():
