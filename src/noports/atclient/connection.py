@@ -23,7 +23,6 @@ from noports import crypto
 from noports.atprotocol import wire
 from noports.atprotocol.atsign import normalize_atsign
 from noports.atprotocol.wire import Reply, ReplyFramer
-from noports.atprotocol.wire import strip_prompt as strip_prompt  # re-exported (tests, e2e)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ DEFAULT_TIMEOUT = 10.0
 # After `\n@` while expecting `@alice@`: how long to wait for the rest before accepting `@`.
 PROMPT_GRACE = 0.25
 
+strip_prompt = wire.strip_prompt  # re-exported (tests, e2e)
 
 
 class AtClientError(Exception):

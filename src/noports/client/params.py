@@ -24,7 +24,6 @@ DEFAULT_IDLE_TIMEOUT = 30.0  # official srv: wait this long for the local ssh to
 DEFAULT_CIPHERS = ("chacha20-poly1305-v1", "aes-256-ctr")
 
 
-
 def norm_atsign(value: str, what: str) -> str:
     """'Alice' / '@alice' -> '@alice', or a UsageError naming the flag."""
     try:
