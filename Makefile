@@ -1,4 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both bootstrap a fresh machine.
+# demo/ and bench/ scripts run as modules from the repository root (`python -m demo.run`), so
+# they import the shared test harness as `tests.harness` (docs/decisions/0016).
 VENV ?= .venv
 PYTEST_ARGS ?=
 
@@ -8,10 +10,10 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 demo: bootstrap
-	$(VENV)/bin/python -m noports.demo $(DEMO_ARGS)
+	$(VENV)/bin/python -m demo.run $(DEMO_ARGS)
 
 lint: bootstrap
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench demo
 
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
@@ -23,4 +25,4 @@ integration: bootstrap
 	$(VENV)/bin/pytest -q tests/integration
 
 bench: bootstrap
-	$(VENV)/bin/python bench/notify_latency.py
+	$(VENV)/bin/python -m bench.notify_latency

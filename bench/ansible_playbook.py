@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ansible over sshnp vs plain ssh, to the same sshd, side by side in one run.
 
-Not a test; prints a table. The world is tests/integration/noports_harness.py's (network
+Not a test; prints a table. The world is tests/harness/world.py's (network
 namespaces, root): a real plane + srvd in the relay namespace, one namespace per device with
 OpenSSH sshd on its own 127.0.0.1:22 behind a drop-all firewall, and sshnpd. Two inventories
 reach the SAME sshd of each device:
@@ -19,9 +19,9 @@ kind. Scenarios:
 * one:    1 host x 100 tasks            target sshnp <= 1.10 x ssh
 * fleet:  20 hosts x 20 tasks, forks 20  target sshnp <= 1.25 x ssh
 
-    .venv/bin/python bench/ansible_playbook.py            # both scenarios, 2 runs each (ABBA)
-    .venv/bin/python bench/ansible_playbook.py --quick    # 1 x 30 and 5 x 10, 1 run (~2 min)
-    .venv/bin/python bench/ansible_playbook.py --runs 1   # one run per case
+    .venv/bin/python -m bench.ansible_playbook            # both scenarios, 2 runs each (ABBA)
+    .venv/bin/python -m bench.ansible_playbook --quick    # 1 x 30 and 5 x 10, 1 run (~2 min)
+    .venv/bin/python -m bench.ansible_playbook --runs 1   # one run per case
 
 Runtime is bounded (``--budget``, 570 s by default: a run that would overshoot is skipped and
 reported); Ctrl-C or SIGTERM stops ansible-playbook, closes the ssh masters and removes the
@@ -40,11 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from ansible_harness import (  # noqa: E402
+from tests.harness.ansible import (
     E2E_DIR,
     ansible_tool,
     close_masters,
@@ -52,7 +48,9 @@ from ansible_harness import (  # noqa: E402
     snapshot_collection,
     write_inventory,
 )
-from noports_harness import CLIENT, RELAY, device_atsign, device_name, noports_world  # noqa: E402
+from tests.harness.world import CLIENT, RELAY, device_atsign, device_name, noports_world
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = {"one": 1.10, "fleet": 1.25}
 SOCAT = "/usr/bin/socat"
@@ -82,7 +80,7 @@ class Scenario:
 
 
 class Bench:
-    def __init__(self, world, base: Path) -> None:  # noqa: ANN001 - noports_harness.World
+    def __init__(self, world, base: Path) -> None:  # noqa: ANN001 - tests.harness.world.World
         self.w = world
         self.base = base
         self.home = base / "ansible-home"

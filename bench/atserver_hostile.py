@@ -12,8 +12,8 @@ real plane on loopback (atdirectory + one atserver over TLS, default limits) and
 * server RSS per idle TLS connection (N connections that completed TLS and read the prompt)
   and what is left after they close.
 
-    .venv/bin/python bench/atserver_hostile.py            # N = 1000
-    .venv/bin/python bench/atserver_hostile.py --quick    # N = 300
+    .venv/bin/python -m bench.atserver_hostile            # N = 1000
+    .venv/bin/python -m bench.atserver_hostile --quick    # N = 300
 """
 
 from __future__ import annotations
@@ -23,18 +23,14 @@ import contextlib
 import resource
 import socket
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
 
+from noports import crypto
+from tests.integration.test_atserver_s2s import Plane
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from test_atserver_s2s import Plane  # noqa: E402
-
-from noports import crypto  # noqa: E402
 
 BEFORE = {
     "scan": "25.9 s (whole server frozen)",

@@ -16,9 +16,9 @@ unauthenticated, thousands of idle TLS and raw TCP connections, slowloris, ``noo
 digits>``, ``scan x{99999999999}``, ``notify:ttln:18446744073709551616``, and a seeded random
 line fuzzer. Goal: p99 under attack <= 50 ms on loopback, 0 failures.
 
-    .venv/bin/python bench/attack_while_serving.py            # 20 s per phase
-    .venv/bin/python bench/attack_while_serving.py --quick    # 8 s per phase
-    .venv/bin/python bench/attack_while_serving.py --seed 7 --idle 3000
+    .venv/bin/python -m bench.attack_while_serving            # 20 s per phase
+    .venv/bin/python -m bench.attack_while_serving --quick    # 8 s per phase
+    .venv/bin/python -m bench.attack_while_serving --seed 7 --idle 3000
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
 
 ATTACK_SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 OPS = ("directory", "atserver lookup", "notify")
@@ -281,11 +279,10 @@ def main() -> int:
     if args.quick:
         args.duration = 8.0
 
-    from plane_harness import Plane
-
     from noports import crypto
     from noports.keys.ca import client_context
     from noports.keys.onboarding import activate
+    from tests.harness.plane import Plane
 
     with tempfile.TemporaryDirectory(prefix="np-attack-") as tmp:
         plane = Plane(Path(tmp))

@@ -13,8 +13,8 @@ Side by side, interleaved round by round:
   30 s), emulated by patching the daemon's constant in its process;
 * ``current``: the shipped defaults (heartbeat 15 s, back-off capped at 4 s, jitter 0.5-1).
 
-    .venv/bin/python bench/daemon_reconnect.py               # 3 rounds, 30 s outages
-    .venv/bin/python bench/daemon_reconnect.py --quick       # 1 round, 10 s outages
+    .venv/bin/python -m bench.daemon_reconnect               # 3 rounds, 30 s outages
+    .venv/bin/python -m bench.daemon_reconnect --quick       # 1 round, 10 s outages
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-
-from plane_harness import Plane, Proc, spawn  # noqa: E402
-
-from noports import crypto  # noqa: E402
-from noports.atclient.aio import AtClient  # noqa: E402
-from noports.keys.ca import client_context  # noqa: E402
-from noports.keys.onboarding import activate  # noqa: E402
+from noports import crypto
+from noports.atclient.aio import AtClient
+from noports.keys.ca import client_context
+from noports.keys.onboarding import activate
+from tests.harness.plane import Plane, Proc, spawn
 
 PATCH = {"baseline": "import noports.daemon.service as s; s.RECONNECT_BACKOFF_MAX_S = 30.0; ",
          "current": ""}

@@ -22,9 +22,9 @@ of the path (one ip+socat exec per host, a local pipe) is of the same kind as ss
 ProxyCommand, minus the rendezvous. Both cases use the same sshds, keys, playbook and
 ansible.cfg.
 
-    sudo .venv/bin/python bench/fleet.py                 # N = 10 and 50, forks 20
-    sudo .venv/bin/python bench/fleet.py --n 100 --small 20 --forks 40
-    sudo .venv/bin/python bench/fleet.py --n 20 --small 5 --runs 2
+    sudo .venv/bin/python -m bench.fleet                 # N = 10 and 50, forks 20
+    sudo .venv/bin/python -m bench.fleet --n 100 --small 20 --forks 40
+    sudo .venv/bin/python -m bench.fleet --n 20 --small 5 --runs 2
 
 Bounded: every subprocess has a timeout and the whole run a budget (``--budget``, 570 s):
 a size that would start after the budget is skipped and said so. Cleans up everything
@@ -47,11 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from fleet_harness import (  # noqa: E402
+from tests.harness.fleet import (
     AnsibleRun,
     Fleet,
     client_processes,

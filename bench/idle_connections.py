@@ -6,10 +6,10 @@ by default) it opens N idle TLS connections (handshake done, nothing sent), then
 connections (never start TLS), and prints VmRSS of the server process before, while they are
 open and 3 s after they are closed, with the cost per connection in KiB.
 
-    .venv/bin/python bench/idle_connections.py                      # atdirectory only
-    .venv/bin/python bench/idle_connections.py --start-atserver     # + an atserver of its own
-    .venv/bin/python bench/idle_connections.py --atserver 127.0.0.1:PORT --ca ca.pem
-    .venv/bin/python bench/idle_connections.py --counts 1000 --src /tmp/old/src   # baseline
+    .venv/bin/python -m bench.idle_connections                      # atdirectory only
+    .venv/bin/python -m bench.idle_connections --start-atserver     # + an atserver of its own
+    .venv/bin/python -m bench.idle_connections --atserver 127.0.0.1:PORT --ca ca.pem
+    .venv/bin/python -m bench.idle_connections --counts 1000 --src /tmp/old/src   # baseline
 
 The directory runs with limits and deadlines raised far above N so that it keeps every
 connection (the point is the cost of a held connection, not the limits). ``--src DIR`` runs
@@ -30,14 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from noports.keys.ca import client_context
+from noports.netlimits import make_idle_tls_cheap
+from tests.harness.plane import Directory, Plane, Proc, spawn, tool
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from plane_harness import Directory, Plane, Proc, spawn, tool  # noqa: E402
-
-from noports.keys.ca import client_context  # noqa: E402
-from noports.netlimits import make_idle_tls_cheap  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:

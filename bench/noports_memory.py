@@ -12,9 +12,9 @@ Not a test; prints a table. Real programs (tests/integration/noports_harness.py)
   and authenticated with signed auth lines, no traffic: an idle SSH session through the
   relay). Next to it, the in-process Rendezvous figure from bench/relay_throughput.py.
 
-    .venv/bin/python bench/noports_memory.py            # N = 500
-    .venv/bin/python bench/noports_memory.py --quick    # N = 150
-    .venv/bin/python bench/noports_memory.py --netns    # namespaced topology (root)
+    .venv/bin/python -m bench.noports_memory            # N = 500
+    .venv/bin/python -m bench.noports_memory --quick    # N = 150
+    .venv/bin/python -m bench.noports_memory --netns    # namespaced topology (root)
 
 Target: <= 8 KiB per idle srvd session.
 """
@@ -31,12 +31,7 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from noports_harness import (  # noqa: E402
+from tests.harness.world import (
     CLIENT,
     RELAY,
     World,
@@ -175,7 +170,7 @@ def main() -> None:
         pair_kib, pair_delta, pair_s = srvd_per_session(w, n, pair=True)
         topo = "netns" if w.namespaced else "loopback"
 
-    import relay_throughput as rt
+    from bench import relay_throughput as rt
     tm, rss = rt.idle_session_memory(1000)
 
     print(f"NoPorts runtime memory, {topo}, Python {sys.version.split()[0]}")

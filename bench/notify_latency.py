@@ -10,29 +10,25 @@ Side by side it measures the floor: a `noop:0` request/reply round trip on one T
 (the cheapest thing a client can ask an atServer), and the same notify path when both atSigns
 live in ONE atserver process (no server-to-server hop).
 
-    .venv/bin/python bench/notify_latency.py            # 300 latency samples, 2000 for rate
-    .venv/bin/python bench/notify_latency.py --quick    # smaller, ~10 s
+    .venv/bin/python -m bench.notify_latency            # 300 latency samples, 2000 for rate
+    .venv/bin/python -m bench.notify_latency --quick    # smaller, ~10 s
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-
-from plane_harness import Plane  # noqa: E402
-
-from noports import crypto  # noqa: E402
-from noports.atclient import AtConnection, find_secondary  # noqa: E402
-from noports.keys.ca import client_context  # noqa: E402
-from noports.keys.onboarding import activate  # noqa: E402
+from noports import crypto
+from noports.atclient import AtConnection, find_secondary
+from noports.keys.ca import client_context
+from noports.keys.onboarding import activate
+from tests.harness.plane import Plane
 
 
 def pct(values: list[float], p: float) -> float:

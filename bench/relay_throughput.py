@@ -7,8 +7,8 @@ Compares, in one run and with the same sender/receiver processes:
   * our :class:`noports.relay.Rendezvous` in each splice mode (own process, own loop),
 and reports relay memory per idle session (tracemalloc and RSS, 1000 sessions).
 
-    .venv/bin/python bench/relay_throughput.py            # 1 GiB x 3 runs, median
-    .venv/bin/python bench/relay_throughput.py --quick    # 256 MiB x 1 run
+    .venv/bin/python -m bench.relay_throughput            # 1 GiB x 3 runs, median
+    .venv/bin/python -m bench.relay_throughput --quick    # 256 MiB x 1 run
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from noports.relay import RelayConfig, Rendezvous  # noqa: E402
-from noports.relay.splice import HAS_OS_SPLICE  # noqa: E402
+from noports.relay import RelayConfig, Rendezvous
+from noports.relay.splice import HAS_OS_SPLICE
+from tests.harness.plane import free_port
 
 HOST = "127.0.0.1"
 CHUNK = 1 << 20
@@ -97,14 +95,8 @@ def run_direct(nbytes: int) -> float:
     return _gbps(total, secs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def run_socat(nbytes: int) -> float:
-    pa, pb = _free_port(), _free_port()
+    pa, pb = free_port(), free_port()
     proc = subprocess.Popen(["socat", "-b", "65536", f"TCP4-LISTEN:{pa},bind={HOST},reuseaddr",
                              f"TCP4-LISTEN:{pb},bind={HOST},reuseaddr"])
     try:

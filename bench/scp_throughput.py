@@ -18,9 +18,9 @@ interleaved over the runs; medians are reported.
 Then the relay's own data plane, by calling bench/relay_throughput.py (not duplicated):
 direct TCP, ``socat -b 65536`` and the Rendezvous srvd runs, in srvd's default splice mode.
 
-    .venv/bin/python bench/scp_throughput.py            # 256 MiB, 3 runs
-    .venv/bin/python bench/scp_throughput.py --quick    # 256 MiB, 1 run, fewer cases
-    .venv/bin/python bench/scp_throughput.py --netns    # namespaced topology (root)
+    .venv/bin/python -m bench.scp_throughput            # 256 MiB, 3 runs
+    .venv/bin/python -m bench.scp_throughput --quick    # 256 MiB, 1 run, fewer cases
+    .venv/bin/python -m bench.scp_throughput --netns    # namespaced topology (root)
 
 Target: tunnel >= 0.5x direct scp.
 """
@@ -33,16 +33,10 @@ import os
 import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from noports_harness import World, noports_world, run_timed  # noqa: E402
+from tests.harness.world import World, noports_world, run_timed
 
 MIB = 1 << 20
 
@@ -164,7 +158,7 @@ def main() -> None:
               f"{'met' if worst >= 0.5 else 'NOT met'}")
 
     if not args.no_relay:
-        import relay_throughput as rt  # bench/relay_throughput.py
+        from bench import relay_throughput as rt
         from noports.relay.splice import DEFAULT_MODE
         mp.set_start_method("fork", force=True)
         rmib = 256 if args.quick else 1024

@@ -8,9 +8,9 @@ per tunnel mode, exec mode and ProxyCommand mode (``ssh -o ProxyCommand='sshnp -
 next to plain ``ssh`` to the same sshd (from inside the device namespace, or on loopback):
 p50/p90 over N runs, interleaved so machine noise hits every case alike.
 
-    .venv/bin/python bench/sshnp_setup.py            # 30 runs per case, loopback
-    .venv/bin/python bench/sshnp_setup.py --quick    # 8 runs per case
-    .venv/bin/python bench/sshnp_setup.py --netns    # namespaced topology (root)
+    .venv/bin/python -m bench.sshnp_setup            # 30 runs per case, loopback
+    .venv/bin/python -m bench.sshnp_setup --quick    # 8 runs per case
+    .venv/bin/python -m bench.sshnp_setup --netns    # namespaced topology (root)
 
 Target: sshnp p50 <= 0.5 s on loopback (official NoPorts: 3-4 s, reference §3.2).
 """
@@ -23,11 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from noports_harness import noports_world, percentile, run_timed  # noqa: E402
+from tests.harness.world import noports_world, percentile, run_timed
 
 OFFICIAL_S = (3.0, 4.0)
 

@@ -7,8 +7,8 @@ prompt strip (``strip_prompt``) on each line. Framer: ``ReplyFramer.feed`` on th
 in the same chunk size. Two streams: many small replies (``data:<n>\\n@alice@``) and one long
 reply (a large value) arriving in 64 KiB chunks, the size a TLS read returns.
 
-    .venv/bin/python bench/wire_framer.py            # 100,000 small replies, a 16 MiB reply
-    .venv/bin/python bench/wire_framer.py --quick    # 10,000 small, 4 MiB
+    .venv/bin/python -m bench.wire_framer            # 100,000 small replies, a 16 MiB reply
+    .venv/bin/python -m bench.wire_framer --quick    # 10,000 small, 4 MiB
 """
 
 from __future__ import annotations

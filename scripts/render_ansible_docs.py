@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("noports_runtime", "sshnpd_config", "noports_service", "atsign_keys")
+MODULES = ("noports_runtime", "sshnpd_config", "noports_service", "atsign_keys",
+           "atsign_enrollment")
 ROLES = ("control_plane", "srvd", "sshnpd")
 FQCN = "noports.sshnp"
 

@@ -19,6 +19,14 @@ description:
     C(noports atsign activate) of the installed runtime with the secret on stdin. The secret
     comes from C(noports atsign create --cram-secret-out) on the plane host (see the
     P(noports.sshnp.control_plane#role) role); only that secret and public keys cross hosts.
+  - O(method=enroll) generates the device's own key B(on the host) and enrolls it with a
+    one-time code (O(otp), from M(noports.sshnp.atsign_enrollment) with C(action=otp) or
+    C(noports enroll otp)) by running C(noports enroll request) with the code on stdin. No
+    secret of the atSign ever reaches the host; an operator approves the request
+    (M(noports.sshnp.atsign_enrollment) C(action=approve)), which sends the atSign's encryption
+    keys encrypted for this device only. Until then the task reports RV(action=pending) and keeps
+    the pending state (0600) next to the keys; re-running it (O(otp) no longer needed) finishes.
+    Each device can then be revoked on its own.
   - O(method=install) writes an existing C(.atKeys) file whose content you hold (for instance
     in Ansible Vault). Use it for atSigns activated elsewhere; the file's keys then exist in two
     places, which activation avoids.
@@ -54,8 +62,9 @@ options:
     description:
       - V(activate) generates keys on the host and activates the atSign with O(cram_secret).
       - V(install) writes O(atkeys_content).
+      - V(enroll) generates the device's own key on the host and enrolls it with O(otp).
     type: str
-    choices: [activate, install]
+    choices: [activate, install, enroll]
     default: activate
   keys_dir:
     description:
@@ -77,8 +86,23 @@ options:
       - One-time CRAM secret for O(method=activate). Needed only when the host has no valid keys
         yet (or O(force=true)).
     type: str
+  otp:
+    description:
+      - One-time enrollment code for O(method=enroll) (valid at most 1 h, once). Needed only
+        to start an enrollment; not to finish a pending one.
+    type: str
+  device_name:
+    description: Name of this device's enrollment for O(method=enroll) (shown to approvers).
+    type: str
+  wait:
+    description:
+      - Seconds O(method=enroll) waits for an operator's approval before reporting
+        RV(action=pending).
+    type: float
+    default: 0
   root_domain:
-    description: The plane's atDirectory as C(host:port), for O(method=activate).
+    description: The plane's atDirectory as C(host:port), for O(method=activate) and
+      O(method=enroll).
     type: str
   ca_file:
     description:
@@ -135,6 +159,16 @@ EXAMPLES = r"""
     ca_file: /etc/noports/ca.pem
     owner: pi
 
+- name: Enroll the device's own key with a one-time code (no CRAM secret on the device)
+  noports.sshnp.atsign_keys:
+    atsign: "@fleet"
+    method: enroll
+    otp: "{{ otp.otp }}"
+    device_name: "{{ inventory_hostname_short }}"
+    root_domain: plane.example.com:6464
+    ca_file: /etc/noports/ca.pem
+    owner: pi
+
 - name: Install keys kept in Ansible Vault
   noports.sshnp.atsign_keys:
     atsign: "@relay"
@@ -160,7 +194,11 @@ action:
   returned: always
   type: str
   sample: activated
-  choices: [none, activated, installed, attributes]
+  choices: [none, activated, installed, enrolled, pending, attributes]
+enrollment_id:
+  description: The device's enrollment id (O(method=enroll)).
+  returned: when O(method=enroll) ran
+  type: str
 valid_before:
   description: Whether a valid keys file for the atSign was there before the task.
   returned: always
@@ -301,6 +339,39 @@ def activate(module, p, atsign, keys_dir, path, exists):
         module.fail_json(msg=f"activation reported success but {path} was not written")
 
 
+def enroll(module, p, atsign, keys_dir, path):
+    """`noports enroll request` on the host; returns (action, enrollment id)."""
+    noports = os.path.join(p["runtime_prefix"], "bin", "noports")
+    if not os.access(noports, os.X_OK):
+        module.fail_json(msg=f"{noports} not found: install the runtime first "
+                             "(noports.sshnp.noports_runtime)")
+    state = os.path.join(keys_dir, atsign + ".enrollment.json")
+    argv = [noports, "-q", "enroll", "request", atsign, "--root", p["root_domain"],
+            "--device", p["device_name"], "--keys-dir", keys_dir, "--state-file", state,
+            "--wait", str(p["wait"]), "--timeout", str(p["timeout"]), "--json"]
+    if p["ca_file"]:
+        argv += ["--ca", p["ca_file"]]
+    data = None
+    if not os.path.exists(state):
+        if not p["otp"]:
+            module.fail_json(msg=f"{atsign} has no valid keys at {path} and no pending "
+                                 "enrollment; method=enroll needs otp")
+        argv += ["--otp-file", "-"]
+        data = p["otp"]
+    rc, out, err = module.run_command(argv, data=data, binary_data=False)
+    if rc != 0:
+        msg = (err or out).strip() or f"exit code {rc}"
+        module.fail_json(msg=f"enrolling {atsign} failed: {msg}", rc=rc)
+    try:
+        reply = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        module.fail_json(msg=f"unexpected output of noports enroll request: {out[:200]!r}")
+    if os.path.exists(state):
+        files.fix_attributes(module, state, 0o600, p["owner"], p["group"])
+    return ("enrolled" if reply.get("status") == "approved" else "pending",
+            reply.get("enrollmentId"))
+
+
 def install(module, p, checker, atsign, keys_dir, path, text, mode):
     # check the new content before it replaces anything (full check needs the runtime)
     fd, tmp = tempfile.mkstemp(prefix=".check.", suffix=".atKeys", dir=keys_dir)
@@ -357,6 +428,13 @@ def run(module):
         if valid and not same and not p["force"]:
             module.warn(f"{path} holds other valid keys for {atsign}; kept (use force=true to replace)")
         action = "installed" if want_write else "none"
+    elif p["method"] == "enroll":
+        want_write = not valid or p["force"]
+        if want_write:
+            missing = [k for k in ("device_name", "root_domain") if not p[k]]
+            if missing:
+                module.fail_json(msg="method=enroll needs {}".format(" and ".join(missing)))
+        action = "enrolled" if want_write else "none"
     else:
         want_write = not valid or p["force"]
         if want_write:
@@ -385,6 +463,11 @@ def run(module):
             if action == "activated":
                 activate(module, p, atsign, keys_dir, path, exists)
                 files.fix_attributes(module, path, mode, p["owner"], p["group"])
+            elif action == "enrolled":
+                result["action"], result["enrollment_id"] = enroll(module, p, atsign,
+                                                                   keys_dir, path)
+                if result["action"] == "enrolled":
+                    files.fix_attributes(module, path, mode, p["owner"], p["group"])
             else:
                 install(module, p, checker, atsign, keys_dir, path, new_text, mode)
     elif files.attributes_differ(path, mode, p["owner"], p["group"], module):
@@ -398,7 +481,11 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             atsign=dict(type="str", required=True),
-            method=dict(type="str", default="activate", choices=["activate", "install"]),
+            method=dict(type="str", default="activate",
+                        choices=["activate", "install", "enroll"]),
+            otp=dict(type="str", no_log=True),
+            device_name=dict(type="str"),
+            wait=dict(type="float", default=0.0),
             keys_dir=dict(type="path"),
             owner=dict(type="str"),
             group=dict(type="str"),

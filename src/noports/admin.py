@@ -9,6 +9,9 @@
     noports atsign import FILE.atKeys --dir D [--atsign @x] [--keys-dir DIR] [--force]
     noports atsign list   --dir D
     noports atsign remove @alice --dir D
+    noports enroll otp @fleet --root HOST:PORT --ca ca.pem [--keys F] [--ttl S]   (operator)
+    noports enroll request @fleet --root HOST:PORT --ca ca.pem --otp-file - --device NAME
+    noports enroll list|approve|deny|revoke @fleet [ID] --root HOST:PORT --ca ca.pem
 
 Why one tool: creating an atSign touches three things that must agree (the atserver's hosted
 table, the directory entry, the keys file); doing it in one command with roll-back keeps them
@@ -38,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from noports.cliargs import arg_type, pid_alive, port_type
+from noports.keys import enroll_cli
 from noports.keys.atkeys import (
     AtKeys,
     AtKeysError,
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "atServer) and its atSigns.",
         epilog="Clients trust the plane's CA with: export SSL_CERT_FILE=<D>/tls/ca.pem")
     _add_common(parser, False)
-    top = parser.add_subparsers(dest="group", metavar="{plane,atsign}")
+    top = parser.add_subparsers(dest="group", metavar="{plane,atsign,enroll}")
     top.required = True
 
     plane = top.add_parser("plane", help="create, run and inspect a plane",
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and directory entry.")
     _add_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    enroll_cli.add_parser(top, _add_common)
 
     p = asub.add_parser("remove", help="stop hosting an atSign",
                         description="Stop hosting an atSign: remove it (and its data) from the "
@@ -803,6 +809,9 @@ COMMANDS = {
 }
 
 
+COMMANDS.update(enroll_cli.COMMANDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `noports`; returns the exit code (2 for every expected failure)."""
     args = build_parser().parse_args(argv)
@@ -810,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="noports: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[(args.group, args.command)](args)
-    except (AdminError, PlaneError, AtKeysError) as exc:
+    except (AdminError, PlaneError, AtKeysError, enroll_cli.EnrollmentError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

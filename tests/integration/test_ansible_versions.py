@@ -31,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from ansible_harness import close_masters, snapshot_collection
 from test_inventory_live import CLIENT, DEV_A, RELAY, SSHD, Live
+
+from tests.harness.ansible import close_masters, snapshot_collection
 
 pytestmark = [
     pytest.mark.integration,

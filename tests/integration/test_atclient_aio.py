@@ -23,14 +23,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from plane_harness import Plane
 
-from noports import crypto
 from noports.atclient import aio
 from noports.atclient.aio import AtClient
 from noports.keys.atkeys import AtKeys
-from noports.keys.ca import client_context
-from noports.keys.onboarding import activate
+from tests.harness.plane import Plane
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,9 +109,8 @@ class Env:
         self.plane = plane
         self.home = home
         self.keys = keys
-        assert plane.directory is not None
-        self.root = (plane.directory.host, plane.directory.port)
-        self.ctx = client_context(plane.tls.ca_cert)
+        self.root = plane.root_tuple
+        self.ctx = plane.ssl_context()
 
     async def client(self, atsign: str) -> AtClient:
         return await AtClient.connect(atsign, self.keys[atsign], self.root, self.ctx)
@@ -131,22 +127,9 @@ class Env:
 
 
 def _make_env(base: Path, servers: dict[str, list[str]]) -> Env:
-    plane = Plane(base / "plane")
-    plane.start_directory()
-    secrets: dict[str, str] = {}
-    for name, atsigns in servers.items():
-        mine = {a: crypto.generate_cram_secret() for a in atsigns}
-        secrets.update(mine)
-        plane.start_atserver(name, mine)
     home = base / "home"
-    keys_dir = home / ".atsign" / "keys"
-    keys_dir.mkdir(parents=True)
-    assert plane.directory is not None
-    root = (plane.directory.host, plane.directory.port)
-    ctx = client_context(plane.tls.ca_cert)
-    keys = {a: activate(a, s, root, ctx, keys_path=keys_dir / f"{a}_key.atKeys")
-            for a, s in secrets.items()}
-    return Env(plane, home, keys)
+    plane = Plane(base / "plane", keys_dir=home / ".atsign" / "keys")
+    return Env(plane, home, plane.populate(servers))
 
 
 @pytest.fixture(scope="module")

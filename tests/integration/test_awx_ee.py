@@ -41,8 +41,9 @@ import jinja2.sandbox
 import pytest
 import tomllib
 import yaml
-from ansible_harness import REPO, ansible_tool, close_masters
 from test_inventory_live import CLIENT, DEV_A, RELAY, Live
+
+from tests.harness.ansible import REPO, ansible_tool, close_masters
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

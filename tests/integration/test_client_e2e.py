@@ -1,6 +1,6 @@
 """sshnp end to end on loopback: real plane, real srvd, real sshnpd, REAL OpenSSH sshd/ssh.
 
-Every component is the real program (subprocesses): atdirectory + atserver (plane_harness),
+Every component is the real program (subprocesses): atdirectory + atserver (tests.harness.plane),
 ``srvd``, ``sshnpd``, ``/usr/sbin/sshd`` on a high loopback port with a throw-away config,
 and ``sshnp`` itself run as ``python -m noports.client.cli``. Covered: exec mode in both
 tunnel modes, ``-x`` (background tunnel + the printed command), ``--stdio`` as the
@@ -13,18 +13,15 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from plane_harness import Plane, Proc, spawn
 
-from noports import crypto
-from noports.keys.ca import client_context
-from noports.keys.onboarding import activate
+from tests.harness.plane import Plane, Proc, spawn
+from tests.harness.sshd import loopback_sshd
 
 pytestmark = [
     pytest.mark.integration,
@@ -35,13 +32,6 @@ pytestmark = [
 CLIENT, DEVICE, RELAY, RELAY2 = "@client_e2e", "@device_e2e", "@relay_e2e", "@relay2_e2e"
 DEV = "box1"
 PY = sys.executable
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:
@@ -53,15 +43,8 @@ class Env:
         self.keys = self.home / ".atsign" / "keys"
         self.keys.mkdir(parents=True)
         self.procs: list[Proc] = []
-        self.plane = Plane(base / "plane")
-        self.plane.start_directory()
-        secrets = {a: crypto.generate_cram_secret() for a in (CLIENT, DEVICE, RELAY, RELAY2)}
-        self.plane.start_atserver("s1", secrets)
-        ctx = client_context(self.plane.tls.ca_cert)
-        assert self.plane.directory is not None
-        root = (self.plane.directory.host, self.plane.directory.port)
-        for atsign, secret in secrets.items():
-            activate(atsign, secret, root, ctx, keys_path=self.keyfile(atsign))
+        self.plane = Plane(base / "plane", keys_dir=self.keys)
+        self.plane.populate({"s1": [CLIENT, DEVICE, RELAY, RELAY2]})
         self.root = self.plane.root
         self.ca = str(self.plane.tls.ca_cert)
         self.user = os.environ.get("USER") or subprocess.run(
@@ -71,36 +54,16 @@ class Env:
         self.daemon = self._start_sshnpd()
 
     def keyfile(self, atsign: str) -> Path:
-        return self.keys / f"{atsign}_key.atKeys"
+        return self.plane.keys_file(atsign)
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def _start_sshd(self) -> None:
-        d = self.base / "sshd"
-        d.mkdir()
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                        str(d / "host_ed25519_key")], check=True)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                        str(self.home / "id_ed25519")], check=True)
-        self.identity = self.home / "id_ed25519"
-        self.authorized = d / "authorized_keys"
-        self.authorized.write_text((self.home / "id_ed25519.pub").read_text())
-        self.authorized.chmod(0o600)
-        self.sshd_port = _free_port()
-        cfg = d / "sshd_config"
-        cfg.write_text(
-            f"Port {self.sshd_port}\nListenAddress 127.0.0.1\n"
-            f"HostKey {d / 'host_ed25519_key'}\nAuthorizedKeysFile {self.authorized}\n"
-            f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\n"
-            "LogLevel VERBOSE\n")
-        self.host_pub = d / "host_ed25519_key.pub"
-        p = spawn([SSHD, "-D", "-e", "-f", str(cfg)])
-        self.procs.append(p)
-        p.wait_for(r"Server listening on 127\.0\.0\.1 port", timeout=10)
-        self.sshd = p
+        sshd = loopback_sshd(self.base, self.home)
+        self.sshd, self.sshd_port, self.identity = sshd.proc, sshd.port, sshd.identity
+        self.authorized, self.host_pub = sshd.authorized_keys, sshd.host_pub
+        self.procs.append(self.sshd)
 
     def _start_srvd(self, atsign: str) -> Proc:
         p = spawn([PY, "-m", "noports.relay.srvd_cli", "-a", atsign, "-k",

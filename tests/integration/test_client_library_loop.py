@@ -15,7 +15,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from noports_harness import World, noports_world, run_inprocess
+
+from tests.harness.world import World, noports_world, run_inprocess
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_daemon_sshnpd import SSHD, Env, _free_port
+from test_daemon_sshnpd import SSHD, Env
 
 from noports.keys.ca import ensure_plane_tls
+from tests.harness.plane import free_port as _free_port
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,10 @@ import socket
 import time
 
 import pytest
-from noports_harness import CLIENT, _client, device_atsign, device_name, noports_world
-from plane_harness import AtServer
-from topology import is_root, tool
+
+from tests.harness.plane import AtServer, tool
+from tests.harness.topology import is_root
+from tests.harness.world import CLIENT, _client, device_atsign, device_name, noports_world
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -23,14 +22,11 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from plane_harness import Plane, Proc, spawn
 
 from noports import crypto
 from noports.atclient.aio import AtClient
 from noports.daemon.authorized_keys import AuthorizedKeys
 from noports.keys.atkeys import AtKeys
-from noports.keys.ca import client_context
-from noports.keys.onboarding import activate
 from noports.npproto import (
     CIPHER_AES_CTR,
     CIPHER_CHACHA20_POLY1305,
@@ -42,57 +38,31 @@ from noports.npproto import (
     verify_relay_auth,
 )
 from noports.npproto.streamcipher import decode_session_secrets, new_session_cipher
+from tests.harness.plane import Plane, Proc, free_port, spawn
+from tests.harness.sshd import SSHD, start_sshd
 
 pytestmark = pytest.mark.integration
-SSHD = "/usr/sbin/sshd"
 DEV = "pi"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Env:
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.plane = Plane(base / "plane")
-        self.plane.start_directory()
-        secrets = {a: crypto.generate_cram_secret()
-                   for a in ("@device", "@client", "@eve", "@relay")}
-        self.server = self.plane.start_atserver("srv", secrets)
-        self.ctx = client_context(self.plane.tls.ca_cert)
-        self.root = (self.plane.directory.host, self.plane.directory.port)
-        self.keys_dir = base / "keys"
-        self.keys: dict[str, AtKeys] = {
-            a: activate(a, s, self.root, self.ctx, keys_path=self.keys_dir / f"{a}_key.atKeys")
-            for a, s in secrets.items()}
+        self.plane = Plane(base / "plane", keys_dir=base / "keys")
+        self.keys: dict[str, AtKeys] = self.plane.populate(
+            {"srv": ["@device", "@client", "@eve", "@relay"]})
+        self.server = self.plane.servers[0]
+        self.ctx = self.plane.ssl_context()
+        self.root = self.plane.root_tuple
+        self.keys_dir = self.plane.keys_dir
         self.sshd_dir = base / "sshd"
-        self.sshd_dir.mkdir()
         self.ak_path = base / "home" / ".ssh" / "authorized_keys"
-        self.sshd_port = _free_port()
-        self.sshd = self._start_sshd()
+        self.sshd_port = free_port()
+        self.sshd, _key = start_sshd(self.sshd_dir, port=self.sshd_port,
+                                     authorized_keys=self.ak_path)
         self.host_key = (self.sshd_dir / "ssh_host_ed25519_key.pub").read_text().split()[:2]
         self.user = __import__("pwd").getpwuid(os.geteuid()).pw_name
         self.daemons: list[Proc] = []
-
-    def _start_sshd(self) -> Proc:
-        key = self.sshd_dir / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                       check=True, timeout=30)
-        cfg = self.sshd_dir / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {self.sshd_port}", "ListenAddress 127.0.0.1", f"HostKey {key}",
-            f"PidFile {self.sshd_dir / 'sshd.pid'}", f"AuthorizedKeysFile {self.ak_path}",
-            "StrictModes no", "UsePAM no", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-            "AllowTcpForwarding yes", "PermitRootLogin prohibit-password", "LogLevel VERBOSE",
-            ""]))
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
-        proc = spawn([SSHD, "-D", "-e", "-f", str(cfg)])
-        proc.wait_for(r"Server listening on 127\.0\.0\.1 port")
-        return proc
 
     def start_daemon(self, *extra: str, device: str = DEV) -> Proc:
         proc = spawn([sys.executable, "-m", "noports.daemon.cli", "-a", "@device",

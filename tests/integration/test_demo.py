@@ -1,4 +1,4 @@
-"""`make demo` (``python -m noports.demo``) as a user runs it: a subprocess, end to end.
+"""`make demo` (``python -m demo.run``) as a user runs it: a subprocess, end to end.
 
 * A full run: every device reached over ``ansible_connection: sshnp``, failed=0, one
   rendezvous per device, the proof lines (as root: every TCP connect from the controller to a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,25 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from topology import PREFIX, SSHD, STATE_DIR, want_namespaces
+
+from tests.harness.ansible import skip_reason
+from tests.harness.topology import PREFIX, STATE_DIR, want_namespaces
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 N_DEVICES = 3
-
-
-def _skip_reason() -> str | None:
-    for tool in ("ssh", "ssh-keygen", "ss"):
-        if not shutil.which(tool):
-            return f"{tool} is not installed"
-    if not Path(SSHD).exists():
-        return "OpenSSH sshd is not installed"
-    if not (Path(sys.executable).parent / "ansible-playbook").exists():
-        return "ansible-playbook is not installed in this environment"
-    if want_namespaces() and not shutil.which("nft"):
-        return "nft is not installed"
-    return None
 
 
 @dataclass
@@ -99,12 +87,12 @@ class DemoRun:
         return self.wait_for(r"^demo: work dir (\S+)", 30).group(1)
 
     def run_id(self) -> str:
-        return self.wait_for(r"^demo: run id ([0-9a-f]{6})", 60).group(1)
+        return self.wait_for(r"^demo: run id ([0-9a-f]{6})", 120).group(1)
 
 
 def start_demo(n_devices: int = N_DEVICES) -> DemoRun:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "noports.demo", "-n", str(n_devices)],
+    p = subprocess.Popen([sys.executable, "-m", "demo.run", "-n", str(n_devices)],
                          cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     return DemoRun(p).start()
@@ -147,16 +135,16 @@ def assert_nothing_left(work_dir: str, run_id: str | None, demo: DemoRun) -> Non
 
 @pytest.fixture(autouse=True)
 def _requirements() -> None:
-    reason = _skip_reason()
+    reason = skip_reason()  # what the demo itself needs (it says the same in its preflight)
     if reason:
         pytest.skip(reason)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_demo_end_to_end_summary_proof_and_clean_up():
     demo = start_demo()
     work_dir, run_id = demo.work_dir(), demo.run_id()
-    rc = demo.finish(200)
+    rc = demo.finish(540)
     print(demo.text())
     assert rc == 0, demo.text()
 
@@ -197,7 +185,8 @@ def test_demo_end_to_end_summary_proof_and_clean_up():
     assert_nothing_left(work_dir, run_id, demo)
 
 
-@pytest.mark.timeout(150)
+# timeouts only detect hangs: on a loaded 2-CPU machine the roles take minutes, not seconds
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize(("sig", "when", "whole_group"), [
     # Ctrl-C in a terminal signals the whole foreground process group
     pytest.param(signal.SIGINT, r"^      role noports\.sshnp\.srvd", True, id="ctrl-c-deploying"),
@@ -208,7 +197,7 @@ def test_demo_interrupted_in_the_middle_cleans_up(sig: int, when: str, whole_gro
     demo = start_demo(n_devices=2)
     work_dir = demo.work_dir()
     run_id = demo.run_id()
-    demo.wait_for(when, 110)
+    demo.wait_for(when, 300)
     if whole_group:
         os.killpg(demo.popen.pid, sig)
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from noports.keys.ca import client_context
+from tests.harness.plane import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -503,12 +504,6 @@ def test_serve_errors_are_one_line_exit_2(tmp_path: Path, sqlite_directory: Dire
 
 
 # --------------------------------------------------------------------------- (b) Redis
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Fleet scale-out, end to end (ARCHITECTURE.md "Control plane: embedded default and
 scale-out"; docs/scale.md).
 
-One fleet, every program the real one (tests/integration/fleet_harness.py):
+One fleet, every program the real one (tests/harness/fleet.py):
 
 * 6 port-less devices (own network namespace, sshd on their own 127.0.0.1:22, nftables drops
   inbound NEW), each with sshnpd and its own atSign;
@@ -28,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fleet_harness import (
+
+from tests.harness.fleet import (
     CLIENT,
     REDIS_CLI,
     REDIS_SERVER,
@@ -42,7 +43,7 @@ from fleet_harness import (
     run_playbook,
     sshnp_inventory,
 )
-from topology import SSHD, tcp_probe
+from tests.harness.topology import SSHD, tcp_probe
 
 N_DEVICES = 6
 N_SHARDS = 3

@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ansible_harness import E2E_DIR, ansible_tool, close_masters, snapshot_collection
-from plane_harness import spawn
-from test_client_e2e import CLIENT, DEV, DEVICE, RELAY, SSHD, Env
+from test_client_e2e import CLIENT, DEV, DEVICE, RELAY, Env
+
+from tests.harness.ansible import E2E_DIR, ansible_tool, close_masters, snapshot_collection
+from tests.harness.plane import spawn
+from tests.harness.sshd import SSHD
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(240),

@@ -3,7 +3,7 @@
 tests/unit/plugins/inventory/test_devices.py checks the plugin against a fake atServer; here
 every component is the real program (subprocesses), on loopback, as root or not:
 
-* the plane (plane_harness): one atdirectory, an atserver for the users (client, relay,
+* the plane (tests.harness.plane): one atdirectory, an atserver for the users (client, relay,
   ``@inv_nobody``) and a second atserver for the two device atSigns, so the device_info
   records reach the client's atServer as in production (server to server, autoNotify);
 * three ``sshnpd`` (``python -m noports.daemon.cli``) whose manager is the client atSign:
@@ -12,7 +12,7 @@ every component is the real program (subprocesses), on loopback, as root or not:
   sshd on a high loopback port; nothing listens on beta's sshd port;
 * ``srvd`` for the relay atSign;
 * the venv's REAL ``ansible-inventory`` and ``ansible`` CLIs, with the collection snapshot and
-  the ``ansible.cfg`` of test_ansible_e2e.py (ansible_harness.snapshot_collection,
+  the ``ansible.cfg`` of test_ansible_e2e.py (tests.harness.ansible.snapshot_collection,
   tests/ansible/e2e/ansible.cfg, the environment of ``AnsibleE2E.env``).
 
 Covered: ``ansible-inventory --list`` gives exactly the live devices with the documented
@@ -33,7 +33,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -43,14 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ansible_harness import E2E_DIR, ansible_tool, close_masters, snapshot_collection
-from plane_harness import Plane, Proc, spawn
 
-from noports import crypto
 from noports.atclient.connection import AtConnection, find_secondary
 from noports.keys.atkeys import generate_atkeys, load_atkeys, save_atkeys
-from noports.keys.ca import client_context, ensure_plane_tls
-from noports.keys.onboarding import activate
+from noports.keys.ca import ensure_plane_tls
+from tests.harness.ansible import ansible_env, ansible_tool, close_masters, snapshot_collection
+from tests.harness.plane import Plane, Proc, free_port, spawn
+from tests.harness.sshd import loopback_sshd
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -88,12 +86,6 @@ DEVICES = (
 ALL_HOSTS = {d.host for d in DEVICES}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Live:
     """Plane, srvd, sshd, three sshnpd, and the controller side of Ansible."""
 
@@ -108,7 +100,7 @@ class Live:
         self.procs: list[Proc] = []
         self.daemons: dict[str, Proc] = {}
         self.user = pwd.getpwuid(os.geteuid()).pw_name  # what sshnpd shares as username
-        self.plane = Plane(base / "plane")
+        self.plane = Plane(base / "plane", keys_dir=self.keys)
         try:
             self._start()
         except BaseException:
@@ -116,21 +108,14 @@ class Live:
             raise
 
     def _start(self) -> None:
-        self.plane.start_directory()
-        secrets = {a: crypto.generate_cram_secret()
-                   for a in (CLIENT, RELAY, NOBODY, DEV_A, DEV_B)}
-        self.plane.start_atserver("users", {a: secrets[a] for a in (CLIENT, RELAY, NOBODY)})
-        self.devices_server = self.plane.start_atserver(
-            "devices", {a: secrets[a] for a in (DEV_A, DEV_B)})
-        assert self.plane.directory is not None
-        self.root_tuple = (self.plane.directory.host, self.plane.directory.port)
-        self.ctx = client_context(self.plane.tls.ca_cert)
-        for atsign, secret in secrets.items():
-            activate(atsign, secret, self.root_tuple, self.ctx, keys_path=self.keyfile(atsign))
+        self.plane.populate({"users": [CLIENT, RELAY, NOBODY], "devices": [DEV_A, DEV_B]})
+        self.devices_server = self.plane.servers[1]
+        self.root_tuple = self.plane.root_tuple
+        self.ctx = self.plane.ssl_context()
         self.root = self.plane.root
         self.ca = str(self.plane.tls.ca_cert)
         self._start_sshd()
-        self.closed_port = _free_port()  # beta's "sshd": nothing listens there
+        self.closed_port = free_port()  # beta's "sshd": nothing listens there
         srvd = spawn([PY, "-m", "noports.relay.srvd_cli", "-a", RELAY, "-k",
                       str(self.keyfile(RELAY)), "--root-domain", self.root, "--ca-file",
                       self.ca, "-i", "127.0.0.1", "--bind", "127.0.0.1"], env=self.env())
@@ -175,29 +160,11 @@ class Live:
         return {**os.environ, "HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def _start_sshd(self) -> None:
-        """As test_client_e2e.py: a throw-away config, the current user, a high port."""
-        d = self.base / "sshd"
-        d.mkdir()
-        for key in (d / "host_ed25519_key", self.home / "id_ed25519"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-                           check=True, timeout=30)
-        self.identity = self.home / "id_ed25519"
-        self.authorized = d / "authorized_keys"
-        self.authorized.write_text((self.home / "id_ed25519.pub").read_text())
-        self.authorized.chmod(0o600)
-        self.host_pub = d / "host_ed25519_key.pub"
-        self.sshd_port = _free_port()
-        cfg = d / "sshd_config"
-        cfg.write_text(
-            f"Port {self.sshd_port}\nListenAddress 127.0.0.1\n"
-            f"HostKey {d / 'host_ed25519_key'}\nAuthorizedKeysFile {self.authorized}\n"
-            f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PermitRootLogin prohibit-password\nAllowTcpForwarding yes\n"
-            "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n")
-        p = spawn([SSHD, "-D", "-e", "-f", str(cfg)])
+        """A throw-away config, the current user, a high port (tests.harness.sshd)."""
+        sshd = loopback_sshd(self.base, self.home)
+        p, self.sshd_port, self.identity = sshd.proc, sshd.port, sshd.identity
+        self.authorized, self.host_pub = sshd.authorized_keys, sshd.host_pub
         self.procs.append(p)
-        p.wait_for(r"Server listening on 127\.0\.0\.1 port", timeout=10)
 
     def _spawn_sshnpd(self, spec: DeviceSpec) -> Proc:
         port = self.sshd_port if spec.sshd else self.closed_port
@@ -213,22 +180,10 @@ class Live:
         self.procs.append(p)
         return p
 
-    # -- Ansible (the environment of ansible_harness.AnsibleE2E.env) ------------------------
+    # -- Ansible (tests.harness.ansible.ansible_env, as AnsibleE2E.env) -----------------------
     def ansible_env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-        env.update({
-            "HOME": str(self.home),
-            "ANSIBLE_CONFIG": str(E2E_DIR / "ansible.cfg"),
-            "NOPORTS_COLLECTION_ROOT": str(self.collections),
-            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.cp_dir),
-            "ANSIBLE_LOCAL_TEMP": str(self.base / "ansible-local"),
-            "ANSIBLE_REMOTE_TEMP": str(self.base / "ansible-remote"),
-            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env["PATH"] = f"{Path(PY).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-        env.update(extra)
-        return env
+        return ansible_env(self.base, home=self.home, collections=self.collections,
+                           cp_dir=self.cp_dir, **extra)
 
     def inventory(self, name: str, **options: object) -> Path:
         """``<name>.sshnp.yml`` for the plugin (JSON is YAML), pointed at this plane."""

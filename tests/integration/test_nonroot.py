@@ -7,8 +7,9 @@ root-only directories. As root, this makes a throw-away user, clones HEAD into a
 that user owns, and runs, as that user with a clean environment:
 
 * ``make demo`` - bootstraps ``.venv`` with the system python3 and runs the demo on loopback;
-* ``make test`` restricted by ``PYTEST_ARGS`` to the unit tests and the tunnel end-to-end
-  tests. ``NOPORTS_NONROOT_FULL=1`` runs ``make test`` exactly as written instead, the whole
+* ``make test`` restricted by ``PYTEST_ARGS`` to the unit tests, the tunnel end-to-end
+  tests and the Ansible end-to-end test (roles over plain SSH, then a playbook over
+  ``ansible_connection: sshnp``, in the harness's loopback world with one device). ``NOPORTS_NONROOT_FULL=1`` runs ``make test`` exactly as written instead, the whole
   suite as the non-root user (by hand: it takes about as long as CI's own root run).
 
 It tests the committed HEAD, not uncommitted edits: that is what a fresh clone is.
@@ -31,7 +32,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000 if FULL else 150
 REPO = Path(__file__).resolve().parents[2]
 USER = "npnonroot"
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
-SUBSET = "tests/unit tests/integration/test_relay_pump.py tests/integration/test_client_e2e.py"
+SUBSET = ("tests/unit tests/integration/test_relay_pump.py tests/integration/test_client_e2e.py "
+          "tests/integration/test_ansible_e2e.py")
 
 
 def _needs() -> str | None:

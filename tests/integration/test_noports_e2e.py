@@ -34,7 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from noports_harness import (
+
+from tests.harness.topology import SSHD, capture, read_banner, tcp_probe
+from tests.harness.world import (
     EVE,
     Timed,
     World,
@@ -44,7 +46,6 @@ from noports_harness import (
     run_inprocess,
     run_timed,
 )
-from topology import SSHD, capture, read_banner, tcp_probe
 
 pytestmark = [
     pytest.mark.integration,

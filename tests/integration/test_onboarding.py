@@ -24,6 +24,7 @@ import pytest
 from noports.atclient import AtConnection
 from noports.keys.atkeys import load_atkeys
 from noports.keys.ca import client_context
+from tests.harness.plane import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +49,6 @@ print(json.dumps(out))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def noports(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([*NOPORTS, *args], capture_output=True, text=True, timeout=120)
     if check and res.returncode != 0:
@@ -66,7 +61,7 @@ def noports(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def plane(tmp_path_factory):
     base = tmp_path_factory.mktemp("onboarding")
     d = base / "plane"
-    port = _free_port()
+    port = free_port()
     init = noports("plane", "init", "--dir", str(d), "--directory-port", str(port))
     assert f"export SSL_CERT_FILE={d.resolve() / 'tls' / 'ca.pem'}" in init.stdout
     up = subprocess.Popen([*NOPORTS, "plane", "up", "--dir", str(d)], stdin=subprocess.DEVNULL,

@@ -17,17 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.plane import free_port
+
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 SECRET = "s3cret-R3dis-pw"
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,7 +31,7 @@ def redis_port(tmp_path: Path):
     if not os.path.exists(redis_server):
         pytest.skip("redis-server not installed (apt-get install redis-server)")
     redis = pytest.importorskip("redis")
-    port = _free_port()
+    port = free_port()
     (tmp_path / "redis").mkdir()
     proc = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", "--dir", str(tmp_path / "redis"),
@@ -74,7 +69,7 @@ def test_redis_password_stays_out_of_config_and_argv(tmp_path: Path, redis_port:
     plane = tmp_path / "plane"
     pwfile = tmp_path / "pw"
     pwfile.write_text(SECRET + "\n")
-    res = _noports("plane", "init", "--dir", str(plane), "--directory-port", str(_free_port()),
+    res = _noports("plane", "init", "--dir", str(plane), "--directory-port", str(free_port()),
                    "--store", f"redis://127.0.0.1:{redis_port}/0",
                    "--store-password-file", str(pwfile))
     assert res.returncode == 0, res.stderr

@@ -363,3 +363,59 @@ def test_idle_session_memory_is_small() -> None:
             assert per <= 8 * 1024
 
     run(main)
+
+
+def test_squatter_flood_beyond_the_budget_cannot_stop_pairing() -> None:
+    """Issue 9, beyond the per-port budget: 150 idle sockets on port A and 150 on port B
+    (more than max_unauth_per_side=64: the oldest are evicted), and sockets that send
+    garbage. The real parties, arriving after them, pair; another session is unaffected;
+    the squatters' count stays bounded by the budget."""
+    async def main() -> None:
+        async with Rendezvous(cfg()) as rv:
+            pa, pb = await rv.open_session("s1", hmac_auth("s1", "a"), hmac_auth("s1", "b"))
+            squat = []
+            for port in (pa, pb):
+                for k in range(150):
+                    _r, w = await asyncio.open_connection(HOST, port)
+                    if k % 10 == 0:
+                        w.write(b"\x00garbage without a newline" * 20)
+                    elif k % 10 == 1:
+                        w.write(b"not a token\n")
+                    squat.append(w)
+            await wait_for(lambda: rv.stats()["unauthenticated"] <= 2 * 64, 15)
+            assert rv.stats()["sessions"] == 1
+            (ra, wa), (rb, wb) = await asyncio.gather(connect(pa, token("s1", "a")),
+                                                      connect(pb, token("s1", "b")))
+            wa.write(b"ping")
+            assert await asyncio.wait_for(rb.readexactly(4), 5) == b"ping"
+            wb.write(b"pong")
+            assert await asyncio.wait_for(ra.readexactly(4), 5) == b"pong"
+            (ra2, wa2), (rb2, wb2) = await open_pair(rv, "s2")  # other sessions still served
+            wa2.write(b"x")
+            assert await asyncio.wait_for(rb2.readexactly(1), 5) == b"x"
+            assert rv.stats()["pairs"] == 2
+            for w in (*squat, wa, wb, wa2, wb2):
+                w.close()
+
+    run(main)
+
+
+def test_relay_wide_unauthenticated_budget_evicts_oldest() -> None:
+    async def main() -> None:
+        async with Rendezvous(RelayConfig(bind_host=HOST, max_unauth_total=10,
+                                          policy=SessionPolicy(auth_timeout=30.0))) as rv:
+            ports = [await rv.open_session(f"s{k}", hmac_auth(f"s{k}", "a"),
+                                           hmac_auth(f"s{k}", "b")) for k in range(3)]
+            first = [await connect(ports[0][0], None) for _ in range(5)]
+            later = [await connect(pa, None) for pa, _pb in ports[1:] for _ in range(5)]
+            await wait_for(lambda: rv.stats()["unauthenticated"] == 10, 15)
+            # the 5 oldest (all on session s0) were evicted: closed by the relay
+            for r, _w in first:
+                assert await closed_by_relay(r, 5)
+            a, b = await open_pair(rv, "s9")
+            a[1].write(b"!")
+            assert await asyncio.wait_for(b[0].readexactly(1), 5) == b"!"
+            for _r, w in (*first, *later, a, b):
+                w.close()
+
+    run(main)

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_client_e2e import SSHD, Env
+from test_client_e2e import Env
+
+from tests.harness.sshd import SSHD
 
 pytestmark = [
     pytest.mark.integration, pytest.mark.timeout(180),

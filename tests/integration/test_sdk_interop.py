@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from plane_harness import DEMO_ATKEYS, Plane
 
 from noports import crypto
 from noports.keys.atkeys import load_atkeys, save_atkeys
 from noports.keys.ca import client_context
 from noports.keys.onboarding import activate, import_atkeys
+from tests.harness.plane import DEMO_ATKEYS, Plane
 
 pytestmark = pytest.mark.integration
 SCENARIO = Path(__file__).with_name("sdk_scenario.py")

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from plane_harness import Plane
 
 from noports import crypto
 from noports.keys.ca import client_context
+from tests.harness.plane import Plane
 
 pytestmark = pytest.mark.integration
 

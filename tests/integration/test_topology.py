@@ -13,7 +13,8 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from topology import (
+
+from tests.harness.topology import (
     PREFIX,
     STATE_DIR,
     Topology,
@@ -22,7 +23,6 @@ from topology import (
     read_banner,
     tcp_connect,
     tcp_probe,
-    topology_fixture,  # noqa: F401 - pytest fixture "topology"
 )
 
 pytestmark = pytest.mark.integration

@@ -11,6 +11,7 @@ import pytest
 
 from noports import admin
 from noports.keys.atkeys import generate_atkeys, save_atkeys
+from tests.harness.plane import free_port
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -145,7 +146,7 @@ def test_create_when_plane_down(capsys, plane: Path, tmp_path: Path):
     pytest.importorskip("noports.directory.store")
     from noports.keys.plane import PlaneConfig
     cfg = PlaneConfig.load(plane)
-    cfg.directory_port = _free_port()
+    cfg.directory_port = free_port()
     cfg.save()
     keys_dir = tmp_path / "keys"
     rc, _out, err = run(capsys, "atsign", "create", "@alice", "--dir", str(plane),
@@ -176,7 +177,7 @@ def test_status_when_down(capsys, plane: Path):
     pytest.importorskip("noports.directory.store")
     from noports.keys.plane import PlaneConfig
     cfg = PlaneConfig.load(plane)
-    cfg.directory_port = _free_port()
+    cfg.directory_port = free_port()
     cfg.save()
     rc, out, _err = run(capsys, "plane", "status", "--dir", str(plane))
     assert rc == 1
@@ -190,15 +191,6 @@ def test_console_script_no_traceback(tmp_path: Path):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-
-
-def _free_port() -> int:
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_activate_missing_secret_file(capsys, tmp_path: Path):
@@ -221,7 +213,7 @@ def test_activate_server_down(capsys, tmp_path: Path):
     f = tmp_path / "secret"
     f.write_text("ab" * 64)
     rc, _out, err = run(capsys, "atsign", "activate", "@a", "--root",
-                        f"127.0.0.1:{_free_port()}", "--cram-secret-file", str(f),
+                        f"127.0.0.1:{free_port()}", "--cram-secret-file", str(f),
                         "--keys-dir", str(tmp_path / "k"))
     assert rc == 2
     assert "connection refused" in err and "ab" * 64 not in err

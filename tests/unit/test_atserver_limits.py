@@ -91,7 +91,9 @@ def test_framing_splits_lines_across_feeds(host):
     s.feed(b"no")
     assert s.next_line() is None
     s.feed(b"op:0\r\n\ninfo\nfr")
-    assert drain(s) == ["noop:0", "info"]
+    noop, empty, info = drain(s)  # an empty line is answered as the official server does
+    assert (noop, info) == ("noop:0", "info")
+    assert empty.text == "error:AT0003-Exception: invalid command\n@" and not empty.close
     s.feed(b"om:@alice\n")
     assert drain(s) == ["from:@alice"]
 

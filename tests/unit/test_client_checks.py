@@ -81,6 +81,10 @@ def test_route_files_answers_under_their_sender_and_session() -> None:
         checks.Route("session", DEVICE, sid)
     assert checks.route(p, f"{CLIENT}:heartbeat.box.sshnp{DEVICE}", "@DEV") == \
         checks.Route("heartbeat", DEVICE)
+    # a relay's refusal is filed like its answer: under its sender and the session asked for
+    assert checks.route(p, f"{CLIENT}:nack.{sid}.sshrvd@R1", "@R1") == \
+        checks.Route("relay_nack", "@r1", sid)
+    assert checks.route(p, f"{CLIENT}:nack.{sid}.sshrvd@R1", "not an atsign/") is None
 
 
 def test_route_ignores_impostors_and_garbage() -> None:

@@ -127,13 +127,48 @@ def test_pending_side_closing_leaves_queue() -> None:
     assert authed(s, Side.B, 3) == [Pair(2, 3)]
 
 
-def test_max_pending_per_side_counts_authenticating_too() -> None:
-    s = make()
+def test_unauthenticated_sockets_never_take_a_real_partys_place() -> None:
+    """Issue 9: squatters on a freshly scanned port (more than max_pending_per_side of them)
+    must not stop the real parties from pairing."""
+    s = make()  # max_pending_per_side=4
+    squatters = list(range(100, 116))  # 16 idle sockets on each side
+    for cid in squatters:
+        assert s.accept(Side.A, cid, 100.0) == []
+        assert s.accept(Side.B, cid + 100, 100.0) == []
+    assert s.accept(Side.A, 1, 100.5) == []  # the client, after them
+    assert s.auth_result(1, True, 100.5) == []
+    assert s.accept(Side.B, 2, 100.6) == []  # the device
+    assert s.auth_result(2, True, 100.6) == [Pair(1, 2)]
+    # the squatters are still bounded by their own deadline
+    acts = s.tick(105.0)
+    assert {a.conn for a in acts} == set(squatters) | {c + 100 for c in squatters}
+    assert all("did not authenticate within 5s" in a.reason for a in acts)
+
+
+def test_unauthenticated_beyond_the_cap_evict_the_oldest() -> None:
+    s = make(policy=SessionPolicy(max_unauth_per_side=3))
+    for cid in (1, 2, 3):
+        assert s.accept(Side.A, cid, 100.0 + cid) == []
+    acts = s.accept(Side.A, 4, 105.0)
+    assert [a.conn for a in acts] == [1] and "evicted" in acts[0].reason
+    assert s.accept(Side.B, 50, 105.0) == []  # the other side has its own budget
+    assert s.authenticating() == [2, 3, 4, 50]
+    # a real party that authenticated is out of the unauthenticated budget for good
+    assert s.auth_result(4, True, 105.1) == []
+    for cid in (5, 6, 7):
+        s.accept(Side.A, cid, 106.0)
+    assert s.pending(Side.A) == [4]
+    assert authed(s, Side.B, 60, 106.0) == [Pair(4, 60)]
+
+
+def test_max_pending_per_side_counts_authenticated_only() -> None:
+    s = make()  # max_pending_per_side=4
     for cid in range(4):
-        s.accept(Side.A, cid, 100.0)
-    acts = s.accept(Side.A, 99, 100.0)
-    assert len(acts) == 1 and acts[0].conn == 99 and "too many pending" in acts[0].reason
-    assert s.accept(Side.B, 50, 100.0) == []  # the other side has its own budget
+        authed(s, Side.A, cid)
+    s.accept(Side.A, 99, 100.0)
+    acts = s.auth_result(99, True, 100.0)
+    assert len(acts) == 1 and acts[0].conn == 99 and "too many authenticated" in acts[0].reason
+    assert s.pending(Side.A) == [0, 1, 2, 3]
 
 
 def test_max_pairs() -> None:

@@ -170,3 +170,31 @@ _json_values = st.recursive(
                                        _json_values).map(json.dumps)))
 def test_decide_never_raises(key: str, sender: str, value: str | None) -> None:
     assert isinstance(decide(key, sender, value, OPEN), (Accept, Refuse))
+
+
+def test_who_is_told_and_who_is_not() -> None:
+    """Issue 9: refusals of a served sender carry a NACK naming the limit and its flag;
+    strangers, spoofed keys, unreadable values and duplicates get nothing."""
+    cap = decide(KEY, "@client", m1(), SrvdPolicy(R, max_sessions_per_sender=64),
+                 sender_sessions=64)
+    assert cap == Refuse("@client already has 64 sessions (max 64; srvd "
+                         "--max-sessions-per-atsign)", SID,
+                         "@client already has 64 sessions (max 64; srvd "
+                         "--max-sessions-per-atsign)")
+    strict = SrvdPolicy(R, require_socket_auth=True)
+    d = decide(KEY, "@client", m1(authenticateSocketA=False), strict)
+    assert isinstance(d, Refuse) and d.session_id == SID and d.nack is not None
+    assert "srvd --require-socket-auth" in d.nack
+    legacy = decide(legacy_relay_request_key(R, "orac", "@client"), "@client", SID,
+                    SrvdPolicy(R, allow_legacy=False))
+    assert isinstance(legacy, Refuse) and legacy.nack is not None
+    assert "srvd --no-legacy" in legacy.nack
+    silent = [
+        decide(KEY, "@mallory", m1(), CLOSED),  # not allowed
+        decide(relay_request_key(R, "orac", "@device"), "@client", m1(), OPEN),  # spoofed
+        decide(relay_request_key("@other", "orac", "@client"), "@client", m1(), OPEN),
+        decide(KEY, "@client", None, OPEN),  # undecryptable
+        decide(KEY, "@client", "{", OPEN),  # no session id to answer to
+        decide(KEY, "@client", m1(), OPEN, known_sessions={SID}),  # re-delivered
+    ]
+    assert all(isinstance(d, Refuse) and d.nack is None for d in silent), silent

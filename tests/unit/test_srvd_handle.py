@@ -103,13 +103,33 @@ def test_unauthenticated_sides_get_no_authenticator_and_no_key_lookup() -> None:
     assert auth_a is not None and auth_b is None and client.lookups == ["@client"]
 
 
-def test_refusals_send_nothing() -> None:
+def test_refusals_of_strangers_and_unreadable_requests_send_nothing() -> None:
     srvd, client, relay = make(allowed=frozenset({"@client"}))
     other = relay_request_key("@relay", "orac", "@mallory")
     assert run(srvd.handle(other, "@mallory", m1(atSignA="@mallory"))) is None
+    assert run(srvd.handle(KEY, "@client", "{")) is None  # no session id to answer to
+    assert run(srvd.handle(KEY, "@client", None)) is None  # undecryptable
+    spoofed = relay_request_key("@relay", "orac", "@device")
+    assert run(srvd.handle(spoofed, "@client", m1())) is None
+    assert client.notified == [] and relay.sessions == {} and srvd.refused == 4
+
+
+def nacks(client: FakeClient) -> list[tuple[str, str, str]]:
+    return [(to, k, v) for to, k, v, _kw in client.notified if k.startswith("nack.")]
+
+
+def test_refusals_of_an_allowed_sender_are_nacked_with_the_reason() -> None:
+    srvd, client, relay = make(allowed=frozenset({"@client"}), require_socket_auth=True)
     assert run(srvd.handle(KEY, "@client", m1(atSignA="@device"))) is None
-    assert run(srvd.handle(KEY, "@client", "{")) is None
-    assert client.notified == [] and relay.sessions == {} and srvd.refused == 3
+    assert run(srvd.handle(KEY, "@client", m1(authenticateSocketB=False))) is None
+    assert nacks(client) == [
+        ("@client", f"nack.{SID}.sshrvd", "atSignA @device is not the sender @client"),
+        ("@client", f"nack.{SID}.sshrvd", "the request disables socket authentication, "
+                                          "which this relay requires (srvd "
+                                          "--require-socket-auth)")]
+    assert client.notified[0][3] == {"namespace": None, "ttl_ms": REPLY_TTL_MS,
+                                     "ttln_ms": REPLY_TTLN_MS}
+    assert relay.sessions == {} and srvd.nacked == 2
 
 
 def test_duplicate_session_id_refused_even_after_close() -> None:
@@ -140,7 +160,9 @@ def test_concurrent_duplicates_open_one_session() -> None:
 def test_unknown_device_key_refuses_without_opening_ports() -> None:
     srvd, client, relay = make()
     assert run(srvd.handle(KEY, "@client", m1(atSignB="@nobody"))) is None
-    assert relay.sessions == {} and client.notified == []
+    assert relay.sessions == {}
+    assert nacks(client) == [("@client", f"nack.{SID}.sshrvd", "cannot fetch the public key "
+                              "of @nobody (side B) to authenticate its socket")]
 
 
 def test_failed_reply_closes_the_session() -> None:
@@ -158,6 +180,58 @@ def test_per_sender_cap_counts_open_sessions() -> None:
         return [await srvd.handle(KEY, "@client", m1(s)) for s in sids]
 
     assert [r is not None for r in run(go())] == [True, True, False]
+    assert nacks(client) == [("@client", f"nack.{sids[2]}.sshrvd", "@client already has 2 "
+                              "sessions (max 2; srvd --max-sessions-per-atsign)")]
+
+
+def test_a_session_being_answered_counts_once() -> None:
+    """The reply is sent while the session is already open: counting it twice refused
+    requests below the limit (issue 9: '65 sessions (max 64)')."""
+    srvd, client, relay = make(max_sessions_per_sender=2)
+    gate = asyncio.Event()
+    counts: list[int] = []
+    real_notify = client.notify
+
+    async def slow_notify(to: str, key_name: str, value: str, **kw: Any) -> str:
+        counts.append(srvd._sender_sessions("@client"))
+        await gate.wait()
+        return await real_notify(to, key_name, value, **kw)
+
+    client.notify = slow_notify  # type: ignore[method-assign]
+    sids = [f"b3bbf23a-bf85-498d-87d5-cd832931d0{i:02d}" for i in range(2)]
+
+    async def go() -> list[str | None]:
+        first = asyncio.ensure_future(srvd.handle(KEY, "@client", m1(sids[0])))
+        while not counts:
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(srvd.handle(KEY, "@client", m1(sids[1])))
+        while len(counts) < 2:
+            await asyncio.sleep(0)
+        gate.set()
+        return [await first, await second]
+
+    assert all(r is not None for r in run(go()))
+    assert counts == [1, 2]
+
+
+def test_relay_full_is_nacked_with_the_flag() -> None:
+    from noports.relay.server import RelayConfig
+
+    async def go() -> FakeClient:
+        client = FakeClient()
+        srvd = Srvd(client, SrvdPolicy("@relay"), "127.0.0.1",
+                    relay_config=RelayConfig(bind_host="127.0.0.1", max_sessions=1))
+        try:
+            assert await srvd.handle(KEY, "@client", m1(SID)) is not None
+            other = "b3bbf23a-bf85-498d-87d5-cd832931d099"
+            assert await srvd.handle(KEY, "@client", m1(other)) is None
+        finally:
+            await srvd.aclose()
+        return client
+
+    client = run(go())
+    assert nacks(client) == [("@client", "nack.b3bbf23a-bf85-498d-87d5-cd832931d099.sshrvd",
+                              "the relay is full: 1 sessions open (max 1; srvd --max-sessions)")]
 
 
 def test_legacy_request_replies_null_nonce() -> None:
@@ -188,3 +262,22 @@ def test_dispatch_survives_handler_bugs() -> None:
 def test_serve_loop_values_never_crash(value: str | None) -> None:
     srvd, client, relay = make()
     assert run(srvd.handle(KEY, "@client", value)) is None
+
+
+def test_the_client_reads_the_nack_as_the_relays_refusal() -> None:
+    """Both ends of the NACK: the key srvd sends is the one the client classifies as a
+    refusal of that session, and the text it shows is the relay's, made safe to print."""
+    from noports.client.errors import EXIT_RELAY, relay_refused
+    from noports.npproto.keys import parse_client_key
+    from noports.relay.srvd import nack_key_name
+
+    ck = parse_client_key(f"@client:{nack_key_name(SID)}@relay")
+    assert (ck.kind, ck.session_id, ck.sender) == ("relay_nack", SID, "@relay")
+    err = relay_refused("@relay", "@client already has 64 sessions (max 64; srvd "
+                                  "--max-sessions-per-atsign)")
+    assert str(err) == ("relay: relay @relay refused: @client already has 64 sessions "
+                        "(max 64; srvd --max-sessions-per-atsign)")
+    assert err.exit_code == EXIT_RELAY
+    hostile = relay_refused("@relay", "\x1b[2J\x1b]0;owned\x07" + "x" * 5000)
+    assert "\x1b" not in str(hostile) and "\x07" not in str(hostile)
+    assert len(hostile.message) < 400

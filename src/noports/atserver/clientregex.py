@@ -97,6 +97,3 @@ def search(rx: Any, text: str) -> bool:
         return rx.search(text) is not None
     except (re2.error, ValueError):
         return False
-
-
-

@@ -91,6 +91,10 @@ class Conn:
         self.authenticated = False
         self.auth_type: str | None = None  # cram | pkam
         self.enrollment_id: str | None = None
+        self.enrollment_namespaces: dict[str, str] | None = None  # APKAM connections only
+        self.bad_otps = 0  # wrong one-time codes sent on this connection
+        self.revoked = False  # its enrollment was revoked: answer nothing more, close
+        self.hangup: Callable[[], None] = lambda: None  # set by the asyncio edge
         self.pol_atsign: str | None = None
         self.json_errors = False
         self.closed = False
@@ -100,6 +104,14 @@ class Conn:
         self.monitoring = False
         self.monitor_regex: Any = None  # a compiled client regex (see clientregex.py)
         self.monitor_self = False
+
+    def revoke(self) -> None:
+        """The enrollment this connection authenticated with was revoked: drop it now."""
+        self.revoked = True
+        self.authenticated = False
+        self.monitoring = False
+        self.host.monitors.discard(self)  # type: ignore[arg-type]
+        self.hangup()
 
     async def handle(self, line: str) -> Reply:  # implemented by session.Session
         raise NotImplementedError

@@ -91,6 +91,7 @@ class Host:
     sleep: Callable[[float], Awaitable[None]] | None = None
     started_ms: int = 0
     monitors: set[MonitorSink] = field(default_factory=set)
+    enroll_rt: Any = None  # enrollment.Runtime, created on first use (verbs_enroll)
     _last_epoch: int = -1
     _signing_private: str | None = None
 

@@ -153,6 +153,7 @@ class AtServer:
                     last_purge = loop.time()
                     k = self.store.purge_expired_keys(now)
                     n = self.store.purge_expired_notifications(now)
+                    n += self.store.purge_expired_enrollment_data(now)
                     if k or n:
                         log.info("expiry job removed %d keys, %d notifications", k, n)
                 self.outbound.reap_idle()
@@ -236,6 +237,7 @@ class AtServer:
             writer.write(line.encode("utf-8"))
 
         session = Session(host, emit=emit)
+        session.hangup = writer.close  # a revoked enrollment's connections end at once
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + host.config.auth_timeout_s
         peer = writer.get_extra_info("peername")

@@ -29,7 +29,15 @@ from noports.atprotocol.errors import (
 )
 from noports.atprotocol.grammar import Command, parse_command
 
-from . import verbs_auth, verbs_keys, verbs_misc, verbs_monitor, verbs_notify
+from . import (
+    enrollment,
+    verbs_auth,
+    verbs_enroll,
+    verbs_keys,
+    verbs_misc,
+    verbs_monitor,
+    verbs_notify,
+)
 from .context import Conn, Reply, dumps, remove_nulls
 from .host import Host, fresh_meta_storage
 from .store import NotificationRow
@@ -58,10 +66,15 @@ class Verb:
 # client regex a few hundred bytes in practice. The grammar's regexes cost up to quadratic
 # time in the line length, so these also bound the parse.
 TINY, SHORT, KEYED = 256, 1024, 2048
+# enroll:request/approve carry an APKAM public key and RSA-encrypted AES keys (~1.5 KiB).
+ENROLL = 6144
 # Lines up to this size parse in well under a millisecond; longer ones (and every notify:all,
 # whose grammar is the slowest) are parsed in a worker thread (`regex` releases the GIL), so
 # no line stalls the event loop for other connections.
 PARSE_INLINE_MAX = 512
+# Empty lines answered before cram/pkam/pol: at_c sends one per connection; the next one past
+# this limit closes the connection (docs/atserver.md "Limits").
+MAX_EMPTY_LINES_UNAUTH = 16
 _PARSE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="atserver-parse")
 
 VERBS: dict[str, Verb] = {
@@ -70,7 +83,7 @@ VERBS: dict[str, Verb] = {
     "cram": Verb(verbs_auth.v_cram, ANY, SHORT),
     "pkam": Verb(verbs_auth.v_pkam, ANY, KEYED),
     "pol": Verb(verbs_auth.v_pol, ANY, TINY),
-    "enroll": Verb(verbs_auth.v_enroll),
+    "enroll": Verb(verbs_enroll.v_enroll, ANY, ENROLL),
     # keys
     "update": Verb(verbs_keys.v_update, OWNER),
     "update_json": Verb(verbs_keys.v_update_json, OWNER),
@@ -97,7 +110,7 @@ VERBS: dict[str, Verb] = {
     "batch": Verb(verbs_misc.v_batch, OWNER),
     # recognised by the grammar, not supported here
     "config": Verb(None, OWNER, SHORT),
-    "otp": Verb(None, OWNER, SHORT),
+    "otp": Verb(verbs_enroll.v_otp, OWNER, TINY),
     "keys": Verb(None, OWNER, KEYED),
 }
 
@@ -138,6 +151,7 @@ class Session(Conn):
         super().__init__(host, emit, session_id)
         self._buf = bytearray()
         self._scanned = 0  # bytes of _buf already known to hold no newline
+        self.empty_lines = 0  # empty lines answered before authentication
 
     # --- input framing ------------------------------------------------------------------
 
@@ -181,6 +195,27 @@ class Session(Conn):
                 return self.error(invalid_syntax("command is not valid UTF-8"))
             if line:
                 return line
+            return self._empty_line()
+
+    def _empty_line(self) -> Reply:
+        """The reply to an empty line (`\\n`, `\\r\\n`, blanks): the official server's.
+
+        at_c sends `\\r\\n` right after the `@` prompt of every connection and reads one
+        reply (within 3 s) before `from:`; the official server dispatches the empty command,
+        finds no verb and answers AT0003 `invalid command`. Replying is what makes at_c work;
+        before authentication the count is bounded (MAX_EMPTY_LINES_UNAUTH), so a stream of
+        newlines cannot make the server write ~40 bytes per byte received indefinitely.
+        """
+        self.requests += 1
+        if not (self.authenticated or self.pol_atsign):
+            self.empty_lines += 1
+            if self.empty_lines > MAX_EMPTY_LINES_UNAUTH:
+                self._buf.clear()
+                self._scanned = 0
+                return self.error(AtError(
+                    "AT0003", f"more than {MAX_EMPTY_LINES_UNAUTH} empty lines before "
+                    "authentication; closing", close=True))
+        return self.error(invalid_syntax("invalid command"))
 
     def auth_timed_out(self) -> Reply:
         """The closing reply for a connection that did not authenticate in time.
@@ -211,6 +246,10 @@ class Session(Conn):
     async def handle(self, line: str) -> Reply:
         """Execute one request line; never raises (unexpected failures → AT0011 + close)."""
         self.requests += 1
+        if self.revoked:
+            self.closed = True
+            return self.error(AtError("AT0027", "Apkam Access Revoked: this connection's "
+                                                "enrollment was revoked", close=True))
         try:
             self._admit(line)
             if len(line) <= PARSE_INLINE_MAX and not line[:10].lower().startswith("notify:all"):
@@ -230,7 +269,8 @@ class Session(Conn):
         except AtError as err:
             # Bad input never costs the client its connection (the reference closes on an
             # invalid atSign); only overflow and truly unexpected failures close.
-            return self.error(AtError(err.code, err.message, close=err.code == "AT0005"))
+            close = err.code == "AT0005" or isinstance(err, enrollment.ClosingError)
+            return self.error(AtError(err.code, err.message, close=close))
         except RemoteError as err:
             return self.error(AtError(err.code, err.message))
         except asyncio.CancelledError:

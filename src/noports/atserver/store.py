@@ -11,6 +11,9 @@ Tables (all partitioned by the hosted atSign, always stored as `@name`, lower-ca
 * keystore(atsign, key, value, meta, expires_at, available_at) — key lower-cased; meta is JSON.
 * commits(atsign, commit_id, key, op, ts) — monotonic commit ids per atSign.
 * notifications(atsign, id, kind, ...) — sent / received / self, with status, retries, expiry.
+* enrollments(atsign, id, ...) — APKAM enrollments (device keys) and their approval state; kept
+  out of the keystore so no key verb (update/delete) can approve or un-revoke one.
+* otps(atsign, digest, expires_at) — one-time enrollment codes, stored as SHA-256 only.
 """
 
 from __future__ import annotations
@@ -70,6 +73,23 @@ CREATE TABLE IF NOT EXISTS notifications (
 );
 CREATE INDEX IF NOT EXISTS notif_epoch ON notifications(atsign, kind, epoch_ms);
 CREATE INDEX IF NOT EXISTS notif_queue ON notifications(kind, status, next_attempt);
+CREATE TABLE IF NOT EXISTS enrollments (
+    atsign TEXT NOT NULL,
+    id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    expires_at INTEGER,
+    data TEXT NOT NULL,
+    PRIMARY KEY (atsign, id)
+);
+CREATE TABLE IF NOT EXISTS otps (
+    atsign TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (atsign, digest)
+);
 """
 
 
@@ -181,7 +201,7 @@ class Store:
         with self._tx() as db:
             n = db.execute("DELETE FROM hosted WHERE atsign=?", (atsign,)).rowcount
             if purge:
-                for table in ("keystore", "commits", "notifications"):
+                for table in ("keystore", "commits", "notifications", "enrollments", "otps"):
                     db.execute(f"DELETE FROM {table} WHERE atsign=?", (atsign,))  # noqa: S608
         return n > 0
 
@@ -344,6 +364,86 @@ class Store:
         row = self._db.execute("SELECT COUNT(*) AS c FROM notifications WHERE atsign=?",
                                (atsign,)).fetchone()
         return int(row["c"])
+
+    # --- enrollments and one-time codes (APKAM) -------------------------------------------
+
+    def put_enrollment(self, row: EnrollmentRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO enrollments(atsign, id, state, created, updated, "
+                "expires_at, data) VALUES (?,?,?,?,?,?,?)",
+                (row.atsign, row.id, row.state, row.created, row.updated, row.expires_at,
+                 json.dumps(row.data, separators=(",", ":"))))
+
+    def get_enrollment(self, atsign: str, eid: str) -> EnrollmentRow | None:
+        r = self._db.execute("SELECT * FROM enrollments WHERE atsign=? AND id=?",
+                             (atsign, eid)).fetchone()
+        return _enrollment(r) if r else None
+
+    def enrollments(self, atsign: str) -> list[EnrollmentRow]:
+        rows = self._db.execute("SELECT * FROM enrollments WHERE atsign=? ORDER BY created, id",
+                                (atsign,)).fetchall()
+        return [_enrollment(r) for r in rows]
+
+    def count_enrollments(self, atsign: str, state: str, now: int) -> int:
+        row = self._db.execute(
+            "SELECT COUNT(*) AS c FROM enrollments WHERE atsign=? AND state=? AND "
+            "(expires_at IS NULL OR expires_at>=?)", (atsign, state, now)).fetchone()
+        return int(row["c"])
+
+    def delete_enrollment(self, atsign: str, eid: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM enrollments WHERE atsign=? AND id=?",
+                              (atsign, eid)).rowcount > 0
+
+    def put_otp(self, atsign: str, digest: str, expires_at: int, data: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO otps(atsign, digest, expires_at, data) "
+                       "VALUES (?,?,?,?)",
+                       (atsign, digest, expires_at, json.dumps(data, separators=(",", ":"))))
+
+    def consume_otp(self, atsign: str, digest: str, now: int) -> dict[str, Any] | None:
+        """Delete a live code and return its data (None: unknown, used or expired). One
+        transaction, so two connections racing with the same code cannot both succeed."""
+        with self._tx() as db:
+            r = db.execute("SELECT expires_at, data FROM otps WHERE atsign=? AND digest=?",
+                           (atsign, digest)).fetchone()
+            if r is None:
+                return None
+            db.execute("DELETE FROM otps WHERE atsign=? AND digest=?", (atsign, digest))
+            if r["expires_at"] < now:
+                return None
+            return json.loads(r["data"])
+
+    def count_otps(self, atsign: str, now: int) -> int:
+        row = self._db.execute("SELECT COUNT(*) AS c FROM otps WHERE atsign=? AND expires_at>=?",
+                               (atsign, now)).fetchone()
+        return int(row["c"])
+
+    def purge_expired_enrollment_data(self, now: int) -> int:
+        """Expired codes and expired pending requests (the periodic expiry job)."""
+        with self._tx() as db:
+            n = db.execute("DELETE FROM otps WHERE expires_at<?", (now,)).rowcount
+            return n + db.execute("DELETE FROM enrollments WHERE state='pending' AND "
+                                  "expires_at IS NOT NULL AND expires_at<?", (now,)).rowcount
+
+
+@dataclass(frozen=True)
+class EnrollmentRow:
+    """One APKAM enrollment; `data` holds appName, deviceName, namespaces, keys (JSON)."""
+
+    atsign: str
+    id: str
+    state: str  # pending | approved | denied | revoked
+    created: int
+    updated: int
+    expires_at: int | None
+    data: dict[str, Any]
+
+
+def _enrollment(r: sqlite3.Row) -> EnrollmentRow:
+    return EnrollmentRow(r["atsign"], r["id"], r["state"], r["created"], r["updated"],
+                         r["expires_at"], json.loads(r["data"]))
 
 
 def _key_record(r: sqlite3.Row) -> KeyRecord:

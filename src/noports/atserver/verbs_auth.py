@@ -1,4 +1,4 @@
-"""Authentication verbs: from, cram, pkam, pol, enroll (reference §3.1, §3.4, §6.3).
+"""Authentication verbs: from, cram, pkam, pol (reference §3.1, §6.3); enroll: verbs_enroll.
 
 Why together: they are the only verbs that change who the connection is; each moves the
 connection from one state to the next (`from` issues a challenge, cram/pkam/pol answer it).
@@ -15,15 +15,14 @@ from noports.atprotocol import keys as K
 from noports.atprotocol.errors import (
     AtError,
     RemoteError,
-    invalid_syntax,
     key_not_found,
     unauthenticated,
     wants_json_errors,
 )
 from noports.atprotocol.grammar import Command
 
-from .context import Conn, Reply, dumps, remove_nulls
-from .host import fresh_meta_storage
+from .context import Conn, Reply
+from .verbs_enroll import approved_apkam_key, runtime
 
 log = logging.getLogger("noports.atserver.session")
 
@@ -75,8 +74,9 @@ async def v_pkam(s: Conn, cmd: Command) -> Reply:
     p = cmd.params
     challenge = _self_challenge(s)
     enrollment_id = p.get("enrollmentId")
+    namespaces = None
     if enrollment_id:
-        pub = _approved_apkam_key(s, enrollment_id)
+        pub, namespaces = approved_apkam_key(s, enrollment_id)
     else:
         rec = s.host.get("privatekey:at_pkam_publickey")
         if rec is None or not rec.value:
@@ -89,71 +89,10 @@ async def v_pkam(s: Conn, cmd: Command) -> Reply:
     s.authenticated = True
     s.auth_type = "pkam"
     s.enrollment_id = enrollment_id or None
+    s.enrollment_namespaces = namespaces
+    if enrollment_id:
+        runtime(s).attach(enrollment_id, s)  # closed at once if the enrollment is revoked
     return s.data("success")
-
-
-def _enrollment_key(s: Conn, enrollment_id: str) -> str:
-    return K.normalize_key(f"{enrollment_id}.new.enrollments.__manage{s.me}")
-
-
-def _approved_apkam_key(s: Conn, enrollment_id: str) -> str:
-    rec = s.host.get(_enrollment_key(s, enrollment_id))
-    if rec is None or not rec.value or not s.active(rec):
-        raise AtError("AT0028", f"enrollment_id: {enrollment_id} is expired or invalid")
-    try:
-        obj = json.loads(rec.value)
-        state = obj["approval"]["state"]
-        pub = obj["apkamPublicKey"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AtError("AT0028", f"enrollment_id: {enrollment_id} is invalid") from exc
-    if state == "approved" and isinstance(pub, str):
-        return pub
-    code = {"pending": "AT0026", "revoked": "AT0027"}.get(state, "AT0025")
-    raise AtError(code, f"enrollment_id: {enrollment_id} is {state}")
-
-
-async def v_enroll(s: Conn, cmd: Command) -> Reply:
-    """Only `enroll:request` on a CRAM-authenticated connection (auto-approved, §3.4).
-
-    That is what current Dart onboarding does; OTP-based requests and the management
-    operations (approve/deny/revoke/list/fetch) are not supported.
-    """
-    p = cmd.params
-    if (p.get("operation") or "").lower() != "request":
-        raise invalid_syntax(f"enroll:{p.get('operation')} is not supported by this server")
-    if not (s.authenticated and s.auth_type == "cram"):
-        raise unauthenticated("enroll:request is only supported on a CRAM-authenticated "
-                              "connection by this server")
-    try:
-        params = json.loads(p.get("enrollParams") or "")
-        if not isinstance(params, dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise invalid_syntax("enroll:request needs a JSON object") from exc
-    apkam = params.get("apkamPublicKey")
-    if not isinstance(apkam, str) or not apkam:
-        raise AtError("AT0022", "apkamPublicKey is required")
-    eid = str(uuid.uuid4())
-    now = s.now()
-    record = {
-        "sessionId": s.sid, "appName": params.get("appName"),
-        "deviceName": params.get("deviceName"),
-        "namespaces": {"__manage": "rw", "*": "rw"}, "apkamPublicKey": apkam,
-        "requestType": "newEnrollment", "approval": {"state": "approved"},
-        "encryptedAPKAMSymmetricKey": params.get("encryptedAPKAMSymmetricKey"),
-    }
-    store, me = s.host.store, s.me
-    meta = fresh_meta_storage(me, now)
-    store.put(me, _enrollment_key(s, eid), dumps(remove_nulls(record)), meta, commit=False)
-    store.put(me, "privatekey:at_pkam_publickey", apkam, meta, commit=False)
-    for field_name, suffix in (("encryptedDefaultEncryptionPrivateKey",
-                                "default_enc_private_key"),
-                               ("encryptedDefaultSelfEncryptionKey",
-                                "default_self_enc_key")):
-        if isinstance(params.get(field_name), str):
-            store.put(me, K.normalize_key(f"{eid}.{suffix}.__manage{me}"),
-                      dumps({"value": params[field_name]}), meta, commit=False)
-    return s.data(dumps({"enrollmentId": eid, "status": "approved"}))
 
 
 async def v_pol(s: Conn, cmd: Command) -> Reply:

@@ -43,7 +43,7 @@ MAX_SESSION_RESPONSE = 64 * 1024
 
 @dataclass(frozen=True)
 class Route:
-    """Where a monitor notification goes: ``kind`` is relay / session / heartbeat; a relay
+    """Where a monitor notification goes: ``kind`` is relay / relay_nack / session / heartbeat; a relay
     answer is filed under (``sender``, ``session_id``), a session response under
     ``session_id``."""
 
@@ -76,6 +76,8 @@ def route(p: SessionParams, key: str, from_atsign: str | None) -> Route | None:
         return None
     if ck.kind == "relay_response":
         return Route("relay", sender, ck.session_id or "")
+    if ck.kind == "relay_nack":
+        return Route("relay_nack", sender, ck.session_id or "")
     if sender != p.device_atsign or ck.device != p.device:
         return None
     if ck.kind == "session_response":

@@ -292,6 +292,9 @@ def _bind_local(port: int) -> Any:
     import socket
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        # a fixed port can be re-bound while a closed connection on it is in TIME_WAIT (the
+        # restart of ssh below; Linux never lets two sockets listen on it at once anyway)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
         s.listen(1)
     except OSError as exc:
@@ -314,6 +317,18 @@ async def _accept(listener: Any, idle_timeout: float, progress: Progress) -> Any
     finally:
         listener.close()
     return conn
+
+
+async def _drop_accept(accept: Any, listener: Any) -> None:
+    """Stop listening and close the connection the accept task may already hold (the early
+    ssh's), so the port is free to listen on again."""
+    import asyncio
+    accept.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        conn = await accept
+        if conn is not None:
+            conn.close()
+    listener.close()
 
 
 async def _serve_once(listener: Any, session: Any, idle_timeout: float,
@@ -408,7 +423,7 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
             progress("device sent no host keys: restarting ssh without pinning")
             _kill(proc)
             await proc.wait()
-            accept.cancel()
+            await _drop_accept(accept, listener)
             listener = _bind_local(port)
             accept = loop.create_task(_accept(listener, opts.idle_timeout, progress))
         proc = await _spawn_ssh(argv)

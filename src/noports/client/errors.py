@@ -14,7 +14,7 @@ EXIT_FAILURE = 1  # unexpected error (a bug): the message says so
 EXIT_USAGE = 2  # bad flags / profile
 EXIT_KEYS = 3  # .atKeys missing or unreadable, bad CA file
 EXIT_ATSERVER = 4  # directory / atServer unreachable, TLS not trusted, PKAM refused
-EXIT_RELAY = 5  # no relay answered, or its port could not be reached
+EXIT_RELAY = 5  # no relay answered or it refused (NACK), or its port could not be reached
 EXIT_DEVICE_TIMEOUT = 6  # the device daemon did not answer in time
 EXIT_DEVICE_REFUSED = 7  # the device answered with an error / lacks a needed feature
 EXIT_SECURITY = 8  # bad signature, host key mismatch, malformed signed response
@@ -63,6 +63,13 @@ class AtServerError(SshnpError):
 class RelayError(SshnpError):
     exit_code = EXIT_RELAY
     step = "relay"
+
+
+def relay_refused(relay: str, reason: str) -> RelayError:
+    """The relay's NACK (``nack.<sid>.sshrvd``): its own words, made printable and short,
+    since they come from another party and end up on the user's terminal."""
+    text = "".join(c if c.isprintable() else "?" for c in reason.strip())[:300]
+    return RelayError(f"relay {relay} refused: {text or '(no reason given)'}")
 
 
 class DeviceTimeout(SshnpError):

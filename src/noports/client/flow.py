@@ -50,6 +50,7 @@ from .errors import (
     RelayError,
     SecurityError,
     SshnpError,
+    relay_refused,
 )
 from .knownhosts import update_known_hosts
 from .params import SessionParams
@@ -197,8 +198,12 @@ class _Router:
         if r is None:
             return
         sender = r.sender
-        if r.kind == "relay":
+        if r.kind in ("relay", "relay_nack"):
             fut = self.relay_answers.get((sender, r.session_id))
+            if r.kind == "relay_nack":  # the relay refused, naming the limit
+                if fut is not None and not fut.done() and n.value is not None:
+                    fut.set_exception(relay_refused(sender, n.value))
+                return
         elif r.kind == "session":
             fut = self.session_answers.get(r.session_id)
         else:  # heartbeat

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default /run/noports/sshnpd.pid)")
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # test-only (docs/official-peers.md): reply to sshnp as official daemons do
+    p.add_argument("--test-official-reply", dest="official_reply", action="store_true",
+                   help=S)
     return p
 
 
@@ -132,8 +136,12 @@ def _parse(argv: Sequence[str] | None) -> tuple[DaemonConfig, dict[str, Any]]:
     settings: dict[str, Any] = {}
     if "config" in ns:
         settings.update(load_config_file(ns.pop("config")))
+    official = bool(ns.pop("official_reply", False))
     settings.update(ns)
-    return build_config(settings), extra
+    cfg = build_config(settings)
+    if official:
+        cfg = dataclasses.replace(cfg, official_reply=True)
+    return cfg, extra
 
 
 # --- logging ---------------------------------------------------------------------------------

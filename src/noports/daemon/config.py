@@ -69,6 +69,9 @@ class DaemonConfig:
     monitor_heartbeat: float = MONITOR_HEARTBEAT_S
     log_format: str = "text"
     verbose: bool = False
+    # TEST ONLY (hidden --test-official-reply, never read from config files): answer session
+    # requests as official daemons do, without hostKeys/npCipher, ephemeralPrivateKey null
+    official_reply: bool = False
 
     @property
     def keys_path(self) -> Path:

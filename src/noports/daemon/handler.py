@@ -414,8 +414,10 @@ class DaemonHandler:
 
         cipher_id = key = iv = None
         aes_ct = iv_ct = None
+        official = self.config.official_reply  # test-only: answer as official daemons do
         if sr.encrypt_rvd_traffic:
-            cipher_id = negotiate_cipher(sr.np_ciphers, self.supported_ciphers)
+            cipher_id = negotiate_cipher(None if official else sr.np_ciphers,
+                                         self.supported_ciphers)
             key, iv = self._randbytes(KEY_LEN), self._randbytes(IV_LEN)
             try:
                 assert sr.client_ephemeral_pk is not None  # from_dict checked it
@@ -435,6 +437,8 @@ class DaemonHandler:
             session_id=sid, status="connected", ephemeral_private_key=eph.private_openssh,
             session_aes_key=aes_ct, session_iv=iv_ct, host_keys=list(host_keys or []) or None,
             np_cipher=cipher_id)
+        if official:  # no hostKeys, no npCipher (AES-256-CTR), ephemeralPrivateKey: null
+            resp.host_keys = resp.np_cipher = resp.ephemeral_private_key = None
         key_name = _name(session_response_key(sender, sid, self.config.device,
                                               self.config.atsign))
         envelope = sign_envelope(resp.to_dict(), self._signing_key)

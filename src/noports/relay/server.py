@@ -15,10 +15,12 @@ socket in whichever mode is fastest.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -57,7 +59,9 @@ class RelayConfig:
     sock_buf: int | None = None  # SO_RCVBUF/SO_SNDBUF; None keeps kernel autotuning
     max_pending_head: int = 64 * 1024  # bytes buffered from a side waiting for its peer
     linger: float = 10.0  # seconds to flush a closing pair before aborting it
-    backlog: int = 16
+    backlog: int = 128  # per port: a burst of squatters must not fill the accept queue
+    max_unauth_total: int = 4096  # unauthenticated sockets relay-wide; oldest evicted beyond
+    accept_pause: float = 0.5  # stop accepting on a port this long after EMFILE & co
 
 
 @dataclass(frozen=True)
@@ -154,13 +158,28 @@ class _Session:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE & co: leave it in the backlog, log loudly
-                log.warning("session %s: accept on side %s failed: %s",
-                            self.sm.session_id, side.value, exc)
+            except OSError as exc:  # EMFILE & co: leave it in the backlog for a while
+                log.warning("session %s: accept on side %s failed: %s; pausing it %gs",
+                            self.sm.session_id, side.value, exc, self.rv.config.accept_pause)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accept(side)
                 return
             self._accepted(side, sock, peer)
             if self.sm.closed:
                 return
+
+    def _pause_accept(self, side: Side) -> None:
+        """Out of descriptors: a readable listener would spin the loop; retry later."""
+        lsock = self.lsocks[0 if side is Side.A else 1]
+        loop = self.rv._loop
+        loop.remove_reader(lsock.fileno())
+        self.rv.evict_oldest_unauth("relay out of file descriptors")
+
+        def resume() -> None:
+            if not self.sm.closed and lsock.fileno() >= 0:
+                loop.add_reader(lsock.fileno(), self._on_accept, side)
+
+        loop.call_later(self.rv.config.accept_pause, resume)
 
     def _accepted(self, side: Side, sock: socket.socket, peer: object) -> None:
         self.rv._configure(sock)
@@ -172,7 +191,11 @@ class _Session:
         log.debug("session %s: conn %d on side %s from %s", self.sm.session_id, cid,
                   side.value, peer)
         self.rv._loop.add_reader(sock.fileno(), self._on_readable, conn)
+        if auth is not None:
+            self.rv._track_unauth(cid, self)
         self._run(self.sm.accept(side, cid, self.rv._loop.time(), needs_auth=auth is not None))
+        if auth is not None and self.conns.get(cid) is conn and conn.reader is not None:
+            self._on_readable(conn)  # a real party's auth line is usually there already
 
     def _on_readable(self, conn: _Conn) -> None:
         """Read the auth line; afterwards keep a bounded head while waiting for a peer."""
@@ -203,6 +226,7 @@ class _Session:
         line, conn.head = done
         conn.reader = None
         conn.state = "pending"
+        self.rv._unauth.pop(conn.id, None)
         auth = self.auth_a if conn.side is Side.A else self.auth_b
         try:
             ok = bool(auth(line)) if auth is not None else True
@@ -221,6 +245,7 @@ class _Session:
         self._run(self.sm.conn_closed(conn.id, self.rv._loop.time()))
 
     def _close_raw(self, conn: _Conn) -> None:
+        self.rv._unauth.pop(conn.id, None)
         fd = conn.sock.fileno()
         if fd >= 0:
             self.rv._loop.remove_reader(fd)
@@ -342,6 +367,8 @@ class Rendezvous:
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
+        # unauthenticated connections relay-wide, oldest first: conn id -> its session
+        self._unauth: OrderedDict[int, _Session] = OrderedDict()
 
     async def __aenter__(self) -> Rendezvous:
         return self
@@ -366,7 +393,8 @@ class Rendezvous:
         if len(self._sessions) >= self.config.max_sessions:
             log.warning("refusing session %s: %d sessions open (max_sessions)", session_id,
                         len(self._sessions))
-            raise RelayCapacityError(f"max_sessions ({self.config.max_sessions}) reached")
+            raise RelayCapacityError(f"the relay is full: {len(self._sessions)} sessions open "
+                                     f"(max {self.config.max_sessions}; srvd --max-sessions)")
         lsocks = (self._listen(), self._listen())
         sm = RelaySession(session_id, self.config.policy, self._loop.time())
         sess = _Session(self, sm, auth_a, auth_b, lsocks)
@@ -402,6 +430,7 @@ class Rendezvous:
             "sessions": len(self._sessions),
             "pairs": len(splices),
             "pending": sum(len(s.conns) for s in self._sessions.values()) - 2 * len(splices),
+            "unauthenticated": len(self._unauth),
             "buffered_bytes": sum(sp.buffered_bytes() for sp in splices),
         }
 
@@ -420,7 +449,23 @@ class Rendezvous:
             await asyncio.wait([asyncio.ensure_future(sp.wait_closed()) for sp in splices],
                                timeout=timeout)
 
+    def evict_oldest_unauth(self, why: str) -> bool:
+        """Drop the relay's oldest unauthenticated connection (False if there is none)."""
+        if not self._unauth:
+            return False
+        cid, sess = self._unauth.popitem(last=False)
+        sess._run(sess.sm.auth_result(cid, False, self._loop.time(), f"evicted: {why}"))
+        if cid in sess.conns:  # the session no longer knew it: close it here
+            sess._close_raw(sess.conns.pop(cid))
+        return True
+
     # --------------------------------------------------------------- internals
+    def _track_unauth(self, cid: int, sess: _Session) -> None:
+        self._unauth[cid] = sess
+        while len(self._unauth) > self.config.max_unauth_total:
+            self.evict_oldest_unauth(f"more than {self.config.max_unauth_total} "
+                                     "unauthenticated connections relay-wide")
+
     def _next_id(self) -> int:
         self._ids += 1
         return self._ids

@@ -6,6 +6,15 @@ official relay exactly, and they are far easier to test with an injected clock t
 through real sockets. The asyncio edge (:mod:`noports.relay.server`) feeds events in and
 executes the returned actions.
 
+Why unauthenticated sockets have their own budget (issue 9): the session's ports are
+visible to a port scan, so anybody may connect to them. A connection that has not
+authenticated must never take a place a session's real party needs: every socket is
+authenticated on its own (concurrently), the first to authenticate on each side is paired,
+and unauthenticated ones are bounded per side (``max_unauth_per_side``; a new one beyond it
+evicts the *oldest* unauthenticated one, which a real party, that sends its auth line at
+once, never is) and each has its own deadline (``auth_timeout``). Only authenticated
+connections count against ``max_pending_per_side``.
+
 Connections are identified by opaque integer ids chosen by the caller.
 """
 
@@ -37,7 +46,8 @@ class SessionPolicy:
     auth_timeout: float = 5.0  # per inbound socket, to deliver its auth line
     unpaired_timeout: float = 30.0  # grace after creation; session dies if nothing is paired then
     max_auth_line: int = 4096  # bytes, including the terminating newline
-    max_pending_per_side: int = 16  # authenticating + authenticated-but-unpaired, per port
+    max_pending_per_side: int = 16  # authenticated but unpaired, per port
+    max_unauth_per_side: int = 64  # not yet authenticated, per port; oldest evicted beyond
     max_pairs: int = 256  # concurrently spliced pairs per session (npt --multi)
 
 
@@ -177,15 +187,21 @@ class RelaySession:
         if self.closed:
             return [Drop(conn, "session closed")]
         queue = self._pending_a if side is Side.A else self._pending_b
-        waiting = len(queue) + sum(1 for s, _auth in self._authing.values() if s is side)
-        if waiting >= self.policy.max_pending_per_side:
-            return [Drop(conn, f"too many pending connections on side {side.value} "
-                               f"(max {self.policy.max_pending_per_side})")]
         if not needs_auth:
+            if len(queue) >= self.policy.max_pending_per_side:
+                return [Drop(conn, f"too many pending connections on side {side.value} "
+                                   f"(max {self.policy.max_pending_per_side})")]
             queue.append(conn)
             return self._try_pair()
+        actions: list[Action] = []
+        mine = [c for c, (s, _d) in self._authing.items() if s is side]  # oldest first
+        for old in mine[:max(0, len(mine) - self.policy.max_unauth_per_side + 1)]:
+            del self._authing[old]
+            actions.append(Drop(old, f"evicted: oldest of more than "
+                                     f"{self.policy.max_unauth_per_side} unauthenticated "
+                                     f"connections on side {side.value}"))
         self._authing[conn] = (side, now + self.policy.auth_timeout)
-        return []
+        return actions
 
     def auth_result(self, conn: int, ok: bool, now: float, reason: str = "") -> list[Action]:
         """The authenticator ruled on ``conn``'s first line (or reading it failed)."""
@@ -195,7 +211,11 @@ class RelaySession:
         side, _deadline = entry
         if not ok:
             return [Drop(conn, reason or f"side {side.value} failed authentication")]
-        (self._pending_a if side is Side.A else self._pending_b).append(conn)
+        queue = self._pending_a if side is Side.A else self._pending_b
+        if len(queue) >= self.policy.max_pending_per_side:
+            return [Drop(conn, f"too many authenticated connections waiting on side "
+                               f"{side.value} (max {self.policy.max_pending_per_side})")]
+        queue.append(conn)
         return self._try_pair()
 
     def conn_closed(self, conn: int, now: float) -> list[Action]:

@@ -13,8 +13,14 @@ the official srvd, both wire-compatible (§4.1, §11.8):
   client cannot make the relay verify side A against somebody else's key);
 * a session id that was seen before (open, closed, or being opened) is refused.
 
-Refusals get no reply (as the official srvd and sshnpd do) and are logged with the reason.
-Values of notifications and payload bytes are never logged.
+A refusal of a request from an allowed sender is answered with a NACK, as the official srvd
+does: ``@C:nack.<sid>.sshrvd@R`` whose value is the reason (the client's subscription
+``<sid>.sshrvd@`` matches it), naming the limit and the flag that sets it, so the user reads
+"relay @r refused: ... (max 64; srvd --max-sessions-per-atsign)" instead of a timeout.
+Senders the relay does not serve (not allowed, spoofed key, undecryptable value) and
+duplicate session ids get nothing: the first learn nothing, and a re-delivered request must
+not NACK a session that is being opened. Every refusal is logged with its reason. Values of
+notifications and payload bytes are never logged.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from noports.npproto.keys import (
     validate_session_id,
 )
 
+from . import revocation
 from .server import RelayCapacityError, RelayConfig, Rendezvous, SessionSummary
 from .session import SideAuthenticator
 
@@ -65,7 +72,7 @@ class SrvdPolicy:
     allowed: frozenset[str] | None = None
     allow_legacy: bool = True
     require_socket_auth: bool = False
-    max_sessions_per_sender: int = 64
+    max_sessions_per_sender: int = 1000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "relay_atsign", normalize_atsign(self.relay_atsign))
@@ -91,9 +98,13 @@ class Accept:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Do not open a session and do not reply; ``reason`` is for the log only."""
+    """Do not open a session. ``reason`` is logged; when ``nack`` is set (the requester is
+    served by this relay and named a usable session id) it goes back to the requester as
+    the NACK ``nack.<session_id>.sshrvd``."""
 
     reason: str
+    session_id: str | None = None
+    nack: str | None = None
 
 
 Decision = Union[Accept, Refuse]  # noqa: UP007 (runtime alias: `|` on classes needs 3.10)
@@ -126,38 +137,54 @@ def decide(key: str, sender: str, value: str | None, policy: SrvdPolicy, *,
     if len(value) > MAX_REQUEST_CHARS:
         return Refuse(f"request value longer than {MAX_REQUEST_CHARS} characters")
     if rk.legacy:
-        if not policy.allow_legacy or policy.require_socket_auth:
-            return Refuse("legacy (unauthenticated) requests are disabled")
         try:
             sid = validate_session_id(value.strip())
         except ProtocolError as exc:
             return Refuse(f"legacy request: {exc}")
+        if not policy.allow_legacy or policy.require_socket_auth:
+            flag = "--require-socket-auth" if policy.require_socket_auth else "--no-legacy"
+            return _nack(sid, f"legacy (unauthenticated) requests are disabled (srvd {flag})")
         accept = Accept(sid, who, rk.device, who, None, None, False, False, legacy=True)
     else:
         try:
             req = RelayRequest.from_json(value)
             sid = validate_session_id(req.session_id)
-            atsign_a = normalize_atsign(req.atsign_a)
-            atsign_b = normalize_atsign(req.atsign_b)
         except ProtocolError as exc:
             return Refuse(f"malformed request: {exc}")
         except Exception as exc:  # any decoder surprise is a refusal, not a crash
             return Refuse(f"malformed request: {type(exc).__name__}")
+        try:
+            atsign_a = normalize_atsign(req.atsign_a)
+            atsign_b = normalize_atsign(req.atsign_b)
+        except ProtocolError as exc:
+            return _nack(sid, f"malformed request: {exc}")
         if atsign_a != who:
-            return Refuse(f"atSignA {atsign_a} is not the sender {who}")
+            return _nack(sid, f"atSignA {atsign_a} is not the sender {who}")
         if not 0 < len(req.client_nonce) <= MAX_NONCE_CHARS:
-            return Refuse("clientNonce is empty or too long")
+            return _nack(sid, "clientNonce is empty or too long")
         if policy.require_socket_auth and not (req.authenticate_socket_a
                                                and req.authenticate_socket_b):
-            return Refuse("request disables socket authentication, which this relay requires")
+            return _nack(sid, "the request disables socket authentication, which this relay "
+                              "requires (srvd --require-socket-auth)")
         accept = Accept(sid, who, rk.device, atsign_a, atsign_b, req.client_nonce,
                         req.authenticate_socket_a, req.authenticate_socket_b)
     if accept.session_id in known_sessions:
         return Refuse(f"duplicate session id {accept.session_id}")
     if sender_sessions >= policy.max_sessions_per_sender:
-        return Refuse(f"{who} already has {sender_sessions} sessions "
-                      f"(max {policy.max_sessions_per_sender})")
+        return _nack(accept.session_id,
+                     f"{who} already has {sender_sessions} sessions "
+                     f"(max {policy.max_sessions_per_sender}; srvd --max-sessions-per-atsign)")
     return accept
+
+
+def _nack(session_id: str, reason: str) -> Refuse:
+    """A refusal the requester is told about (the same text as the log)."""
+    return Refuse(reason, session_id, reason)
+
+
+def nack_key_name(session_id: str) -> str:
+    """Name part of the NACK ``@C:nack.<sid>.sshrvd@R`` (sent with namespace None)."""
+    return f"nack.{validate_session_id(session_id)}.{RELAY_NS}"
 
 
 def reply_key_name(session_id: str) -> str:
@@ -252,6 +279,7 @@ class Srvd:
         self._inflight: dict[str, str] = {}  # sid -> sender, while keys/ports are fetched
         self._tasks: set[asyncio.Task[None]] = set()
         self.refused = 0
+        self.nacked = 0
         self.opened = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -287,6 +315,8 @@ class Srvd:
             self.refused += 1
             log.warning("refused request %s from %s: %s", key[:200], sender[:100],
                         decision.reason)
+            if decision.nack is not None and decision.session_id is not None:
+                await self._send_nack(who, decision.session_id, decision.nack)
             return None
         d = decision
         self._mark_seen(d.session_id)
@@ -317,6 +347,9 @@ class Srvd:
                     self.refused += 1
                     log.warning("refused session %s: no public key for side %s (%s)",
                                 d.session_id, side, atsign)
+                    await self._send_nack(d.sender, d.session_id,
+                                          f"cannot fetch the public key of {atsign} "
+                                          f"(side {side}) to authenticate its socket")
                     return None
                 auth = side_authenticator(d.session_id, d.client_nonce, rvd_nonce, pk)
                 if side == "A":
@@ -328,8 +361,12 @@ class Srvd:
         except (RelayCapacityError, ValueError, OSError) as exc:
             self.refused += 1
             log.warning("refused session %s from %s: %s", d.session_id, d.sender, exc)
+            why = (str(exc) if isinstance(exc, RelayCapacityError)
+                   else f"cannot open ports: {exc}")
+            await self._send_nack(d.sender, d.session_id, why)
             return None
         self._open[d.session_id] = _Open(d.sender, d.device, d.atsign_b, ports)
+        self._inflight.pop(d.session_id, None)  # counted once: as open from here on
         reply = reply_text(self.advertise, ports[0], ports[1], rvd_nonce)
         try:
             await asyncio.wait_for(
@@ -346,6 +383,18 @@ class Srvd:
                  "socket auth A=%s B=%s", d.session_id, d.sender, d.atsign_b or "?", d.device,
                  ", legacy" if d.legacy else "", ports[0], ports[1], d.auth_a, d.auth_b)
         return reply
+
+    async def _send_nack(self, to: str, session_id: str, reason: str) -> None:
+        """Tell the requester why (best effort: a failed NACK is logged, never raised)."""
+        try:
+            await asyncio.wait_for(
+                self.client.notify(to, nack_key_name(session_id), reason, namespace=None,
+                                   ttl_ms=REPLY_TTL_MS, ttln_ms=REPLY_TTLN_MS),
+                self.reply_timeout)
+            self.nacked += 1
+        except Exception as exc:
+            log.warning("session %s: NACK to %s failed (%s)", session_id, to,
+                        type(exc).__name__)
 
     # -- service loop --------------------------------------------------------------------------
 
@@ -390,6 +439,9 @@ class Srvd:
 
         consumer = asyncio.get_running_loop().create_task(consume())
         stopper = asyncio.get_running_loop().create_task(stop.wait())
+        # ends sessions of atSigns that revoke a device key (decision 0021)
+        revoker = asyncio.get_running_loop().create_task(revocation.for_srvd(self, self.client)
+                                                         .run())
         try:
             done, _pending = await asyncio.wait({consumer, stopper},
                                                 return_when=asyncio.FIRST_COMPLETED)
@@ -397,7 +449,7 @@ class Srvd:
                 consumer.result()  # surface a fatal monitor error
                 log.error("monitor ended unexpectedly")
         finally:
-            for t in (consumer, stopper):
+            for t in (consumer, stopper, revoker):
                 t.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await mon.aclose()  # type: ignore[attr-defined]

@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(and legacy requests)")
     p.add_argument("--no-legacy", action="store_true",
                    help="refuse legacy '<device>.sshrvd' requests")
-    p.add_argument("--max-sessions", type=_positive_int, default=10_000)
-    p.add_argument("--max-sessions-per-atsign", type=_positive_int, default=64)
+    p.add_argument("--max-sessions", type=_positive_int, default=10_000,
+                   help="sessions open at once, relay-wide (default 10000); a request beyond "
+                        "it is refused with a NACK naming this flag")
+    p.add_argument("--max-sessions-per-atsign", type=_positive_int, default=1000,
+                   help="sessions one requesting atSign may have open or being opened "
+                        "(default 1000); beyond it: NACK naming this flag")
     p.add_argument("--idle-timeout", type=float, default=3600.0,
                    help="close a pair that relayed nothing for this many seconds (default 3600)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

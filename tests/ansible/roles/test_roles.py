@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.harness.plane import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -41,12 +42,6 @@ def _ansible_playbook() -> str:
     return which
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _recap(output: str) -> dict[str, int]:
     m = re.search(r"localhost\s+:\s+(.*)", output)
     assert m, output[-3000:]
@@ -61,7 +56,7 @@ def env(tmp_path):
     root = tmp_path / "t"
     root.mkdir()
     extra = {
-        "root": str(root), "port": _free_port(),
+        "root": str(root), "port": free_port(),
         # the test interpreter stands in for the host's python3 + python3-cryptography/regex
         "runtime_python": sys.executable,
         "runtime_site_dirs": [sysconfig.get_paths()["purelib"]],

@@ -1,6 +1,5 @@
-"""Ansible end to end in the "no open ports" topology (root + network namespaces).
-
-The world a user starts from, built for real::
+"""Ansible end to end in the "no open ports" topology: the world of test_ansible_e2e.py and of
+``make demo`` (demo/run.py), built for real::
 
     root ns = controller    ansible-playbook, OpenSSH ssh, the sshnp client (ProxyCommand)
     relay ns  10.213.X.2    OpenSSH sshd on 10.213.X.2:22 (the relay host's admin access);
@@ -10,16 +9,22 @@ The world a user starts from, built for real::
                             controller and a second sshd on the device address (same host key,
                             same authorized_keys); the sshnpd role installs the daemon here
 
-Phases (test_ansible_e2e.py): :meth:`AnsibleE2E.provision` over plain SSH (``ansible_connection:
-ssh`` as root, roles with ``service_manager: none``), then :meth:`AnsibleE2E.close_inbound`
-(setup ssh masters closed, setup sshd stopped, the topology's drop-all ruleset restored), then a
-playbook whose inventory says ``ansible_connection: sshnp``.
+Phases: :meth:`AnsibleE2E.provision_inventory` + ``provision.yml`` over plain SSH
+(``ansible_connection: ssh``, roles with ``service_manager: none``), then
+:meth:`AnsibleE2E.close_inbound` (setup ssh masters closed, setup sshd stopped, the topology's
+drop-all ruleset restored), then a playbook whose inventory says ``ansible_connection: sshnp``.
 
 Hosts share one filesystem (namespaces isolate only the network), so every host gets its own
 ``host_root`` directory standing in for its /etc, /opt, /var, /run: the roles are pointed there.
-Device sshd host key: the roles' sshnpd pins ``/etc/ssh/ssh_host_*_key.pub`` (the role has no
-variable for ``sshd_host_keys``), so each device sshd serves ``/etc/ssh/ssh_host_ed25519_key``,
-as a real device's sshd does; the relay's sshd gets a fresh key.
+Device sshd host key (namespaced): each device sshd serves ``/etc/ssh/ssh_host_ed25519_key``, as
+a real device's sshd does, which is what the sshnpd role pins by default; the relay's sshd gets
+a fresh key.
+
+Without root (or with ``NOPORTS_TOPOLOGY=loopback``) :func:`ansible_world` gives a
+:class:`LoopbackE2E` instead: no namespaces and no firewall, every sshd runs as the current user
+on a free high port of 127.0.0.1 with its own host key (``sshnpd_sshd_host_keys`` pins it), the
+login user is the current user. The same playbooks run; what only namespaces can show (dropped
+inbound connections, separate network stacks) is asserted only when ``topo.namespaced``.
 
 Also used by bench/ansible_playbook.py for inventories, ansible-playbook runs and recaps.
 """
@@ -27,10 +32,12 @@ Also used by bench/ansible_playbook.py for inventories, ansible-playbook runs an
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -39,8 +46,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from plane_harness import Proc
-from topology import NFT_DEVICE_RULES, SSHD, Topology, build_topology, tcp_connect
+from tests.harness.plane import Proc, free_port, unused_port
+from tests.harness.sshd import keygen, start_sshd
+from tests.harness.topology import (
+    NFT_DEVICE_RULES,
+    SSHD,
+    Topology,
+    build_topology,
+    tcp_connect,
+    want_namespaces,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = REPO / "tests" / "ansible" / "e2e"
@@ -101,6 +116,27 @@ class PlaybookRun:
             raise AssertionError(f"ansible-playbook failed (rc={self.returncode}, {bad}):\n"
                                  f"{' '.join(self.argv)}\n{self.tail()}")
         return self
+
+
+def ansible_env(base: Path, *, home: Path, collections: Path, cp_dir: Path,
+                **extra: str) -> dict[str, str]:
+    """Environment of an ansible run on the controller: none of the caller's ``ANSIBLE_*``
+    settings, ``HOME`` and temp dirs under ``base``, tests/ansible/e2e/ansible.cfg with the
+    collection copy at ``collections``, ssh masters in ``cp_dir``, the venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update({
+        "HOME": str(home),
+        "ANSIBLE_CONFIG": str(E2E_DIR / "ansible.cfg"),
+        "NOPORTS_COLLECTION_ROOT": str(collections),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(cp_dir),
+        "ANSIBLE_LOCAL_TEMP": str(base / "ansible-local"),
+        "ANSIBLE_REMOTE_TEMP": str(base / "ansible-remote"),
+        "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env["PATH"] = f"{Path(PY).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update(extra)
+    return env
 
 
 def write_inventory(path: Path, inventory: Mapping) -> Path:
@@ -169,24 +205,18 @@ class Host:
         return self.root / "var" / "log" / "noports"
 
 
-def sshd_config(path: Path, *, listen: str, port: int, host_key: Path, authorized_keys: Path,
-                pid_file: Path) -> Path:
-    path.write_text("\n".join([
-        f"Port {port}", f"ListenAddress {listen}", f"HostKey {host_key}",
-        f"AuthorizedKeysFile {authorized_keys}", f"PidFile {pid_file}", "StrictModes no",
-        "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        "AllowTcpForwarding yes", "Subsystem sftp internal-sftp", "LogLevel VERBOSE",
-        "MaxSessions 64", "MaxStartups 100:30:200", ""]))
-    return path
-
-
 class AnsibleE2E:
-    """The topology plus what the controller needs to run playbooks into it."""
+    """The topology plus what the controller needs to run playbooks into it. Namespaced, or
+    the loopback fallback (``topo.namespaced`` False): see the module docstring."""
 
     def __init__(self, topo: Topology, base: Path) -> None:
         self.topo = topo
         self.base = base
+        ns = topo.namespaced
+        self.ssh_user = "root" if ns else getpass.getuser()  # ansible's login, ssh and sshnp
+        # loopback: the control plane's port is bound ~20 s later, by the role: not ephemeral
+        self.plane_port = PLANE_PORT if ns else unused_port()
+        self.relay_ssh_port = 22 if ns else free_port()
         self.home = base / "controller-home"  # HOME of every ansible/ssh/sshnp run
         self.controller_dir = base / "controller"
         self.client_keys_dir = self.controller_dir / "keys"
@@ -205,32 +235,23 @@ class AnsibleE2E:
 
     # -- environment -----------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
-        for k in [k for k in env if k.startswith("ANSIBLE_")]:
-            del env[k]  # nothing of the caller's Ansible setup leaks in
-        env.update({
-            "HOME": str(self.home),
-            "ANSIBLE_CONFIG": str(E2E_DIR / "ansible.cfg"),
-            "NOPORTS_COLLECTION_ROOT": str(self.collections),
-            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.cp_dir),
-            "ANSIBLE_LOCAL_TEMP": str(self.base / "ansible-local"),
-            "ANSIBLE_REMOTE_TEMP": str(self.base / "ansible-remote"),
-            "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.default",
-            "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env["PATH"] = f"{Path(PY).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-        env.update(extra)
-        return env
+        return ansible_env(self.base, home=self.home, collections=self.collections,
+                           cp_dir=self.cp_dir, ANSIBLE_STDOUT_CALLBACK="ansible.builtin.default",
+                           ANSIBLE_CALLBACK_RESULT_FORMAT="yaml", **extra)
 
     def playbook(self, playbook: str | Path, inventory: Path, *args: str, timeout: float = 240,
                  env: Mapping[str, str] | None = None) -> PlaybookRun:
         argv = [ansible_tool("ansible-playbook"), "-i", str(inventory),
                 str(E2E_DIR / playbook if isinstance(playbook, str) else playbook), *args]
         t0 = time.monotonic()
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           env=self.env(**(env or {})), cwd=str(E2E_DIR), check=False)
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                               env=self.env(**(env or {})), cwd=str(E2E_DIR), check=False)
+        except subprocess.TimeoutExpired as e:  # say where it was, not just that it hung
+            partial = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                              for b in (e.stdout, e.stderr))
+            raise AssertionError(f"ansible-playbook did not finish within {timeout:.0f} s: "
+                                 f"{' '.join(argv)}\n{partial[-8000:]}") from None
         out = p.stdout + p.stderr
         run = PlaybookRun(argv, p.returncode, out, time.monotonic() - t0, parse_recap(out))
         self.runs.append(run)
@@ -238,61 +259,51 @@ class AnsibleE2E:
 
     # -- set-up ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Controller key and dirs, collection link, relay sshd, device sshd + setup access."""
+        """Controller key and dirs, collection copy, relay sshd, device sshd + setup access."""
         for d in (self.home / ".ssh", self.controller_dir, self.cp_dir, self.relay.root,
                   *(h.root for h in self.devices)):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         snapshot_collection(self.collections)
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "np-ansible-e2e",
-                        "-f", str(self.identity)], check=True, timeout=30)
+        keygen(self.identity, "np-ansible-e2e")
         pub = Path(f"{self.identity}.pub").read_text().strip()
 
-        # devices: sshd on 127.0.0.1:22 serving the host's /etc/ssh key (what sshnpd pins)
-        for dev in self.topo.devices:
-            key = dev.base / "ssh_host_ed25519_key"
-            for suffix in ("", ".pub"):
+        # devices: sshd on their 127.0.0.1; namespaced, serving the host's /etc/ssh key (what
+        # the sshnpd role pins by default); loopback, their own key (pinned by the inventory)
+        known = []
+        for dev, h in zip(self.topo.devices, self.devices, strict=True):
+            for suffix in ("", ".pub") if self.topo.namespaced else ():
                 target = dev.base / f"ssh_host_ed25519_key{suffix}"
                 if not target.exists():
                     os.symlink(f"{ETC_HOST_KEY}{suffix}", target)
             with open(dev.authorized_keys, "a", encoding="utf-8") as fh:
                 fh.write(pub + "\n")
             self.topo.start_device_sshd(dev.index)
-            assert dev.host_keys == [key]
+            known.append(_known_line(h.address, dev.ssh_port, dev.host_keys[0]))
 
         # relay: its own host key, sshd on its address (the relay takes inbound connections)
         rdir = self.relay.root / "sshd"
-        rdir.mkdir(parents=True, exist_ok=True)
-        rkey = rdir / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "relay", "-f",
-                        str(rkey)], check=True, timeout=30)
         rak = rdir / "authorized_keys"
+        rdir.mkdir(parents=True, exist_ok=True)
         rak.write_text(pub + "\n")
-        cfg = sshd_config(rdir / "sshd_config", listen=self.relay.address, port=22,
-                          host_key=rkey, authorized_keys=rak, pid_file=rdir / "sshd.pid")
-        self.relay_sshd = self.topo.spawn_in(self.relay.ns, [SSHD, "-D", "-e", "-f", str(cfg)])
-        self.relay_sshd.wait_for(rf"Server listening on {re.escape(self.relay.address)} port 22",
-                                 timeout=15)
-
-        lines = [f"{self.relay.address} {' '.join(Path(f'{rkey}.pub').read_text().split()[:2])}"]
-        etc_pub = " ".join(Path(f"{ETC_HOST_KEY}.pub").read_text().split()[:2])
-        lines += [f"{h.address} {etc_pub}" for h in self.devices]
-        self.known_hosts.write_text("\n".join(lines) + "\n")
+        self.relay_sshd, rkey = start_sshd(
+            rdir, listen=self.relay.address, port=self.relay_ssh_port, authorized_keys=rak,
+            spawner=lambda argv: self.topo.spawn_in(self.relay.ns, argv))
+        known.append(_known_line(self.relay.address, self.relay_ssh_port, rkey))
+        self.known_hosts.write_text("\n".join(known) + "\n")
         self.open_inbound()
 
     def open_inbound(self) -> None:
-        """Setup phase: each device accepts tcp/22 from the controller on its own address."""
-        for h in self.devices:
+        """Setup phase: each device accepts tcp/22 from the controller on its own address
+        (loopback: nothing to open, the devices' sshd are reachable already)."""
+        for h in self.devices if self.topo.namespaced else ():
             self.topo.run_in(h.ns, ["nft", "insert", "rule", "inet", "np_guard", "input", "ip",
                                     "saddr", self.topo.controller_address, "tcp", "dport", "22",
                                     "accept"])
             dev = self.topo.device(h.index)
-            d = dev.base / "setup-sshd"
-            d.mkdir(exist_ok=True)
-            cfg = sshd_config(d / "sshd_config", listen=h.address, port=22,
-                              host_key=dev.host_keys[0], authorized_keys=dev.authorized_keys,
-                              pid_file=d / "sshd.pid")
-            proc = self.topo.spawn_in(h.ns, [SSHD, "-D", "-e", "-f", str(cfg)])
-            proc.wait_for(rf"Server listening on {re.escape(h.address)} port 22", timeout=15)
+            proc, _key = start_sshd(
+                dev.base / "setup-sshd", listen=h.address, port=22, host_key=dev.host_keys[0],
+                authorized_keys=dev.authorized_keys,
+                spawner=lambda argv, ns=h.ns: self.topo.spawn_in(ns, argv))
             self.setup_sshd[h.index] = proc
         self.inbound_open = True
 
@@ -303,10 +314,12 @@ class AnsibleE2E:
         for i, proc in list(self.setup_sshd.items()):
             proc.stop(timeout=5)
             del self.setup_sshd[i]
+        self.inbound_open = False
+        if not self.topo.namespaced:
+            return {}  # loopback: no firewall to restore, nothing to probe
         for h in self.devices:
             self.topo.run_in(h.ns, ["nft", "-f", "-"],
                              input="delete table inet np_guard\n" + NFT_DEVICE_RULES)
-        self.inbound_open = False
         return {h.name: tcp_connect(self.topo, None, h.address, 22, timeout=2.0)
                 for h in self.devices}
 
@@ -338,7 +351,7 @@ class AnsibleE2E:
     def provision_inventory(self) -> Path:
         ssh_vars = {
             "ansible_connection": "ssh",
-            "ansible_user": "root",
+            "ansible_user": self.ssh_user,
             "ansible_ssh_private_key_file": str(self.identity),
             "ansible_ssh_common_args": (f"-F /dev/null -o UserKnownHostsFile={self.known_hosts}"
                                         " -o GlobalKnownHostsFile=/dev/null"
@@ -346,21 +359,32 @@ class AnsibleE2E:
             "ansible_python_interpreter": PY,
         }
         inv = {"all": {
-            "vars": {"plane_host": self.relay.address, "plane_port": PLANE_PORT,
+            "vars": {"plane_host": self.relay.address, "plane_port": self.plane_port,
                      "relay_atsign": RELAY_ATSIGN, "client_atsign": CLIENT_ATSIGN,
                      "controller_dir": str(self.controller_dir),
                      "client_keys_dir": str(self.client_keys_dir), **self.runtime_vars()},
             "children": {
                 "relays": {"hosts": {"relay": {"ansible_host": self.relay.address,
+                                              "ansible_port": self.relay_ssh_port,
                                               "host_root": str(self.relay.root), **ssh_vars}}},
                 "devices": {"hosts": {h.name: {
                     "ansible_host": h.address, "host_root": str(h.root),
                     "device_atsign": device_atsign(h.index), "device_name": h.name,
                     "device_address": h.address,
                     "device_authorized_keys": str(self.topo.device(h.index).authorized_keys),
-                    **ssh_vars} for h in self.devices}},
+                    **self._device_sshd_vars(h), **ssh_vars} for h in self.devices}},
             }}}
         return write_inventory(self.base / "inventory-provision.yml", inv)
+
+    def _device_sshd_vars(self, h: Host) -> dict:
+        """Where the device's sshd listens and which host key sshnpd pins: the roles'
+        defaults (port 22, /etc/ssh keys) when namespaced; the loopback sshd otherwise."""
+        dev = self.topo.device(h.index)
+        if self.topo.namespaced:
+            return {"ansible_port": 22}
+        return {"ansible_port": dev.ssh_port, "sshnpd_local_sshd_port": dev.ssh_port,
+                "sshnpd_permit_open": [f"localhost:{dev.ssh_port}"],
+                "sshnpd_sshd_host_keys": f"{dev.host_keys[0]}.pub"}
 
     def client_keys(self) -> Path:
         return self.client_keys_dir / f"{CLIENT_ATSIGN}_key.atKeys"
@@ -370,12 +394,12 @@ class AnsibleE2E:
         inv = {"all": {"children": {"devices": {
             "vars": {
                 "ansible_connection": connection,
-                "ansible_user": "root",
+                "ansible_user": self.ssh_user,
                 "ansible_ssh_private_key_file": str(self.identity),
                 "ansible_sshnp_client_atsign": CLIENT_ATSIGN,
                 "ansible_sshnp_relays": RELAY_ATSIGN,
                 "ansible_sshnp_keys_file": str(self.client_keys()),
-                "ansible_sshnp_root_domain": f"{self.relay.address}:{PLANE_PORT}",
+                "ansible_sshnp_root_domain": f"{self.relay.address}:{self.plane_port}",
                 "ansible_sshnp_ca_file": str(self.controller_dir / "ca.pem"),
                 "ansible_python_interpreter": PY,
                 "ansible_become_method": "su",  # no sudo in the image; root -> root
@@ -383,7 +407,8 @@ class AnsibleE2E:
             },
             "hosts": {h.name: {"ansible_sshnp_device_atsign": device_atsign(h.index),
                                "ansible_sshnp_device": h.name, "host_root": str(h.root),
-                               "device_address": h.address} for h in self.devices},
+                               "device_address": h.address,
+                               "device_iface": self.topo.relay_iface} for h in self.devices},
         }}}}
         return write_inventory(self.base / "inventory-sshnp.yml", inv)
 
@@ -427,16 +452,29 @@ class AnsibleE2E:
 
     # -- teardown --------------------------------------------------------------------------
     def close(self) -> None:
+        """ssh masters closed, the daemons the roles started stopped (loopback has no
+        namespace whose teardown would stop them)."""
         with contextlib.suppress(Exception):
             close_masters(self.cp_dir)
+        with contextlib.suppress(Exception):
+            stop_role_daemons(self)
+
+
+def _known_line(address: str, port: int, host_key: Path) -> str:
+    """A known_hosts line for an sshd at address:port serving ``host_key``."""
+    name = address if port == 22 else f"[{address}]:{port}"
+    return f"{name} {' '.join(Path(f'{host_key}.pub').read_text().split()[:2])}"
 
 
 @contextlib.contextmanager
-def ansible_world(base: Path, n_devices: int = 2) -> Iterator[AnsibleE2E]:
-    """Topology (namespaced) with sshd on the relay and, reachable for the setup phase, on
-    every device. Daemons the roles start run inside the namespaces and are stopped by the
-    topology's teardown (TERM, then KILL, by pid)."""
-    with build_topology(base / "topo", n_devices=n_devices, sshd=False) as topo:
+def ansible_world(base: Path, n_devices: int = 2, *,
+                  namespaced: bool | None = None) -> Iterator[AnsibleE2E]:
+    """Topology (namespaced when root, else loopback) with sshd on the relay and, reachable for
+    the setup phase, on every device. Daemons the roles start are stopped by the topology's
+    teardown when namespaced (TERM, then KILL, by pid); in loopback by the caller
+    (:func:`stop_role_daemons`)."""
+    with build_topology(base / "topo", n_devices=n_devices, sshd=False,
+                        namespaced=namespaced) as topo:
         world = AnsibleE2E(topo, base)
         try:
             world.prepare()
@@ -445,26 +483,85 @@ def ansible_world(base: Path, n_devices: int = 2) -> Iterator[AnsibleE2E]:
             world.close()
 
 
-def skip_reason() -> str | None:
-    """Why the e2e cannot run here (None when it can)."""
-    from topology import want_namespaces
-    if not want_namespaces():
-        return "needs root and network namespaces (drop-all devices are the point of the test)"
-    for tool in ("nft", "ssh", "ssh-keygen", "ss"):
+def skip_reason(namespaced: bool | None = None) -> str | None:
+    """Why the e2e world cannot be built here (None when it can); ``namespaced`` None: as
+    :func:`ansible_world` would decide."""
+    namespaced = want_namespaces() if namespaced is None else namespaced
+    for tool in ("ssh", "ssh-keygen", "ss", *(("ip", "nft") if namespaced else ())):
         if not shutil.which(tool):
             return f"{tool} is not installed"
     if not Path(SSHD).exists():
         return "OpenSSH sshd is not installed"
-    if not (ETC_HOST_KEY.exists() and Path(f"{ETC_HOST_KEY}.pub").exists()):
+    if namespaced and not (ETC_HOST_KEY.exists() and Path(f"{ETC_HOST_KEY}.pub").exists()):
         return f"{ETC_HOST_KEY} missing (sshnpd pins /etc/ssh host keys; run ssh-keygen -A)"
     if not Path(ansible_tool("ansible-playbook")).exists():
         return "ansible-playbook is not installed"
     return None
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def kill_group(pid: int, grace: float = 5.0) -> None:
+    """TERM then KILL the process group led by ``pid`` (or the process alone)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(0.05)
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Our own live processes whose command line mentions ``text`` (a run's temp dir)."""
+    me = os.getpid()
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == me:
+            continue
+        try:
+            if p.stat().st_uid != os.geteuid():
+                continue
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in cmd and alive(int(p.name)):
+            found.append(int(p.name))
+    return found
+
+
+def stop_role_daemons(world: AnsibleE2E) -> int:
+    """The daemons our roles started (pid files under each host's run dir): TERM, then KILL,
+    by process group (the roles' runner starts each in a session of its own)."""
+    n = 0
+    for host in (world.relay, *world.devices):
+        for pid_file in sorted((host.root / "run" / "noports").glob("*.pid")):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pid = int(pid_file.read_text().split()[0])
+                if alive(pid) and pid in pids_mentioning(str(world.base)):  # not a reused pid
+                    kill_group(pid)
+                    n += 1
+    return n
+
+
 __all__ = [
     "AnsibleE2E", "CLIENT_ATSIGN", "E2E_DIR", "Host", "PLANE_PORT", "PlaybookRun",
-    "RELAY_ATSIGN", "ansible_tool", "ansible_world", "close_masters", "device_atsign",
-    "device_name", "parse_recap", "skip_reason", "snapshot_collection", "sshd_config",
-    "write_inventory",
+    "RELAY_ATSIGN", "ansible_env", "ansible_tool", "ansible_world", "close_masters", "device_atsign",
+    "device_name", "kill_group", "parse_recap", "pids_mentioning", "skip_reason",
+    "snapshot_collection", "stop_role_daemons", "write_inventory",
 ]

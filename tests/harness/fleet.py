@@ -18,10 +18,10 @@ namespace too, with ``atdirectory register`` (the operator's tool) or, for large
 with one ``redis-cli`` pipe in the official layout (key = atSign without ``@``, lower-case;
 value = ``host:port``).
 
-Used by tests/integration/test_fleet.py and bench/fleet.py (which puts tests/integration on
-sys.path). Self-contained on top of topology.py / plane_harness.py on purpose: it needs a
-Redis directory, several atserver processes and several relays, which the single-relay
-noports_harness.World does not model.
+Used by tests/integration/test_fleet.py and bench/fleet.py. ``Fleet`` is a
+``world.BaseWorld`` (topology, plane, client key, srvd/sshnpd command lines) with what the
+single-relay ``world.World`` does not model: a Redis directory, several atserver processes and
+several relays.
 """
 
 from __future__ import annotations
@@ -37,14 +37,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plane_harness import AtServer, Proc, tool
-from topology import NsPlane, Topology, build_topology, free_port
-
-from noports import crypto
+from tests.harness.plane import AtServer, Proc, cmdlines, free_port, tool
+from tests.harness.topology import NsPlane, Topology, build_topology
+from tests.harness.world import BaseWorld, client_identity
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[2]
@@ -170,49 +168,27 @@ def start_redis(topo: Topology, base: Path) -> tuple[Proc, int]:
 
 
 @dataclass
-class Fleet:
-    topo: Topology
+class Fleet(BaseWorld):
+    """A :class:`world.BaseWorld` with a Redis directory, sharded atServers and several
+    relays (the fleet's own atSign names: ``CLIENT`` and ``device_atsign`` of this module)."""
+
     plane: RedisNsPlane
-    base: Path
-    redis: Proc
-    shards: dict[str, AtServer]  # shard name -> atserver process
-    shard_of: dict[str, str]  # atSign -> shard name
-    relays: list[str]
-    client_home: Path
-    identity: Path
+    redis: Proc | None = None
+    shards: dict[str, AtServer] = field(default_factory=dict)  # shard name -> atserver
+    shard_of: dict[str, str] = field(default_factory=dict)  # atSign -> shard name
+    relays: list[str] = field(default_factory=list)
     srvd: dict[str, Proc] = field(default_factory=dict)
     daemons: dict[int, Proc] = field(default_factory=dict)
+
+    client_atsign = CLIENT
+
+    @staticmethod
+    def device_atsign(i: int) -> str:
+        return device_atsign(i)
 
     @property
     def n(self) -> int:
         return self.topo.n_devices
-
-    @property
-    def namespaced(self) -> bool:
-        return self.topo.namespaced
-
-    @property
-    def root(self) -> str:
-        return self.plane.root
-
-    @property
-    def ca(self) -> str:
-        return str(self.plane.ca_file)
-
-    def keyfile(self, atsign: str) -> Path:
-        return self.plane.keys_file(atsign)
-
-    def device(self, i: int):  # noqa: ANN201 - topology.Device
-        return self.topo.device(i)
-
-    def host_pub(self, i: int) -> Path:
-        return Path(str(self.device(i).host_keys[0]) + ".pub")
-
-    def client_env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "HOME": str(self.client_home), "PYTHONUNBUFFERED": "1", **extra}
-
-    def netns_id(self, ns: str | None) -> str:
-        return self.topo.run_in(ns, ["readlink", "/proc/self/ns/net"]).stdout.strip()
 
     def where(self, i: int) -> str:
         """What :data:`WHERE` prints when run on device ``i``'s sshd."""
@@ -220,14 +196,8 @@ class Fleet:
 
     # -- relays -------------------------------------------------------------------------------
     def start_srvd(self, relay: str, *extra: str) -> Proc:
-        ip = self.topo.relay_address
-        proc = self.topo.spawn_in(self.topo.relay_ns, [
-            PY, "-m", "noports.relay.srvd_cli", "-a", relay, "-k", str(self.keyfile(relay)),
-            "--root-domain", self.root, "--ca-file", self.ca, "-i", ip, "--bind", ip,
-            "-m", CLIENT, *extra])
-        proc.wait_for(rf"srvd {re.escape(relay)} ready", timeout=60)
-        self.srvd[relay] = proc
-        return proc
+        self.srvd[relay] = self.spawn_srvd(relay, "-m", CLIENT, *extra, timeout=60)
+        return self.srvd[relay]
 
     def srvd_sessions(self, relay: str) -> int:
         """Sessions the relay has opened so far (its own log lines)."""
@@ -235,16 +205,6 @@ class Fleet:
         return sum(1 for ln in list(self.srvd[relay].lines) if rx.search(ln))
 
     # -- devices -------------------------------------------------------------------------------
-    def sshnpd_argv(self, i: int) -> list[str]:
-        dev = self.device(i)
-        return [PY, "-m", "noports.daemon.cli", "-a", device_atsign(i), "-m", CLIENT,
-                "-d", device_name(i), "-k", str(self.keyfile(device_atsign(i))),
-                "--root-domain", self.root, "--ca-file", self.ca,
-                "--local-sshd-port", str(dev.ssh_port),
-                "--permit-open", f"localhost:{dev.ssh_port}",
-                "--authorized-keys", str(dev.authorized_keys),
-                "--sshd-host-keys", str(self.host_pub(i)), "--log-format", "json"]
-
     def start_sshnpd(self, devices: Iterable[int], *, batch: int = 10,
                      timeout: float = 120) -> None:
         """Start the daemons in batches (spawn a batch, then wait for every ``ready``)."""
@@ -252,8 +212,7 @@ class Fleet:
         for k in range(0, len(todo), batch):
             group = todo[k:k + batch]
             for i in group:
-                self.daemons[i] = self.topo.spawn_in(self.device(i).ns, self.sshnpd_argv(i),
-                                                     env={"HOME": str(self.device(i).home)})
+                self.daemons[i] = self.spawn_sshnpd(i, self.sshnpd_argv(i))
             for i in group:
                 self.daemons[i].wait_for(r'"event": "ready"', timeout=timeout)
 
@@ -274,16 +233,6 @@ class Fleet:
         return subprocess.run(self.sshnp_argv(i, *command, **kw), capture_output=True,
                               text=True, timeout=timeout, env=self.client_env(),
                               stdin=subprocess.DEVNULL)
-
-
-def _client_identity(home: Path) -> Path:
-    ssh = home / ".ssh"
-    ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ident = ssh / "id_ed25519"
-    if not ident.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "np-fleet-client",
-                        "-f", str(ident)], check=True, timeout=30)
-    return ident
 
 
 def shard_layout(n_devices: int, n_shards: int, relays: Sequence[str]) -> dict[str, list[str]]:
@@ -315,23 +264,11 @@ def fleet(base: Path, n_devices: int, *, n_shards: int = 3, n_relays: int = 2,
                              bulk_register=n_devices > 12 if bulk_register is None
                              else bulk_register)
         topo.planes.append(plane)
-        plane.start_directory()
         layout = shard_layout(n_devices, n_shards, relays)
-        cram: dict[str, str] = {}
-        shards: dict[str, AtServer] = {}
-        for name, atsigns in layout.items():
-            mine = {a: crypto.generate_cram_secret() for a in atsigns}
-            cram.update(mine)
-            shards[name] = plane.start_atserver(name, mine)
-        with ThreadPoolExecutor(activate_workers) as pool:
-            list(pool.map(lambda a: plane.activate(a, cram[a]), list(cram)))
+        plane.plane.populate(layout, workers=activate_workers)
+        shards = dict(zip(layout, plane.servers, strict=True))
         home = base / "client-home"
-        home.mkdir(parents=True, exist_ok=True)
-        ident = _client_identity(home)
-        pub = Path(str(ident) + ".pub").read_text().strip()
-        for dev in topo.devices:
-            with open(dev.authorized_keys, "a", encoding="utf-8") as fh:
-                fh.write(pub + "\n")
+        ident = client_identity(home, topo)
         f = Fleet(topo=topo, plane=plane, base=base, redis=redis, shards=shards,
                   shard_of={a: s for s, al in layout.items() for a in al}, relays=relays,
                   client_home=home, identity=ident)
@@ -552,36 +489,21 @@ def _pids_mentioning(needle: bytes) -> list[int]:
     """Client-side processes whose command line names ``needle`` (a temp dir this run
     created, so they are ours; ssh masters daemonize away from us): ssh, sh, sshnp only."""
     out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
+    for pid, cmd in cmdlines():
         if needle not in cmd:
             continue
         argv0 = cmd.split(b"\0", 1)[0].rsplit(b"/", 1)[-1]
         first_args = b" ".join(cmd.split(b"\0")[:3])
         if argv0 in (b"ssh", b"sh") or b"noports.client" in first_args or b"sshnp" in first_args:
-            out.append(int(p.name))
+            out.append(pid)
     return out
 
 
 def client_processes(f: Fleet) -> list[int]:
     """Live ``sshnp --stdio`` ProxyCommand processes of this fleet (one per open master)."""
     keys = str(f.keyfile(CLIENT)).encode()
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"--stdio" in cmd and keys in cmd and not cmd.startswith(b"/bin/sh"):
-            pids.append(int(p.name))
-    return pids
+    return [pid for pid, cmd in cmdlines()
+            if b"--stdio" in cmd and keys in cmd and not cmd.startswith(b"/bin/sh")]
 
 
 __all__ = [

@@ -41,13 +41,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-from plane_harness import AtServer, Directory, Plane, Proc, run, spawn, tool
-
-from noports import crypto
 from noports.keys.atkeys import AtKeys
-from noports.keys.ca import client_context
-from noports.keys.onboarding import activate
+from tests.harness.plane import AtServer, Directory, Plane, Proc, free_port, spawn
+from tests.harness.sshd import SSHD, start_sshd
 
 PREFIX = "nptp"  # every namespace and link we create starts with this
 STATE_DIR = Path(os.environ.get("NOPORTS_TOPOLOGY_STATE", "/tmp/noports-topology"))
@@ -55,7 +51,6 @@ SUBNET_BASE = "10.213"  # 10.213.X.0/24, X picked free per run (7 when available
 PREFERRED_X = 7
 RELAY_HOST = 2
 DEVICE_HOST0 = 10  # device i (1-based) gets .10+i
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 _ID_RE = re.compile(rf"{PREFIX}-?([0-9a-f]{{6}})")
 
 NFT_DEVICE_RULES = """\
@@ -193,12 +188,6 @@ def _used_subnet_x() -> set[int]:
     return used
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- devices
 
 
@@ -236,18 +225,18 @@ class Device:
 
 
 class NsPlane:
-    """A :class:`plane_harness.Plane` whose servers run inside the relay namespace.
+    """A :class:`tests.harness.plane.Plane` whose servers run inside the relay namespace.
 
-    Composition, not a subclass: the Plane keeps TLS, the directory store, registration and
-    client_env; only the two ``serve`` processes are started here, prefixed with
-    ``ip netns exec``. Registration writes the SQLite store directly, from the root namespace.
+    Composition, not a subclass: the Plane keeps TLS, the directory store, registration,
+    activation and client_env; its ``spawner`` prefixes the two ``serve`` programs with
+    ``ip netns exec``. Registration writes the store and activation connects from the root
+    namespace.
     """
 
     def __init__(self, topo: Topology, base: Path) -> None:
         self.topo = topo
-        self.plane = Plane(base, host=topo.relay_address)
-        self.keys: dict[str, AtKeys] = {}
-        self.keys_dir = base / "keys"
+        self.plane = Plane(base, host=topo.relay_address,
+                           spawner=lambda argv: topo.spawn_in(topo.relay_ns, argv))
 
     # delegation of what tests use most
     @property
@@ -264,9 +253,7 @@ class NsPlane:
 
     @property
     def root_tuple(self) -> tuple[str, int]:
-        d = self.plane.directory
-        assert d is not None
-        return d.host, d.port
+        return self.plane.root_tuple
 
     @property
     def directory(self) -> Directory | None:
@@ -276,66 +263,33 @@ class NsPlane:
     def servers(self) -> list[AtServer]:
         return self.plane.servers
 
+    @property
+    def keys(self) -> dict[str, AtKeys]:
+        return self.plane.keys
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.plane.keys_dir
+
     def client_env(self, home: Path) -> dict[str, str]:
         return self.plane.client_env(home)
 
     def ssl_context(self):  # noqa: ANN201 - ssl.SSLContext
-        return client_context(self.ca_file)
+        return self.plane.ssl_context()
 
     def start_directory(self) -> Directory:
-        p = self.plane
-        proc = self.topo.spawn_in(self.topo.relay_ns, [
-            tool("atdirectory"), "serve", "--host", p.host, "--port", "0", "--store", p.store,
-            "--tls-dir", str(p.tls.directory)])
-        m = proc.wait_for(r"atdirectory listening on (\S+):(\d+)")
-        p.directory = Directory(proc, m.group(1), int(m.group(2)), p.store)
-        return p.directory
+        return self.plane.start_directory()
 
     def start_atserver(self, name: str, atsigns: dict[str, str]) -> AtServer:
         """Start an atserver hosting ``atsigns`` (atSign -> CRAM secret) in the relay ns."""
-        p = self.plane
-        state = p.base / name
-        state.mkdir(parents=True, exist_ok=True)
-        for atsign, secret in atsigns.items():
-            secret_file = state / f".cram-{secrets.token_hex(4)}"
-            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secret)
-            run([tool("atserver"), "add", atsign, "--state-dir", str(state),
-                 "--cram-secret-file", str(secret_file)])
-            secret_file.unlink()
-        proc = self.topo.spawn_in(self.topo.relay_ns, [
-            tool("atserver"), "serve", "--state-dir", str(state), "--tls-dir",
-            str(p.tls.directory), "--root", p.root, "--host", p.host])
-        ports: dict[str, int] = {}
-        want = {a.lower() for a in atsigns}
-        deadline = time.monotonic() + 20
-        while set(ports) < want and time.monotonic() < deadline:
-            for line in list(proc.lines):
-                m = re.search(r"atserver (\S+) listening on (\S+):(\d+)", line)
-                if m:
-                    ports[m.group(1).lower()] = int(m.group(3))
-            if proc.popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        missing = want - set(ports)
-        assert not missing, f"atserver did not listen for {missing}:\n" + "\n".join(proc.lines)
-        for atsign, port in ports.items():
-            p.register(atsign, port)
-        server = AtServer(proc, state, ports)
-        p.servers.append(server)
-        return server
+        return self.plane.start_atserver(name, atsigns)
 
     def activate(self, atsign: str, secret: str) -> AtKeys:
         """Onboard from the root namespace; keys saved under ``keys_dir`` (0600)."""
-        self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        keys = activate(atsign, secret, self.root_tuple, self.ssl_context(),
-                        keys_path=self.keys_file(atsign))
-        self.keys[keys.atsign] = keys
-        return keys
+        return self.plane.activate(atsign, secret)
 
     def keys_file(self, atsign: str) -> Path:
-        return self.keys_dir / f"{atsign if atsign.startswith('@') else '@' + atsign}_key.atKeys"
+        return self.plane.keys_file(atsign)
 
     def stop(self) -> None:
         self.plane.stop()
@@ -521,33 +475,10 @@ class Topology:
         dev = self.device(i)
         if dev.sshd is not None and dev.sshd.popen.poll() is None:
             return dev
-        key = dev.base / "ssh_host_ed25519_key"
-        if not key.exists():
-            _sh(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"device{i}", "-f",
-                 str(key)])
+        dev.sshd, key = start_sshd(dev.base, port=dev.ssh_port,
+                                   authorized_keys=dev.authorized_keys,
+                                   spawner=lambda argv: self.spawn_in(dev.ns, argv))
         dev.host_keys = [key]
-        config = dev.base / "sshd_config"
-        config.write_text("\n".join([
-            f"Port {dev.ssh_port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {key}",
-            f"AuthorizedKeysFile {dev.authorized_keys}",
-            f"PidFile {dev.base / 'sshd.pid'}",
-            "StrictModes no",
-            "UsePAM no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password",
-            "AllowTcpForwarding yes",
-            "Subsystem sftp internal-sftp",
-            "LogLevel VERBOSE",
-            "",
-        ]))
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
-        dev.sshd = self.spawn_in(dev.ns, [SSHD, "-D", "-e", "-f", str(config)])
-        dev.sshd.wait_for(rf"Server listening on 127\.0\.0\.1 port {dev.ssh_port}", timeout=15)
         return dev
 
     def start_all_sshd(self) -> None:
@@ -559,14 +490,7 @@ class Topology:
         every atSign from the root namespace (keys in ``plane.keys`` / ``plane.keys_file``)."""
         np_ = NsPlane(self, self.base / name)
         self.planes.append(np_)
-        np_.start_directory()
-        secrets_: dict[str, str] = {}
-        for server, atsigns in servers.items():
-            mine = {a: crypto.generate_cram_secret() for a in atsigns}
-            secrets_.update(mine)
-            np_.start_atserver(server, mine)
-        for atsign, secret in secrets_.items():
-            np_.activate(atsign, secret)
+        np_.plane.populate(servers)
         return np_
 
     def close(self) -> None:
@@ -787,26 +711,8 @@ def capture(ns: str | None, iface: str, bpf: str = "tcp", *,
         cap.stderr = "\n".join(errs)
 
 
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module", name="topology")
-def topology_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    """Two devices with sshd running; namespaced when root. Import it into a test module
-    with ``from topology import topology_fixture  # noqa: F401`` and ask for ``topology``."""
-    with build_topology(tmp_path_factory.mktemp("topology"), n_devices=2) as topo:
-        yield topo
-
-
-@pytest.fixture(scope="module", name="topology1")
-def topology1_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    """One device, sshd running."""
-    with build_topology(tmp_path_factory.mktemp("topology1"), n_devices=1) as topo:
-        yield topo
-
-
 __all__ = [
-    "Capture", "Device", "NsPlane", "Topology", "build_topology", "capture", "cleanup_stale",
-    "free_port", "is_root", "want_namespaces", "read_banner", "tcp_connect", "tcp_probe", "topology1_fixture",
-    "topology_fixture",
+    "NFT_DEVICE_RULES", "PREFIX", "SSHD", "STATE_DIR", "Capture", "Device", "NsPlane", "Topology",
+    "build_topology", "capture", "cleanup_stale",
+    "free_port", "is_root", "want_namespaces", "read_banner", "tcp_connect", "tcp_probe",
 ]

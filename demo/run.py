@@ -23,13 +23,13 @@ One command, from a fresh checkout. Step by step (progress on stderr, numbered):
 Then one summary line on stdout: hosts reached, task counts, rendezvous, open ports, time.
 
 Why it imports the test harness: the world above is exactly what the end-to-end test builds
-(tests/integration/topology.py: namespaces, nftables guard, stale-run clean-up; and
-tests/integration/ansible_harness.py: setup access, inventories, the provisioning playbook
-tests/ansible/e2e/provision.yml, rendezvous counting from the daemons' logs). Composing those
-pieces keeps this module small and means the demo shows what CI proves, not a look-alike. The
-import happens only when the demo runs (``sys.path`` gets tests/integration, as the bench
-scripts do); the ``noports`` library never imports from tests/. The price: the demo runs from
-a checkout (which is where ``make demo`` runs), and says so otherwise.
+(tests/harness/topology.py: namespaces, nftables guard, stale-run clean-up; and
+tests/harness/ansible.py: setup access, inventories, the loopback variant, the provisioning
+playbook tests/ansible/e2e/provision.yml, rendezvous counting from the daemons' logs). Composing
+those pieces keeps this script small and means the demo shows what CI proves, not a look-alike.
+It lives in demo/, beside its playbook, not in the ``noports`` package (which ships to devices
+and never imports tests/), and runs from the repository root as ``python -m demo.run`` (what
+``make demo`` does), so ``tests.harness`` imports without any path set-up (docs/decisions/0016).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
-import json
 import os
 import re
 import shutil
@@ -46,12 +45,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HARNESS_DIR = REPO / "tests" / "integration"
-DEMO_DIR = REPO / "demo"
+from tests.harness.ansible import (
+    CLIENT_ATSIGN,
+    E2E_DIR,
+    RELAY_ATSIGN,
+    PlaybookRun,
+    ansible_tool,
+    ansible_world,
+    device_atsign,
+    kill_group,
+    parse_recap,
+    pids_mentioning,
+    skip_reason,
+    stop_role_daemons,
+)
+from tests.harness.topology import read_banner, tcp_probe, want_namespaces
+
+DEMO_DIR = Path(__file__).resolve().parent
 TOTAL_STEPS = 7
 OTHER_PORTS = (80, 443, 2222, 6464, 8080)  # probed on every device besides 22 and its listeners
 
@@ -97,52 +109,6 @@ class _Signals:
             return
         self.got = signum
         raise KeyboardInterrupt
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _kill_group(pid: int, grace: float = 5.0) -> None:
-    """TERM then KILL the process group led by ``pid`` (or the process alone)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """Our own processes whose command line mentions ``text`` (the run's temp dir)."""
-    me = os.getpid()
-    found = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == me:
-            continue
-        try:
-            if p.stat().st_uid != os.geteuid():
-                continue
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:
-            continue
-        if text in cmd and _alive(int(p.name)):
-            found.append(int(p.name))
-    return found
 
 
 # --------------------------------------------------------------------------- ansible runs
@@ -219,8 +185,6 @@ class Runner:
 
     def run(self, playbook: Path, inventory: Path, *, per_task: bool, timeout: float,
             env: dict[str, str] | None = None):
-        from ansible_harness import PlaybookRun, ansible_tool, parse_recap
-
         argv = [ansible_tool("ansible-playbook"), "-i", str(inventory), str(playbook)]
         view = PlaybookView(per_task=per_task)
         lines: list[str] = []
@@ -251,142 +215,9 @@ class Runner:
     def stop(self) -> None:
         proc, self.current = self.current, None
         if proc is not None and proc.poll() is None:
-            _kill_group(proc.pid, grace=5)
+            kill_group(proc.pid, grace=5)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
-
-
-# --------------------------------------------------------------------------- the world
-
-
-def _loopback_world_class():  # noqa: ANN202 - a class defined over the harness's
-    """AnsibleE2E for the loopback fallback (not root): no namespaces, no firewall, every
-    sshd as the current user on a free high port with its own host key."""
-    from ansible_harness import AnsibleE2E, sshd_config, write_inventory
-    from topology import SSHD, free_port
-
-    class LoopbackE2E(AnsibleE2E):
-        def __init__(self, topo, base: Path) -> None:  # noqa: ANN001
-            super().__init__(topo, base)
-            self.user = getpass.getuser()
-            self.plane_port = _unused_port()  # bound ~20 s later by the role: not ephemeral
-            self.relay_ssh_port = 0
-
-        def prepare(self) -> None:
-            for d in (self.home / ".ssh", self.controller_dir, self.cp_dir, self.relay.root,
-                      *(h.root for h in self.devices)):
-                d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            link = self.collections / "ansible_collections" / "noports" / "sshnp"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(REPO, link)
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "np-demo",
-                            "-f", str(self.identity)], check=True, timeout=30)
-            pub = Path(f"{self.identity}.pub").read_text().strip()
-            known = []
-            for dev in self.topo.devices:
-                with open(dev.authorized_keys, "a", encoding="utf-8") as fh:
-                    fh.write(pub + "\n")
-                self.topo.start_device_sshd(dev.index)
-                known.append(self._known(dev.ssh_port, dev.host_keys[0]))
-            rdir = self.relay.root / "sshd"
-            rdir.mkdir(parents=True, exist_ok=True)
-            rkey = rdir / "ssh_host_ed25519_key"
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "relay",
-                            "-f", str(rkey)], check=True, timeout=30)
-            (rdir / "authorized_keys").write_text(pub + "\n")
-            self.relay_ssh_port = free_port()
-            cfg = sshd_config(rdir / "sshd_config", listen="127.0.0.1", port=self.relay_ssh_port,
-                              host_key=rkey, authorized_keys=rdir / "authorized_keys",
-                              pid_file=rdir / "sshd.pid")
-            self.relay_sshd = self.topo.spawn_in(None, [SSHD, "-D", "-e", "-f", str(cfg)])
-            self.relay_sshd.wait_for(rf"Server listening on 127\.0\.0\.1 port "
-                                     rf"{self.relay_ssh_port}", timeout=15)
-            known.append(self._known(self.relay_ssh_port, rkey))
-            self.known_hosts.write_text("\n".join(known) + "\n")
-            self.inbound_open = True
-
-        @staticmethod
-        def _known(port: int, key: Path) -> str:
-            return f"[127.0.0.1]:{port} {' '.join(Path(f'{key}.pub').read_text().split()[:2])}"
-
-        def open_inbound(self) -> None:  # nothing to open: loopback has no firewall
-            self.inbound_open = True
-
-        def close_inbound(self) -> dict[str, str]:
-            from ansible_harness import close_masters
-            close_masters(self.cp_dir)
-            self.inbound_open = False
-            return {}
-
-        def provision_inventory(self) -> Path:
-            path = super().provision_inventory()
-            inv = json.loads(path.read_text())["all"]
-            inv["vars"]["plane_port"] = self.plane_port
-            relay = inv["children"]["relays"]["hosts"]["relay"]
-            relay.update(ansible_user=self.user, ansible_port=self.relay_ssh_port)
-            for name, h in inv["children"]["devices"]["hosts"].items():
-                dev = self.topo.device(int(name.removeprefix("box")))
-                h.update(ansible_user=self.user, ansible_port=dev.ssh_port,
-                         sshnpd_local_sshd_port=dev.ssh_port,
-                         sshnpd_permit_open=[f"localhost:{dev.ssh_port}"],
-                         device_host_key_pub=f"{dev.host_keys[0]}.pub")
-            return write_inventory(path, {"all": inv})
-
-        def sshnp_inventory(self, *, connection: str = "sshnp") -> Path:
-            path = super().sshnp_inventory(connection=connection)
-            inv = json.loads(path.read_text())
-            dvars = inv["all"]["children"]["devices"]["vars"]
-            dvars["ansible_user"] = self.user
-            dvars["ansible_sshnp_root_domain"] = f"{self.relay.address}:{self.plane_port}"
-            return write_inventory(path, inv)
-
-    return LoopbackE2E
-
-
-def _unused_port(low: int = 20000, high: int = 32000) -> int:
-    """A free loopback port below the kernel's ephemeral range (32768+ by default), so no
-    outgoing connection takes it between now and when a daemon binds it."""
-    import random
-    import socket
-    for _attempt in range(200):  # bounded
-        port = random.randrange(low, high)
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port))
-            return port
-    raise DemoError(f"no free port on 127.0.0.1 between {low} and {high}")
-
-
-@contextlib.contextmanager
-def demo_world(base: Path, n_devices: int, namespaced: bool) -> Iterator:
-    """The e2e test's world (namespaced), or its loopback variant."""
-    if namespaced:
-        from ansible_harness import ansible_world
-        with ansible_world(base, n_devices=n_devices) as world:
-            yield world
-        return
-    from topology import build_topology
-    with build_topology(base / "topo", n_devices=n_devices, sshd=False,
-                        namespaced=False) as topo:
-        world = _loopback_world_class()(topo, base)
-        try:
-            world.prepare()
-            yield world
-        finally:
-            world.close()
-
-
-def stop_role_daemons(world) -> int:  # noqa: ANN001
-    """The daemons our roles started (pid files under each host's run dir): TERM, then KILL,
-    by process group (the roles' runner starts each in a session of its own)."""
-    n = 0
-    for host in (world.relay, *world.devices):
-        for pid_file in sorted((host.root / "run" / "noports").glob("*.pid")):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                pid = int(pid_file.read_text().split()[0])
-                if _alive(pid) and pid in pids_mentioning(str(world.base)):  # not a reused pid
-                    _kill_group(pid)
-                    n += 1
-    return n
 
 
 # --------------------------------------------------------------------------- proof
@@ -394,8 +225,6 @@ def stop_role_daemons(world) -> int:  # noqa: ANN001
 
 def prove_no_open_port(world) -> tuple[list[str], int]:  # noqa: ANN001
     """Lines of proof and the number of device ports reachable from the controller."""
-    from topology import read_banner, tcp_probe
-
     topo = world.topo
     lines: list[str] = []
     reachable = 0
@@ -436,31 +265,17 @@ def prove_no_open_port(world) -> tuple[list[str], int]:  # noqa: ANN001
 
 
 def preflight(namespaced: bool) -> None:
-    if not (HARNESS_DIR / "ansible_harness.py").exists() or not DEMO_DIR.is_dir():
-        raise DemoError(f"the demo runs from a checkout of the repository ({HARNESS_DIR} "
-                        "and demo/ are missing); run `make demo` there")
-    needed = ["ssh", "ssh-keygen", "ss"] + (["ip", "nft"] if namespaced else [])
-    missing = [t for t in needed if not shutil.which(t)]
-    sys.path.insert(0, str(HARNESS_DIR))
-    from ansible_harness import ETC_HOST_KEY, ansible_tool
-    from topology import SSHD
-    if not Path(SSHD).exists():
-        missing.append("sshd")
-    if not Path(ansible_tool("ansible-playbook")).exists():
-        missing.append("ansible-playbook")
-    if missing:
-        raise DemoError(f"missing: {', '.join(missing)} (run `make bootstrap` as root, or "
-                        "apt-get install openssh-server openssh-client nftables iproute2)")
-    if namespaced and not ETC_HOST_KEY.exists():
-        raise DemoError(f"{ETC_HOST_KEY} is missing (device sshnpd pins /etc/ssh host keys): "
-                        "run `ssh-keygen -A`")
+    why = skip_reason(namespaced)
+    if why:
+        raise DemoError(f"{why} (run `make bootstrap` as root, or apt-get install "
+                        "openssh-server openssh-client nftables iproute2; `ssh-keygen -A`)")
 
 
 def run_demo(args: argparse.Namespace, signals: _Signals) -> int:
     started = time.monotonic()
     n = args.devices
     forced = os.environ.get("NOPORTS_TOPOLOGY", "").lower() == "loopback"
-    namespaced = os.geteuid() == 0 and not forced and shutil.which("ip") is not None
+    namespaced = want_namespaces()
     preflight(namespaced)
 
     base: Path | None = None
@@ -476,7 +291,7 @@ def run_demo(args: argparse.Namespace, signals: _Signals) -> int:
             why = "NOPORTS_TOPOLOGY=loopback" if forced else "not root"
             step(1, f"building the world ({why}: loopback fallback): {n} devices with sshd "
                     f"as {getpass.getuser()} on high ports of 127.0.0.1, no namespaces")
-        with demo_world(base, n, namespaced) as world:
+        with ansible_world(base, n, namespaced=namespaced) as world:
             runner = Runner(world, base, args.verbose)
             try:
                 ok, summary = main_job(world, runner, namespaced)
@@ -503,8 +318,6 @@ def run_demo(args: argparse.Namespace, signals: _Signals) -> int:
 
 def main_job(world, runner: Runner, namespaced: bool) -> tuple[bool, str]:  # noqa: ANN001
     """Steps 1 (details) to 6; returns (success, summary)."""
-    from ansible_harness import CLIENT_ATSIGN, RELAY_ATSIGN, device_atsign
-
     topo = world.topo
     n = len(world.devices)
     say(f"demo: run id {topo.run_id}")
@@ -526,11 +339,8 @@ def main_job(world, runner: Runner, namespaced: bool) -> tuple[bool, str]:  # no
 
     step(3, "deploying with OUR roles over plain SSH (ansible-playbook, service_manager none): "
             f"control_plane + srvd on the relay, sshnpd on {n} devices")
-    prov = runner.run(_e2e("provision.yml"), inventory, per_task=False, timeout=300)
+    prov = runner.run(E2E_DIR / "provision.yml", inventory, per_task=False, timeout=300)
     _check(prov, "provisioning (tests/ansible/e2e/provision.yml)")
-    if not namespaced:
-        pin = runner.run(DEMO_DIR / "pin-host-keys.yml", inventory, per_task=False, timeout=120)
-        _check(pin, "pinning the devices' own sshd host keys (demo/pin-host-keys.yml)")
     detail("recap: " + "; ".join(f"{h} ok={r['ok']} changed={r['changed']}"
                                  for h, r in sorted(prov.recap.items()))
            + f" ({prov.seconds:.0f} s)")
@@ -581,11 +391,6 @@ def main_job(world, runner: Runner, namespaced: bool) -> tuple[bool, str]:  # no
     return ok, summary
 
 
-def _e2e(name: str) -> Path:
-    from ansible_harness import E2E_DIR
-    return E2E_DIR / name
-
-
 def _check(run, what: str, logs: list[Path] = (), sshd: list = ()) -> None:  # noqa: ANN001
     bad = {h: r for h, r in run.recap.items() if r.get("failed") or r.get("unreachable")}
     if run.returncode != 0 or bad or not run.recap:
@@ -614,14 +419,14 @@ def _final_cleanup(world, runner, base: Path | None) -> None:  # noqa: ANN001
             stop_role_daemons(world)
     left = pids_mentioning(str(base))
     for pid in left:
-        _kill_group(pid, grace=3)
+        kill_group(pid, grace=3)
     if left:
         say(f"demo: stopped {len(left)} leftover process(es)")
     shutil.rmtree(base, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m noports.demo", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m demo.run", description=__doc__.split(
         "\n\n", maxsplit=1)[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--devices", type=int, default=3, help="number of devices (1-20)")
     p.add_argument("-v", "--verbose", action="store_true", help="show all of ansible's output")

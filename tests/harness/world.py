@@ -10,7 +10,7 @@ Without root the topology falls back to loopback (every address 127.0.0.1, each 
 high port); the same helpers then run the same flows without namespaces.
 
 Used by tests/integration/test_noports_e2e.py and by bench/sshnp_setup.py,
-bench/scp_throughput.py and bench/noports_memory.py (which put tests/integration on sys.path).
+bench/scp_throughput.py and bench/noports_memory.py; BaseWorld is shared with fleet.Fleet.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plane_harness import Proc
-from topology import SSHD, NsPlane, Topology, build_topology, free_port
+from tests.harness.plane import Proc, free_port
+from tests.harness.sshd import keygen, start_sshd
+from tests.harness.topology import Device, NsPlane, Topology, build_topology
 
 PY = sys.executable
 CLIENT = "@np_client"
@@ -129,18 +130,22 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 @dataclass
-class World:
-    """The topology plus the NoPorts programs running in it."""
+class BaseWorld:
+    """What every NoPorts world has: the topology, a plane in its relay namespace, and the
+    client's home and SSH key. :class:`World` (one relay) and ``fleet.Fleet`` (Redis
+    directory, sharded atServers, several relays) add their programs on top."""
 
     topo: Topology
     plane: NsPlane
     base: Path
-    srvd: Proc | None = None
-    daemons: dict[int, Proc] = field(default_factory=dict)
-    daemon_argv: dict[int, list[str]] = field(default_factory=dict)
-    client_home: Path = Path()
-    identity: Path = Path()
-    extra_sshd: list[Proc] = field(default_factory=list)
+    client_home: Path
+    identity: Path
+
+    client_atsign = CLIENT  # the manager of every device
+
+    @staticmethod
+    def device_atsign(i: int) -> str:
+        return device_atsign(i)
 
     # -- addresses, keys ---------------------------------------------------------------------
     @property
@@ -158,10 +163,10 @@ class World:
     def keyfile(self, atsign: str) -> Path:
         return self.plane.keys_file(atsign)
 
-    def client_env(self) -> dict[str, str]:
-        return {**os.environ, "HOME": str(self.client_home), "PYTHONUNBUFFERED": "1"}
+    def client_env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "HOME": str(self.client_home), "PYTHONUNBUFFERED": "1", **extra}
 
-    def device(self, i: int):  # noqa: ANN201 - topology.Device
+    def device(self, i: int) -> Device:
         return self.topo.device(i)
 
     def host_pub(self, i: int) -> Path:
@@ -172,32 +177,51 @@ class World:
         res = self.topo.run_in(ns, ["readlink", "/proc/self/ns/net"])
         return res.stdout.strip()
 
-    # -- programs ------------------------------------------------------------------------------
-    def start_srvd(self, *extra: str) -> Proc:
+    # -- programs ----------------------------------------------------------------------------
+    def spawn_srvd(self, relay: str, *extra: str, timeout: float = 30) -> Proc:
+        """srvd for ``relay`` in the relay namespace, on the relay address; waits for ready."""
         ip = self.topo.relay_address
-        self.srvd = self.topo.spawn_in(self.topo.relay_ns, [
-            PY, "-m", "noports.relay.srvd_cli", "-a", RELAY, "-k", str(self.keyfile(RELAY)),
+        proc = self.topo.spawn_in(self.topo.relay_ns, [
+            PY, "-m", "noports.relay.srvd_cli", "-a", relay, "-k", str(self.keyfile(relay)),
             "--root-domain", self.root, "--ca-file", self.ca, "-i", ip, "--bind", ip, *extra])
-        self.srvd.wait_for(rf"srvd {RELAY} ready", timeout=30)
-        return self.srvd
+        proc.wait_for(rf"srvd {re.escape(relay)} ready", timeout=timeout)
+        return proc
 
     def sshnpd_argv(self, i: int, *, name: str | None = None, sshd_port: int | None = None,
                     host_keys: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
         dev = self.device(i)
         port = sshd_port or dev.ssh_port
-        return [PY, "-m", "noports.daemon.cli", "-a", device_atsign(i), "-m", CLIENT,
-                "-d", name or device_name(i), "-k", str(self.keyfile(device_atsign(i))),
+        atsign = self.device_atsign(i)
+        return [PY, "-m", "noports.daemon.cli", "-a", atsign, "-m", self.client_atsign,
+                "-d", name or device_name(i), "-k", str(self.keyfile(atsign)),
                 "--root-domain", self.root, "--ca-file", self.ca,
                 "--local-sshd-port", str(port), "--permit-open", f"localhost:{port}",
                 "--authorized-keys", str(dev.authorized_keys),
                 "--sshd-host-keys", str(host_keys or self.host_pub(i)),
                 "--log-format", "json", *extra]
 
+    def spawn_sshnpd(self, i: int, argv: list[str]) -> Proc:
+        """Run an sshnpd argv inside device ``i`` (HOME = its home; not waited for)."""
+        return self.topo.spawn_in(self.device(i).ns, argv, env={"HOME": str(self.device(i).home)})
+
+
+@dataclass
+class World(BaseWorld):
+    """The topology plus the NoPorts programs running in it (one relay, ``RELAY``)."""
+
+    srvd: Proc | None = None
+    daemons: dict[int, Proc] = field(default_factory=dict)
+    daemon_argv: dict[int, list[str]] = field(default_factory=dict)
+    extra_sshd: list[Proc] = field(default_factory=list)
+
+    def start_srvd(self, *extra: str) -> Proc:
+        self.srvd = self.spawn_srvd(RELAY, *extra)
+        return self.srvd
+
     def start_sshnpd(self, i: int, *, key: int | None = None, **kw) -> Proc:
         """sshnpd for device ``i`` inside its namespace; ``key`` names it in ``daemons``."""
         argv = self.sshnpd_argv(i, **kw)
-        proc = self.topo.spawn_in(self.device(i).ns, argv,
-                                  env={"HOME": str(self.device(i).home)})
+        proc = self.spawn_sshnpd(i, argv)
         proc.wait_for(r'"event": "ready"', timeout=30)
         k = i if key is None else key
         self.daemons[k] = proc
@@ -207,9 +231,7 @@ class World:
     def restart_sshnpd(self, k: int, i: int | None = None) -> Proc:
         """Start daemon ``k`` again with the same argv (after a crash)."""
         i = k if i is None else i
-        argv = self.daemon_argv[k]
-        proc = self.topo.spawn_in(self.device(i).ns, argv,
-                                  env={"HOME": str(self.device(i).home)})
+        proc = self.spawn_sshnpd(i, self.daemon_argv[k])
         proc.wait_for(r'"event": "ready"', timeout=30)
         self.daemons[k] = proc
         return proc
@@ -218,23 +240,10 @@ class World:
         """A second sshd in device ``i``'s namespace with *different* host keys, reading the
         same authorized_keys (so only host-key pinning can stop a login)."""
         dev = self.device(i)
-        d = dev.base / "impostor"
-        d.mkdir(exist_ok=True)
-        key = d / "ssh_host_ed25519_key"
-        if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "impostor",
-                            "-f", str(key)], check=True, timeout=30)
         port = 2222 if self.namespaced else free_port()
-        cfg = d / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {key}",
-            f"AuthorizedKeysFile {dev.authorized_keys}", f"PidFile {d / 'sshd.pid'}",
-            "StrictModes no", "UsePAM no", "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password", "AllowTcpForwarding yes", "LogLevel VERBOSE",
-            ""]))
-        proc = self.topo.spawn_in(dev.ns, [SSHD, "-D", "-e", "-f", str(cfg)])
-        proc.wait_for(rf"Server listening on 127\.0\.0\.1 port {port}", timeout=15)
+        proc, key = start_sshd(dev.base / "impostor", port=port,
+                               authorized_keys=dev.authorized_keys,
+                               spawner=lambda argv: self.topo.spawn_in(dev.ns, argv))
         self.extra_sshd.append(proc)
         return proc, port, Path(str(key) + ".pub")
 
@@ -316,13 +325,15 @@ class World:
         return [ln for ln in text.splitlines() if "sshnp_ephemeral_" in ln]
 
 
-def _client_identity(home: Path) -> Path:
+def client_identity(home: Path, topo: Topology) -> Path:
+    """The client's SSH key (``home/.ssh/id_ed25519``), authorized on every device's sshd."""
     ssh = home / ".ssh"
     ssh.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ident = ssh / "id_ed25519"
-    if not ident.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "np-e2e-client",
-                        "-f", str(ident)], check=True, timeout=30)
+    ident = keygen(ssh / "id_ed25519", "np-client")
+    pub = Path(f"{ident}.pub").read_text().strip()
+    for dev in topo.devices:
+        with open(dev.authorized_keys, "a", encoding="utf-8") as fh:
+            fh.write(pub + "\n")
     return ident
 
 
@@ -335,12 +346,7 @@ def noports_world(base: Path, n_devices: int = 2, *, namespaced: bool | None = N
         users = [CLIENT, EVE] + [device_atsign(i) for i in range(1, n_devices + 1)]
         plane = topo.start_plane({"relay-srv": [RELAY], "users-srv": users})
         home = base / "client-home"
-        home.mkdir(parents=True, exist_ok=True)
-        ident = _client_identity(home)
-        pub = (Path(str(ident) + ".pub")).read_text().strip()
-        for dev in topo.devices:
-            with open(dev.authorized_keys, "a", encoding="utf-8") as fh:
-                fh.write(pub + "\n")
+        ident = client_identity(home, topo)
         world = World(topo=topo, plane=plane, base=base, client_home=home, identity=ident)
         world.start_srvd(*srvd_args)
         if daemons:
