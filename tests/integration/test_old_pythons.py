@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from plane_harness import Plane, Proc, spawn
 
 from noports import crypto
 from noports.keys.ca import client_context
 from noports.keys.onboarding import activate
+from tests.harness.plane import Plane, Proc, spawn
 
 pytestmark = pytest.mark.integration
 
