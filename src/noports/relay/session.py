@@ -21,9 +21,9 @@ Connections are identified by opaque integer ids chosen by the caller.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable, Union  # noqa: UP035 (3.8: abc generics are not subscriptable)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class CloseSession:
     reason: str
 
 
-Action = Pair | Drop | CloseSession
+Action = Union[Pair, Drop, CloseSession]  # noqa: UP007 (runtime alias: `|` on classes needs 3.10)
 
 
 # --------------------------------------------------------------------- auth line reader
