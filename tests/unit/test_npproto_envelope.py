@@ -1,4 +1,4 @@
-"""Signed envelopes, relay auth lines (§4.2), Dart ISO nonces and the replay guard."""
+"""Signed envelopes, relay auth lines (docs/reference/noports-protocol.md#relay-authentication), Dart ISO nonces and the replay guard."""
 
 import json
 from datetime import datetime, timezone

@@ -1,4 +1,4 @@
-"""M1-M6 (§3.4): exact field names and order, round trips, Dart-like type checks."""
+"""M1-M6 (docs/reference/noports-protocol.md#message-catalogue): exact field names and order, round trips, Dart-like type checks."""
 
 import json
 from pathlib import Path

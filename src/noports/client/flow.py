@@ -1,4 +1,4 @@
-"""The client side of one NoPorts v5 session (reference §3.2), with round trips overlapped.
+"""The client side of one NoPorts v5 session (docs/reference/noports-protocol.md#session-step-by-step), with round trips overlapped.
 
 Why this order (each step starts as early as its inputs exist, so the critical path is
 connect -> relay request -> relay answer -> session request -> device answer):
@@ -597,7 +597,7 @@ def _take_prestarted() -> Any:
 
 
 def _session_keypair() -> tuple[str, Any]:
-    """The per-session RSA-2048 pair (reference §3.2 step 2): (base64 SPKI, key object).
+    """The per-session RSA-2048 pair (docs/reference/noports-protocol.md#session-step-by-step step 2): (base64 SPKI, key object).
 
     The object is kept, so decrypting the session key later costs no key parsing.
     """

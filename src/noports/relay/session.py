@@ -1,4 +1,4 @@
-"""Sans-IO state machine of one socket-rendezvous session (NoPorts srvd, protocol §4.1).
+"""Sans-IO state machine of one socket-rendezvous session (NoPorts srvd, docs/reference/noports-protocol.md#relay-allocation-and-pairing).
 
 Why sans-IO: the pairing and lifetime rules (5 s auth deadline, FIFO pairing, 30 s
 "never paired" grace, close-when-last-connection-ends) are the part that must match the
