@@ -463,6 +463,8 @@ async def _print_child(opts: CliOptions, progress: Progress, report_fd: int,
     except BaseException:
         listener.close()
         raise
+    finally:
+        watchdog.disarm()
     from .sshcmd import printable
     line = printable(_ssh_argv(opts, session, port))
     # let go of the caller's terminal/pipes first, or `$(sshnp -x ...)` would wait for us
@@ -491,6 +493,9 @@ def _print_main(opts: CliOptions, progress: Progress) -> int:
         os.setsid()
         code = EXIT_FAILURE
         reported: list[bool] = []
+        from .flow import setup_limit
+        assert opts.params is not None
+        watchdog.arm(setup_limit(opts.params))  # the child's set-up: see watchdog.py
         try:
             code = asyncio.run(_print_child(opts, progress, w, reported))
         except SshnpError as exc:
