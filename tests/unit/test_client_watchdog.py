@@ -45,3 +45,13 @@ def test_disarmed_watchdog_stays_quiet(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
     assert proc.stderr == ""
+
+
+def test_stuck_wind_down_exits_with_ssh_code(tmp_path: Path) -> None:
+    code = ("import threading\nfrom noports.client import watchdog\n"
+            "watchdog.arm_exit(42, limit=0.5)\nthreading.Event().wait()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 42, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "sshnp: error: exit: winding down after ssh exited: no progress"), proc.stderr

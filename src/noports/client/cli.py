@@ -444,9 +444,13 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
             await session.tunnel.serve_socket(conn)
 
     serving = loop.create_task(serve())
+    code = None
     try:
-        return await proc.wait()
+        code = await proc.wait()
+        return code
     finally:
+        # winding down (asyncio.run cancels and awaits what is left) must not hang either
+        watchdog.arm_exit(code if code is not None else EXIT_TUNNEL)
         serving.cancel()
         session.close()
 

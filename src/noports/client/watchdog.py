@@ -7,6 +7,10 @@ the loop: if set-up is still not done ``grace`` seconds after its limit
 (:func:`noports.client.flow.setup_limit`), it prints every thread's stack (what hung), then
 ``sshnp: error: <step>: ...`` naming the step the set-up was waiting on, and exits.
 
+The same thread bounds the wind-down after ssh exits (:func:`arm_exit`): asyncio.run()
+cancels and awaits every task left, and one that ignored its cancellation once kept sshnp
+alive for good (see noports.atclient.aio._bounded).
+
 CLI only: the library (``open_session``, the Ansible plugin) must never exit its caller.
 """
 
@@ -20,9 +24,14 @@ import threading
 GRACE_S = 15.0
 
 
+EXIT_LIMIT_S = 30.0
+
+
 class SetupWatchdog:
-    def __init__(self, limit: float, grace: float = GRACE_S) -> None:
+    def __init__(self, limit: float, grace: float = GRACE_S, *,
+                 exit_code: int | None = None) -> None:
         self.after = limit + grace
+        self.exit_code = exit_code  # None: the code of the step's error
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="sshnp-watchdog", daemon=True)
 
@@ -41,6 +50,8 @@ class SetupWatchdog:
     def fire(self) -> None:
         from .flow import CURRENT_STEP
         cls, step, what = CURRENT_STEP[0]
+        if self.exit_code is not None:
+            step, what = "exit", "winding down after ssh exited"
         err = sys.stderr
         try:
             err.write(f"sshnp: set-up stalled for {self.after:g}s; stacks of its threads:\n")
@@ -50,7 +61,7 @@ class SetupWatchdog:
                       "(the client was blocked; please report the stacks above)\n")
             err.flush()
         finally:
-            os._exit(cls.exit_code)
+            os._exit(cls.exit_code if self.exit_code is None else self.exit_code)
 
 
 _CURRENT: list[SetupWatchdog] = []
@@ -59,6 +70,14 @@ _CURRENT: list[SetupWatchdog] = []
 def arm(limit: float, grace: float = GRACE_S) -> SetupWatchdog:
     """Start the watchdog of this process's set-up."""
     wd = SetupWatchdog(limit, grace).start()
+    _CURRENT.append(wd)
+    return wd
+
+
+def arm_exit(exit_code: int, limit: float = EXIT_LIMIT_S) -> SetupWatchdog:
+    """Bound the wind-down after the session (tasks cancelled and awaited by asyncio.run):
+    past ``limit`` s, stacks and exit with ``exit_code`` (ssh's own)."""
+    wd = SetupWatchdog(limit, 0.0, exit_code=exit_code).start()
     _CURRENT.append(wd)
     return wd
 
