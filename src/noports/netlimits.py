@@ -265,6 +265,10 @@ class _Gate(asyncio.Protocol):
         self.raw = transport
         # Read nothing before the handshake: the bytes belong to TLS (see _wait_first_byte).
         transport.pause_reading()
+        # Python <= 3.11.2 (Debian 12's python3) registers the reader after connection_made
+        # even when it paused; undo that before the first read (public calls only: resume
+        # re-registers, pause unregisters and cancels any read already queued).
+        asyncio.get_running_loop().call_soon(self._repause)
         self.source = source_of(transport.get_extra_info("peername"))
         reason = self.guard.admission.admit(self.source)
         loop = asyncio.get_running_loop()
@@ -274,6 +278,11 @@ class _Gate(asyncio.Protocol):
         else:
             self.guard.log_refusal(self.source, reason)
             self.task = loop.create_task(self._refuse(reason))
+
+    def _repause(self) -> None:
+        if not self.raw.is_closing() and self.inner is None:
+            self.raw.resume_reading()
+            self.raw.pause_reading()
 
     async def _wait_first_byte(self, timeout: float) -> bool:
         """Wait until the peer sends its first byte (peeked, not read); False on EOF/timeout.

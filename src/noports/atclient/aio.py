@@ -769,7 +769,7 @@ class Monitor:
         if task is not None:
             # cancel until it has ended: a cancellation can be lost (see _bounded), and a
             # monitor left running keeps asyncio.run() from ever returning
-            for _ in range(CLOSE_ATTEMPTS):
+            for _attempt in range(CLOSE_ATTEMPTS):
                 if task.done():
                     break
                 task.cancel()

@@ -2,7 +2,10 @@
 
 Why separate from `aio.py`: everything that decides whether another client can read what we
 send (and we theirs) lives here, so it can be unit-tested byte for byte against the official
-Python SDK (`at_client`) without a server. Conventions (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#cryptographic-primitives, docs/reference/atprotocol.md#client-data-conventions,
+Python SDK (`at_client`) without a server. Conventions
+(docs/reference/atprotocol.md#notification-verbs,
+docs/reference/atprotocol.md#cryptographic-primitives,
+docs/reference/atprotocol.md#client-data-conventions,
 docs/reference/atprotocol.md#monitor-line-json, docs/reference/atprotocol.md#commands-the-python-sdk-sends):
 
 * a value shared by @alice with @bob is AES-256-CTR(+PKCS#7) under one AES key per (sender,

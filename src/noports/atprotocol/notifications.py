@@ -1,6 +1,8 @@
 """Notifications: model, monitor/stats lines, notify keys and server-to-server bodies.
 
-The wire shapes are those of the Dart server (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications): the Python SDK and
+The wire shapes are those of the Dart server (docs/reference/atprotocol.md#notification-verbs,
+docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications):
+the Python SDK and
 Dart clients parse monitor lines by fixed prefixes and field names, and other atServers parse
 our ``notify:`` bodies with the at_commons notify regex, whose field order is significant.
 """

@@ -28,7 +28,9 @@ SERVER_VERSION = "3.0.52"
 
 @dataclass
 class ServerConfig:
-    """Behaviour switches (docs/reference/atprotocol.md#atserver-transport, docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications); defaults follow the reference server."""
+    """Behaviour switches (docs/reference/atprotocol.md#atserver-transport,
+    docs/reference/atprotocol.md#notification-delivery,
+    docs/reference/atprotocol.md#notifications); defaults follow the reference server."""
 
     autonotify: bool = True
     notification_expiry_ms: int = 24 * 3600 * 1000

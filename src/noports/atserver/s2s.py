@@ -37,7 +37,9 @@ COMMAND_TIMEOUT = 10.0
 
 @dataclass
 class Resolver:
-    """atSign → (host, port) via the atDirectory, with a short cache (docs/reference/atprotocol.md#directory-wire-protocol, docs/reference/atprotocol.md#finding-another-atserver).
+    """atSign → (host, port) via the atDirectory, with a short cache
+    (docs/reference/atprotocol.md#directory-wire-protocol,
+    docs/reference/atprotocol.md#finding-another-atserver).
 
     `static` entries (tests, or a `proxy:`-style fixed mapping) win over the directory.
     """

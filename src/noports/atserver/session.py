@@ -2,7 +2,9 @@
 
 Why this shape: the reply framing (one write of `<body>\\n<prompt>`, bare pol reply, no prompts
 in monitor mode), the authentication states and every verb's semantics are what the Python SDK
-and Dart clients depend on byte for byte (docs/reference/atprotocol.md#atserver-transport, docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#notifications). The session owns the input
+and Dart clients depend on byte for byte (docs/reference/atprotocol.md#atserver-transport,
+docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#notifications). The session owns
+the input
 framing (:meth:`Session.feed` / :meth:`Session.next_line`, with the line limit of the current
 auth state checked before anything is parsed) and dispatches through an explicit verb table
 (:data:`VERBS`: handler, who may call it, its line limit); the verbs themselves live in one

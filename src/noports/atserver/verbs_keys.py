@@ -2,7 +2,8 @@
 
 Why together: they share how a key is rebuilt from the request parameters
 (`[cached:][public:][@for:]<atKey>[@atSign]`), who may see which key, and how a record is
-rendered (value, meta or all; docs/reference/atprotocol.md#crud-verbs, docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#remote-lookup-and-caching).
+rendered (value, meta or all; docs/reference/atprotocol.md#crud-verbs,
+docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#remote-lookup-and-caching).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Why pure: every security decision of the daemon (who may talk to it, which reque
 signed, fresh and permitted, what goes back) lives here and is unit-tested without sockets,
 atServers or files. :mod:`.service` only performs the returned actions.
 
-Order for every notification, as the official daemon (docs/reference/noports-protocol.md#authorization-and-policy, docs/reference/noports-protocol.md#compatibility-checklist): the sender
+Order for every notification, as the official daemon
+(docs/reference/noports-protocol.md#authorization-and-policy,
+docs/reference/noports-protocol.md#compatibility-checklist): the sender
 (``notification.from``, authenticated by the atServer) must be a manager *before* anything
 else is looked at; unauthorized senders get no reply. Then the key is classified, and for
 ``ssh_request``: signature (no reply on failure, like Dart) -> fields -> freshness/replay

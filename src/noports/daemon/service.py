@@ -127,7 +127,7 @@ class Daemon:
         c = self.config
         try:
             removed = await to_thread(self.authorized_keys.remove_all_ephemeral,
-                                              self.owner)
+                                      self.owner)
         except OSError as exc:
             raise DaemonError(f"cannot edit {c.authorized_keys}: {exc.strerror or exc}") \
                 from None
@@ -359,8 +359,8 @@ class Daemon:
             return
         try:
             added = await to_thread(self.authorized_keys.add_client_key,
-                                            action.public_key,
-                                            self.config.sshpublickey_permissions)
+                                    action.public_key,
+                                    self.config.sshpublickey_permissions)
         except (AuthorizedKeysError, OSError) as exc:
             log.warning("could not add the public key of %s: %s", action.sender, exc,
                         extra={"event": "publickey_failed", "sender": action.sender})
@@ -399,7 +399,7 @@ class Daemon:
             fresh = await self._client_public_key(req.sender, refresh=True)
             if fresh is not None and fresh != pk:  # the client re-keyed: try once more
                 result = await to_thread(self.handler.on_ssh_request, req, fresh,
-                                                 self.host_keys)
+                                         self.host_keys)
         if isinstance(result, Ignore):
             self._ignore(result)
         elif isinstance(result, Reply):

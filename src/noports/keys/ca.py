@@ -5,7 +5,8 @@ system store) verify the atDirectory and atServer certificates against a CA bund
 hostname they dialled. A self-hosted plane therefore needs a CA whose certificate clients can
 trust (via SSL_CERT_FILE or the system store) and server certificates whose SANs name every
 host/IP the servers are reached at. Server certificates are also presented as *client*
-certificates in server-to-server connections (docs/reference/atprotocol.md#outbound-connections, docs/reference/atprotocol.md#client-certificate-check), so they carry both the
+certificates in server-to-server connections (docs/reference/atprotocol.md#outbound-connections,
+docs/reference/atprotocol.md#client-certificate-check), so they carry both the
 serverAuth and clientAuth extended key usages.
 """
 

@@ -1,4 +1,6 @@
-"""Signed envelopes, relay authentication lines, nonces and replay protection (docs/reference/noports-protocol.md#message-catalogue, docs/reference/noports-protocol.md#relay-authentication).
+"""Signed envelopes, relay authentication lines, nonces and replay protection
+(docs/reference/noports-protocol.md#message-catalogue,
+docs/reference/noports-protocol.md#relay-authentication).
 
 Why the care: the signature covers Dart's ``jsonEncode(payload)``, and every verifier rebuilds
 that text from the *decoded* payload (never from the received bytes). So we sign exactly

@@ -2,11 +2,15 @@
 
 The data plane (ports, authentication of sockets, splicing) is :class:`Rendezvous`; this
 module decides *whether* to open a session and answers with ``ip,portA,portB,rvdNonce``
-(docs/reference/noports-protocol.md#key-names K1/K2, docs/reference/noports-protocol.md#message-catalogue M1/M2, docs/reference/noports-protocol.md#socket-rendezvous).
+(docs/reference/noports-protocol.md#key-names K1/K2,
+docs/reference/noports-protocol.md#message-catalogue M1/M2,
+docs/reference/noports-protocol.md#socket-rendezvous).
 
 Why split into :func:`decide` (pure) and :class:`Srvd` (async edge): authorization is the
 security-relevant part and must be testable without sockets. Two deliberate deviations from
-the official srvd, both wire-compatible (docs/reference/noports-protocol.md#relay-allocation-and-pairing, docs/reference/noports-protocol.md#compatibility-checklist):
+the official srvd, both wire-compatible
+(docs/reference/noports-protocol.md#relay-allocation-and-pairing,
+docs/reference/noports-protocol.md#compatibility-checklist):
 
 * the allow-list is checked against the *authenticated sender* of the notification, never
   against the self-declared ``atSignA`` field, and ``atSignA`` must equal the sender (so a
