@@ -120,6 +120,28 @@ def test_sd_notify_without_systemd_or_with_a_dead_socket_is_harmless(tmp_path):
     assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
 
 
+def test_sd_notify_never_blocks_when_the_manager_stops_reading(notify_socket):
+    """The queue of an unread notify socket fills after net.unix.max_dgram_qlen (10)
+    datagrams; a blocking send then froze the whole daemon (its event loop) for good, which
+    is how a 10-minute network cut turned into a silent sshnpd. Extra messages are dropped
+    with one warning, and sending works again once the manager reads."""
+    path, srv = notify_socket
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from noports.daemon.liveness import sd_notify\n"
+            "print(sum(sd_notify('WATCHDOG=1') for _ in range(200)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "NOTIFY_SOCKET": str(path)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    delivered = int(out.stdout)
+    assert 0 < delivered < 200  # the queue filled up and the rest was dropped, not waited for
+    assert out.stderr.count("notify socket's queue is full") == 1, out.stderr
+    assert "is the service manager reading $NOTIFY_SOCKET?" in out.stderr
+    for _ in range(delivered):
+        assert srv.recv(64) == b"WATCHDOG=1"
+    assert sd_notify("WATCHDOG=1", {"NOTIFY_SOCKET": str(path)})
+    assert srv.recv(64) == b"WATCHDOG=1"
+
+
 def test_sd_notify_reads_the_real_environment(notify_socket):
     """As systemd runs it: a child process with NOTIFY_SOCKET in its environment."""
     path, srv = notify_socket
