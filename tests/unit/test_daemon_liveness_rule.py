@@ -59,6 +59,18 @@ def test_monitor_down_while_atserver_answers_fails_after_grace():
     assert rule.decide(sample(100, connected=False)).ok
 
 
+def test_grace_starts_when_the_atserver_is_reachable_again():
+    """After a 10-minute outage the probe got through 0.2 s before the monitor reconnected
+    and the check failed ("down for 581s"); the outage itself must not use up the grace."""
+    rule = LivenessRule(monitor_down_grace=60)
+    for t in range(0, 600, 10):  # the last unreachable sample is at 590
+        assert rule.decide(sample(t, connected=False, probe="network")).ok
+    assert rule.decide(sample(600, connected=False)).ok  # reachable; monitor a moment behind
+    assert rule.decide(sample(649, connected=False)).ok
+    v = rule.decide(sample(651, connected=False))
+    assert not v.ok and "monitor has been down for 61s" in v.reason
+
+
 def test_dead_monitor_task_hung_probe_and_stuck_workers_fail():
     assert "monitor task" in LivenessRule().decide(sample(0, alive=False)).reason
     v = LivenessRule().decide(sample(0, probe="hung"))

@@ -76,7 +76,9 @@ class LivenessRule:
     def decide(self, s: Sample) -> Verdict:
         if s.monitor_connected:
             self._down_since = None
-        elif self._down_since is None:
+        elif s.probe == "network" or self._down_since is None:
+            # the grace counts from when the atServer can be reached again: after a long
+            # outage the command probe often gets through a moment before the monitor does
             self._down_since = s.now
         if not s.monitor_task_alive:
             return Verdict(False, "the monitor task has ended")
