@@ -12,7 +12,7 @@ p50/p90 over N runs, interleaved so machine noise hits every case alike.
     .venv/bin/python -m bench.sshnp_setup --quick    # 8 runs per case
     .venv/bin/python -m bench.sshnp_setup --netns    # namespaced topology (root)
 
-Target: sshnp p50 <= 0.5 s on loopback (official NoPorts: 3-4 s, reference §3.2).
+Target: sshnp p50 <= 0.5 s on loopback (official NoPorts: 3-4 s, docs/reference/noports-protocol.md#session-step-by-step).
 """
 
 from __future__ import annotations

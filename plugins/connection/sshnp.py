@@ -8,7 +8,7 @@ Why a subclass of the ssh plugin and not a new transport: OpenSSH then does ever
 Ansible users rely on (pipelining, become prompts, sftp/scp/piped transfers, retries,
 ``reset_connection``), and ControlMaster/ControlPersist make the OpenSSH master own the tunnel,
 so a run costs one rendezvous per host whatever the number of tasks (aws_ssm's one session
-per task is the anti-pattern, ../shared/reference/ansible-anchors.md §1.4). The plugin only
+per task is the anti-pattern, docs/reference/ansible-anchors.md#complaints-about-aws_ssm). The plugin only
 adds options to the ssh/sftp/scp command line and turns client failures into
 ``AnsibleConnectionFailure`` naming the failed step.
 """

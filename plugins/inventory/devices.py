@@ -5,7 +5,7 @@
 """``noports.sshnp.devices``: the devices that share their device_info with the client atSign.
 
 Why this source of truth: every ``sshnpd`` puts ``@client:device_info.<device>.sshnp@<device
-atSign>`` (NoPorts K9, ../shared/reference/noports-protocol.md §3.1, §3.6) for each of its
+atSign>`` (NoPorts K9, docs/reference/noports-protocol.md#key-names, docs/reference/noports-protocol.md#username-and-device-listing) for each of its
 managers and refreshes it hourly, and the client's atServer keeps a cached copy; so one
 authenticated ``scan`` of the client's own atServer lists the fleet, offline devices included,
 without contacting any device.

@@ -2,7 +2,7 @@
 
 Why one module: every part (atServer PKAM checks, .atKeys files, onboarding, server-to-server
 signing, end-to-end encrypted notifications) must agree byte for byte with the Dart and Python
-SDKs, so the encodings live in one place (reference atprotocol.md §5.1):
+SDKs, so the encodings live in one place (docs/reference/atprotocol.md#cryptographic-primitives):
 
 * RSA-2048, e=65537; public keys are base64 DER SubjectPublicKeyInfo, private keys base64 DER
   PKCS#8.

@@ -357,7 +357,7 @@ class _Gate(asyncio.Protocol):
                     tls.write(chunk)
                 # Linger: the peer may still be sending its request (discarded in
                 # data_received); closing now would answer it with an RST.
-                for _ in range(int(LINGER_SECONDS / 0.05)):
+                for _tick in range(int(LINGER_SECONDS / 0.05)):
                     if self.lost:
                         break
                     await asyncio.sleep(0.05)

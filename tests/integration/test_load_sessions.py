@@ -214,6 +214,7 @@ def test_200_concurrent_sshnp_sessions_through_one_srvd(tmp_path: Path) -> None:
         res = run_sshnp(f, SESSIONS, timeout=600, relay_timeout=120, flags=PATIENT)
         srvd = "\n".join(f.srvd[f.relays[0]].lines)
         opened = f.srvd_sessions(f.relays[0])
+    print("\n" + report([res], SESSIONS))  # figures, shown with -s
     assert res.successes == SESSIONS, report([res], SESSIONS) + "\n" + srvd[-3000:]
     assert opened >= SESSIONS
     assert "refused request" not in srvd and "Traceback" not in srvd

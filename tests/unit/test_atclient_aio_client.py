@@ -252,6 +252,40 @@ def test_cancelled_consumer_does_not_hurt_the_monitor(tls, keys):
     run(main())
 
 
+def test_close_ends_a_monitor_that_lost_its_cancellation(tls, keys, monkeypatch):
+    """The load-test hang: sshnp's asyncio.run() waited forever at exit for a monitor that
+    had swallowed its cancellation (Python < 3.12 asyncio.wait_for, CPython gh-86296, hit
+    when the read completes just as the cancel comes) and kept reading heartbeats."""
+    lost: list[int] = []
+    orig = aio._Stream.read_line
+
+    async def lossy_read_line(self, timeout):  # noqa: ANN001, ANN202
+        try:
+            return await orig(self, timeout)
+        except asyncio.CancelledError:
+            if lost:
+                raise
+            lost.append(1)
+            return "data:ok"  # what the racing read returned; the cancellation is gone
+
+    monkeypatch.setattr(aio._Stream, "read_line", lossy_read_line)
+
+    async def main() -> None:
+        srv = await FakeServer(tls).start()
+        client = await _client(srv, tls, keys)
+        mon = client.monitor(".*", heartbeat_s=0.2)
+        await mon.wait_ready(5)
+        closing = asyncio.ensure_future(client.close())
+        # asyncio.wait, not wait_for: its cancel on timeout would end the monitor for us
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        assert closing in done, "close() hung on a monitor that ignored its cancellation"
+        assert lost == [1]  # the first cancellation really was swallowed
+        assert mon._task is not None and mon._task.done()
+        await srv.stop()
+
+    run(main())
+
+
 def test_commands_are_serialised_and_reconnect_lazily(tls, keys):
     async def main() -> None:
         srv = await FakeServer(tls).start()

@@ -33,18 +33,16 @@ def _load_mirror():
 
 MIRROR = _load_mirror()
 
-# (input, canonical form or None when it is not an atSign)
-CORPUS: list[tuple[str, str | None]] = [
-    ("alice", "@alice"), ("@alice", "@alice"), ("@Alice", "@alice"), (" @alice\t", "@alice"),
-    ("@colin.constable", "@colinconstable"), ("@np_client", "@np_client"),
-    ("@a-b_c9", "@a-b_c9"), ("@alice🛠", "@alice🛠"), ("@🦄", "@🦄"), ("©", "@©"),
-    ("@" + "x" * 55, "@" + "x" * 55),
-    ("", None), ("@", None), ("@.", None), ("@..", None), ("@@x", None), ("a@b", None),
-    ("@a/b", None), ("@a\\b", None), ("@a:b", None), ("@a b", None), ("@a,b", None),
-    ("@a\x00", None), ("@a\u2028b", None), ("@é", None), ("@a~b", None), ("@a%b", None),
-    ("@" + "x" * 56, None), ("@ali ce", None), ("@a\nb", None), ("@a'b", None),
-    ("@a\u2400", None), ("@ⓐ", "@ⓐ"),
-]
+def _load_corpus() -> list[tuple[str, str | None]]:
+    path = ROOT / "tests" / "unit" / "plugins" / "atsign_corpus.py"
+    spec = importlib.util.spec_from_file_location("atsign_corpus", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CORPUS
+
+
+CORPUS = _load_corpus()
 
 
 @pytest.mark.parametrize("value, want", CORPUS)

@@ -1,4 +1,4 @@
-"""Error codes and reply formats (reference §2.5)."""
+"""Error codes and reply formats (docs/reference/atprotocol.md#error-replies-and-codes)."""
 
 from __future__ import annotations
 

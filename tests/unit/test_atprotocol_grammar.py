@@ -12,7 +12,7 @@ B64 = "q1Zx+/ab=="
 
 # (command, verb, expected subset of params)
 CASES: list[tuple[str, str, dict[str, str]]] = [
-    # §3.1 authentication
+    # docs/reference/atprotocol.md#authentication-verbs authentication
     ("from:@alice", "from", {"atSign": "@alice"}),
     ("from:alice", "from", {"atSign": "alice"}),
     ("from:@alice🛠", "from", {"atSign": "@alice🛠"}),
@@ -39,7 +39,7 @@ CASES: list[tuple[str, str, dict[str, str]]] = [
         {"signingAlgo": "ecc_secp256r1", "hashingAlgo": "sha512", "signature": "sig"},
     ),
     ("pol", "pol", {}),
-    # §3.2 / §9.1 CRUD
+    # docs/reference/atprotocol.md#crud-verbs, docs/reference/atprotocol.md#commands-the-python-sdk-sends CRUD
     (
         "update:dataSignature:abc:isEncrypted:true:k@a value",
         "update",
@@ -144,7 +144,7 @@ CASES: list[tuple[str, str, dict[str, str]]] = [
     ("sync:from:-1:limit:25", "sync", {"from_commit_seq": "-1", "limit": "25"}),
     ("sync:from:12:limit:10:.*wavi", "sync", {"from_commit_seq": "12", "regex": ".*wavi"}),
     ('batch:[{"id":1,"command":"update:x@a v"}]', "batch", {}),
-    # §3.3 notifications
+    # docs/reference/atprotocol.md#notification-verbs notifications
     (
         f"notify:id:{UUID}:update:isEncrypted:true:ivNonce:{B64}:@b:k.ns@a:Y3Q=",
         "notify",
@@ -213,7 +213,7 @@ CASES: list[tuple[str, str, dict[str, str]]] = [
         {"selfNotifications": "selfNotifications", "epochMillis": "1603714720965"},
     ),
     ("monitor:strict:multiplexed", "monitor", {"strict": "strict", "multiplexed": "multiplexed"}),
-    # §3.4 utility verbs
+    # docs/reference/atprotocol.md#utility-verbs utility verbs
     ("noop:0", "noop", {"delayMillis": "0"}),
     ("noop:5000", "noop", {"delayMillis": "5000"}),
     ("info", "info", {}),
@@ -321,7 +321,7 @@ def test_unknown_verb_is_invalid_command(line: str) -> None:
 @pytest.mark.parametrize(
     "line",
     [
-        "update:public:country@@alice v",  # §4.2 functional test
+        "update:public:country@@alice v",  # docs/reference/atprotocol.md#key-type-rules functional test
         "update:phone@alice",  # no value
         "lookup:",
         "llookup:x",

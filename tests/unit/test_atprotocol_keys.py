@@ -1,4 +1,4 @@
-"""atKey rules (reference §4)."""
+"""atKey rules (docs/reference/atprotocol.md#keys)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ KT = KeyType
 @pytest.mark.parametrize(
     ("key", "expected"),
     [
-        # §4.2 functional-test examples
+        # docs/reference/atprotocol.md#key-type-rules functional-test examples
         ("public:country,current@alice", KT.INVALID),
         ("@🦄:emoji.name@alice🛠", KT.SHARED),
         ("public:country@@alice", KT.INVALID),
-        # shapes of §4.1
+        # shapes of docs/reference/atprotocol.md#key-shapes
         ("public:phone.wavi@alice", KT.PUBLIC),
         ("public:_hidden@alice", KT.PUBLIC),
         ("phone.wavi@alice", KT.SELF),

@@ -1,4 +1,4 @@
-"""Metadata update semantics, expiry and Dart JSON (reference §3.2, §4.4)."""
+"""Metadata update semantics, expiry and Dart JSON (docs/reference/atprotocol.md#crud-verbs, docs/reference/atprotocol.md#metadata)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Notification wire shapes (reference §3.3, §6.6, §7)."""
+"""Notification wire shapes (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications)."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_per_verb_line_limit_names_the_verb_and_limit(host):
 def test_verb_table_is_explicit_and_classify_matches_the_grammar():
     from noports.atprotocol import grammar
 
-    def dispatch(line: str) -> str:  # the grammar's own accept order (reference §2.4 step 3)
+    def dispatch(line: str) -> str:  # the grammar's own accept order (docs/reference/atprotocol.md#command-dispatch step 3)
         c = grammar.convert_command(line)
         return next(v for v, accept in grammar._HANDLERS if accept(c))
 

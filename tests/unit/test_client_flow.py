@@ -466,3 +466,23 @@ def test_huge_session_response_is_a_security_error(tmp_path: Path) -> None:
     with pytest.raises(SecurityError, match="more than the 65536 a device sends") as ei:
         run(open_session(params(tmp_path), client=plane, connect_relay=RelayDialer()))
     assert ei.value.exit_code == 8
+
+
+class StalledLookupPlane(FakePlane):
+    """The device's public-key lookup is sent but its reply never comes (lost under load)."""
+
+    async def public_key(self, atsign: str) -> str:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_stalled_lookup_ends_within_the_setup_limit_naming_the_step(tmp_path: Path) -> None:
+    from noports.client.flow import setup_limit
+    p = params(tmp_path, connect_timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(SshnpError) as ei:
+        run(open_session(p, client=StalledLookupPlane(), connect_relay=RelayDialer()))
+    assert time.monotonic() - t0 < 20  # run() itself gives up at 20 s: this is a hang check
+    assert ei.value.exit_code == 4
+    assert str(ei.value).startswith("atServer: fetching the public key of @dev: no progress "
+                                     f"within the set-up limit of {setup_limit(p):g}s")

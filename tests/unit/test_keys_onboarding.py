@@ -1,4 +1,4 @@
-"""Activation flow (reference §5.3) against a scripted in-process TLS directory + atServer.
+"""Activation flow (docs/reference/atprotocol.md#onboarding) against a scripted in-process TLS directory + atServer.
 
 The fake servers implement just enough of the wire protocol to check that `activate` sends the
 legacy onboarding sequence in order, over TLS verified against a private CA. End-to-end runs
@@ -141,7 +141,7 @@ def plane(tls):
 def test_find_secondary(plane):
     assert find_secondary(*plane["root"], "@Alice🛠", plane["ctx"]) == (
         "127.0.0.1", plane["at"].server.port)
-    assert plane["dir"].log[0] == "alice🛠"  # no '@', lower-case (reference §1.1)
+    assert plane["dir"].log[0] == "alice🛠"  # no '@', lower-case (docs/reference/atprotocol.md#directory-wire-protocol)
 
 
 def test_find_secondary_not_found(plane):

@@ -1,4 +1,4 @@
-"""Key names K1-K9 (§3.1), device-name rules and each role's subscription regexes."""
+"""Key names K1-K9 (docs/reference/noports-protocol.md#key-names), device-name rules and each role's subscription regexes."""
 
 import json
 import re

@@ -1,4 +1,4 @@
-"""M1-M6 (§3.4): exact field names and order, round trips, Dart-like type checks."""
+"""M1-M6 (docs/reference/noports-protocol.md#message-catalogue): exact field names and order, round trips, Dart-like type checks."""
 
 import json
 from pathlib import Path
@@ -52,7 +52,7 @@ def test_m1_keeps_newer_fields_after_official_ones():
     ({"authenticateSocketB": 1}, "'authenticateSocketB' should be a bool"),
 ])
 def test_m1_type_errors(patch, match):
-    d = json.loads(fixture("m1_relay_request.json")["value"]) | patch
+    d = {**json.loads(fixture("m1_relay_request.json")["value"]), **patch}
     with pytest.raises(ProtocolError, match=match):
         RelayRequest.from_json(json.dumps(d))
 
@@ -139,7 +139,7 @@ def test_m3_v4_request_missing_v5_fields_defaults_false():
     ({"port": 0}, "not a TCP port"),
 ])
 def test_m3_type_errors_name_the_field(patch, match):
-    d = json.loads(fixture("m3_ssh_request_envelope.json")["payload_text"]) | patch
+    d = {**json.loads(fixture("m3_ssh_request_envelope.json")["payload_text"]), **patch}
     with pytest.raises(ProtocolError, match=match):
         SshRequest.from_json(json.dumps(d))
 
@@ -168,7 +168,7 @@ def test_m4_timeout_default_and_errors():
             "requestedHost": "localhost"}
     assert NptRequest.from_dict(base).timeout_ms == 60000
     with pytest.raises(ProtocolError, match="'timeout' should be a int"):
-        NptRequest.from_dict(base | {"timeout": "30s"})
+        NptRequest.from_dict({**base, "timeout": "30s"})
     with pytest.raises(ProtocolError, match="'requestedHost' is missing"):
         NptRequest.from_dict({k: v for k, v in base.items() if k != "requestedHost"})
 

@@ -188,26 +188,27 @@ def test_a_session_being_answered_counts_once() -> None:
     """The reply is sent while the session is already open: counting it twice refused
     requests below the limit (issue 9: '65 sessions (max 64)')."""
     srvd, client, relay = make(max_sessions_per_sender=2)
-    gate = asyncio.Event()
+    gate: list[asyncio.Event] = []  # made inside the loop (Python 3.8/3.9 bind it at creation)
     counts: list[int] = []
     real_notify = client.notify
 
     async def slow_notify(to: str, key_name: str, value: str, **kw: Any) -> str:
         counts.append(srvd._sender_sessions("@client"))
-        await gate.wait()
+        await gate[0].wait()
         return await real_notify(to, key_name, value, **kw)
 
     client.notify = slow_notify  # type: ignore[method-assign]
     sids = [f"b3bbf23a-bf85-498d-87d5-cd832931d0{i:02d}" for i in range(2)]
 
     async def go() -> list[str | None]:
+        gate.append(asyncio.Event())
         first = asyncio.ensure_future(srvd.handle(KEY, "@client", m1(sids[0])))
         while not counts:
             await asyncio.sleep(0)
         second = asyncio.ensure_future(srvd.handle(KEY, "@client", m1(sids[1])))
         while len(counts) < 2:
             await asyncio.sleep(0)
-        gate.set()
+        gate[0].set()
         return [await first, await second]
 
     assert all(r is not None for r in run(go()))

@@ -29,10 +29,10 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from noports import crypto
 from noports.atclient import e2e
@@ -68,6 +68,10 @@ DEFAULT_ROOT = ("root.atsign.org", 64)
 DEFAULT_TIMEOUT = 10.0
 STREAM_LIMIT = MAX_REPLY_BYTES  # longest line we accept (large values, big monitor lines)
 DIRECTORY_CACHE_S = 600.0
+CLOSE_ATTEMPTS = 50  # Monitor.aclose: cancel at most this often, CLOSE_RETRY_S apart
+CLOSE_RETRY_S = 0.1
+
+T = TypeVar("T")
 
 _directory_cache: dict[tuple[str, int, str], tuple[str, int, float]] = {}
 
@@ -107,7 +111,7 @@ class _Stream:
         peer = f"{host}:{port}"
         ctx = ssl_ctx or ssl.create_default_context()
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, writer = await _bounded(
                 asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), timeout)
         except asyncio.TimeoutError:
             raise AtTimeoutError(f"cannot connect to {peer}: timed out after {timeout:g}s") \
@@ -135,7 +139,7 @@ class _Stream:
         """Write one command; a peer that stops reading (full buffers) times out."""
         self.send_nowait(cmd)
         try:
-            await asyncio.wait_for(self.writer.drain(), timeout)
+            await _bounded(self.writer.drain(), timeout)
         except asyncio.TimeoutError:
             self.dead = True
             raise AtTimeoutError(f"{self.peer} is not reading (send timed out)") from None
@@ -149,7 +153,7 @@ class _Stream:
             if timeout is None:
                 chunk = await self.reader.read(65536)
             else:
-                chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+                chunk = await _bounded(self.reader.read(65536), timeout)
         except asyncio.TimeoutError:
             raise AtTimeoutError(f"no reply from {self.peer} within {timeout:g}s") from None
         except (OSError, ssl.SSLError) as exc:
@@ -217,7 +221,7 @@ class _Stream:
     async def aclose(self) -> None:
         self.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            await _bounded(self.writer.wait_closed(), 1.0)
 
 
 async def lookup_secondary(root: tuple[str, int], atsign: str,
@@ -251,6 +255,20 @@ async def lookup_secondary(root: tuple[str, int], atsign: str,
         raise AtProtocolError("", f"{peer} returned a malformed address for {atsign}")
     _directory_cache[ck] = (host, int(port), time.monotonic() + DIRECTORY_CACHE_S)
     return host, int(port)
+
+
+async def _bounded(aw: Awaitable[T], timeout: float) -> T:
+    """``await aw`` for at most ``timeout`` s (asyncio.TimeoutError after).
+
+    Why not asyncio.wait_for: before Python 3.12 it swallows a cancellation that arrives
+    just as the awaited read completes (CPython gh-86296). Under load that race is hit: a
+    monitor cancelled at shutdown kept reading (heartbeats keep it alive), and asyncio.run()
+    waited for it forever, so sshnp hung with its two atServer connections open.
+    asyncio.timeout (3.11+) does not lose it."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await aw
+    return await asyncio.wait_for(aw, timeout)  # Python 3.10
 
 
 def _forget_secondary(root: tuple[str, int], atsign: str) -> None:
@@ -747,10 +765,19 @@ class Monitor:
             return
         self._closed = True
         self.client._monitors.discard(self)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        task = self._task
+        if task is not None:
+            # cancel until it has ended: a cancellation can be lost (see _bounded), and a
+            # monitor left running keeps asyncio.run() from ever returning
+            for _ in range(CLOSE_ATTEMPTS):
+                if task.done():
+                    break
+                task.cancel()
+                await asyncio.wait({task}, timeout=CLOSE_RETRY_S)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" noise at exit
+            elif not task.done():
+                log.warning("%s: monitor task did not stop", self.client.atsign)
         if self._stream is not None:
             await self._stream.aclose()
         with contextlib.suppress(asyncio.QueueFull):
@@ -833,7 +860,7 @@ class Monitor:
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + self.heartbeat_s
         ack_due: float | None = None
-        while True:
+        while not self._closed:  # closed but still here: a cancellation was lost
             now = loop.time()
             if ack_due is not None and now >= ack_due:
                 raise AtTimeoutError("monitor heartbeat not answered")

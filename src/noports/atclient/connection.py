@@ -1,10 +1,10 @@
 """Blocking TLS connections to an atDirectory and an atServer, with exact framing.
 
-Framing (reference atprotocol.md §2.3): every server reply is `<body>\\n<prompt>` where the
+Framing (docs/reference/atprotocol.md#reply-framing-and-prompts): every server reply is `<body>\\n<prompt>` where the
 prompt is `@` on unauthenticated connections and `@<atsign>@` once authenticated; TLS may split
 that into several reads, so the reader buffers until the whole prompt has arrived. Error bodies
 come in the legacy form `error:AT0015-key not found : ...`, the handler form
-`error:AT0026:message` and the JSON form `error:{"errorCode":..,"errorDescription":..}` (§2.5).
+`error:AT0026:message` and the JSON form `error:{"errorCode":..,"errorDescription":..}` (docs/reference/atprotocol.md#error-replies-and-codes).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from noports import crypto
 from noports.atprotocol import wire
 from noports.atprotocol.atsign import normalize_atsign
 from noports.atprotocol.wire import Reply, ReplyFramer
-from noports.atprotocol.wire import strip_prompt as strip_prompt  # re-exported (tests, e2e)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ DEFAULT_TIMEOUT = 10.0
 # After `\n@` while expecting `@alice@`: how long to wait for the rest before accepting `@`.
 PROMPT_GRACE = 0.25
 
+strip_prompt = wire.strip_prompt  # re-exported (tests, e2e)
 
 
 class AtClientError(Exception):
@@ -331,7 +331,7 @@ def _open_tls(host: str, port: int, ssl_ctx: ssl.SSLContext | None, connect_time
 def find_secondary(root_host: str, root_port: int, atsign: str,
                    ssl_ctx: ssl.SSLContext | None = None,
                    timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int]:
-    """Ask an atDirectory where `atsign`'s atServer is (reference §1.1): `(host, port)`.
+    """Ask an atDirectory where `atsign`'s atServer is (docs/reference/atprotocol.md#directory-wire-protocol): `(host, port)`.
 
     One connection per lookup, like the Dart clients, so the directory's
     three-not-found-then-close rule never bites a long-lived process.

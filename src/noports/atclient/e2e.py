@@ -2,8 +2,8 @@
 
 Why separate from `aio.py`: everything that decides whether another client can read what we
 send (and we theirs) lives here, so it can be unit-tested byte for byte against the official
-Python SDK (`at_client`) without a server. Conventions (reference atprotocol.md §3.3, §5.1, §5.4,
-§7.4, §9.1):
+Python SDK (`at_client`) without a server. Conventions (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#cryptographic-primitives, docs/reference/atprotocol.md#client-data-conventions,
+docs/reference/atprotocol.md#monitor-line-json, docs/reference/atprotocol.md#commands-the-python-sdk-sends):
 
 * a value shared by @alice with @bob is AES-256-CTR(+PKCS#7) under one AES key per (sender,
   recipient) pair, with a fresh random 16-byte IV sent as metadata ``ivNonce``;
@@ -240,7 +240,7 @@ class Notification:
 
 
 def parse_notification(obj: dict[str, Any]) -> Notification:
-    """Monitor JSON (reference §7.4) -> Notification with `value` = the raw value if it was not
+    """Monitor JSON (docs/reference/atprotocol.md#monitor-line-json) -> Notification with `value` = the raw value if it was not
     encrypted (the caller decrypts encrypted ones)."""
     if not isinstance(obj, dict) or "id" not in obj:
         raise E2EError("notification JSON has no id")
@@ -276,7 +276,7 @@ def parse_monitor_line(line: str) -> MonitorLine:
     """Classify a monitor-connection line, tolerating a prompt glued to its front.
 
     A reference (Dart) server answers `noop:0` on a monitor connection with `data:ok\\n@alice@`,
-    so the next line arrives as `@alice@notification: {...}` (reference §9.2).
+    so the next line arrives as `@alice@notification: {...}` (docs/reference/atprotocol.md#python-sdk-quirks).
     """
     line = strip_prompt(line.strip("\r\n"))
     if not line.strip() or re.fullmatch(r"@[^@\s]*@?", line.strip()):

@@ -1,4 +1,4 @@
-"""atProtocol errors and their two wire formats (reference §2.5).
+"""atProtocol errors and their two wire formats (docs/reference/atprotocol.md#error-replies-and-codes).
 
 Errors are ordinary exceptions carrying the at_commons error code so that any layer can
 raise them and the connection layer can render them with :func:`error_reply` in the format
@@ -42,7 +42,7 @@ ERROR_TEXT: dict[str, str] = {
     "AT0401": "Client authentication failed",
 }
 
-# Codes after which the reference server closes the connection (§2.5 "Closing behaviour").
+# Codes after which the reference server closes the connection (docs/reference/atprotocol.md#error-replies-and-codes "Closing behaviour").
 CLOSING_CODES = frozenset({"AT0002", "AT0005", "AT0013", "AT0024"})
 
 # Clients announcing a version above this get JSON error bodies (global_exception_handler).

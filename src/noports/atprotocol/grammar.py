@@ -1,6 +1,6 @@
 """Command grammar: dispatch a request line to a verb and extract its parameters.
 
-Ports at_commons ``VerbSyntax`` and the at_server dispatch rules (reference §2.4, §3):
+Ports at_commons ``VerbSyntax`` and the at_server dispatch rules (docs/reference/atprotocol.md#command-dispatch, docs/reference/atprotocol.md#verbs):
 the verb part is normalised with ``convertCommand``, the first handler whose ``accept()``
 matches wins (order matters: ``update:meta`` before ``update``, ``notify:list`` before
 ``notify``), and named groups of *all* regex matches are merged put-if-absent, exactly like
@@ -77,7 +77,7 @@ SYNTAX: dict[str, str] = {
         r"(?:(?<=show)\s?$|(?:(?<=add|remove):(?<atSign>(?:@[^:@\s]+)( (?:@[^\s@]+))*$))))"
         r"|(?:(?<=config:)(?<setOperation>set|reset|print):(?<configNew>.+)$)"
     ),
-    # NOTE: `selfNotifications` is a plain flag group as in the reference (§3.3).
+    # NOTE: `selfNotifications` is a plain flag group as in the reference (docs/reference/atprotocol.md#notification-verbs).
     "monitor": (
         r"^monitor(:(?<strict>strict))?(:(?<selfNotifications>selfNotifications))?"
         r"(:(?<multiplexed>multiplexed))?(:(?<epochMillis>\d+))?( (?<regex>.+))?$"
@@ -186,7 +186,7 @@ def _not_notify_sub(c: str) -> bool:
     )
 
 
-# Handler order of at_server's VerbHandlerManager (reference §2.4 step 3); `stream` is not
+# Handler order of at_server's VerbHandlerManager (docs/reference/atprotocol.md#command-dispatch step 3); `stream` is not
 # implemented and therefore answers "invalid command".
 _HANDLERS: list[tuple[str, Callable[[str], bool]]] = [
     ("from", lambda c: c.startswith("from:")),

@@ -1,4 +1,4 @@
-"""atKey rules: key types, normalisation, commit-log and scan visibility (reference §4).
+"""atKey rules: key types, normalisation, commit-log and scan visibility (docs/reference/atprotocol.md#keys).
 
 The key-type regexes are a port of at_commons ``Regexes``/``RegexUtil.keyType`` with
 ``enforceNamespace: false`` (what the server uses), so that the server accepts and rejects

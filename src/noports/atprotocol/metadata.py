@@ -1,4 +1,4 @@
-"""Key metadata: update semantics, expiry and the Dart JSON form (reference §3.2, §4.4).
+"""Key metadata: update semantics, expiry and the Dart JSON form (docs/reference/atprotocol.md#crud-verbs, docs/reference/atprotocol.md#metadata).
 
 Ports ``AbstractUpdateVerbHandler`` (merge, "null" resets), ``validateCacheMetadata``
 (ccd only with a ttr) and ``AtMetadataBuilder`` (dates, version) so records written by this

@@ -1,6 +1,6 @@
 """Notifications: model, monitor/stats lines, notify keys and server-to-server bodies.
 
-The wire shapes are those of the Dart server (reference §3.3, §6.6, §7): the Python SDK and
+The wire shapes are those of the Dart server (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications): the Python SDK and
 Dart clients parse monitor lines by fixed prefixes and field names, and other atServers parse
 our ``notify:`` bodies with the at_commons notify regex, whose field order is significant.
 """
@@ -59,7 +59,7 @@ def _date_str(ms: object) -> str:
 
 
 def monitor_map(n: Notification, *, replay: bool) -> dict:
-    """The JSON object of a monitor line / notify:list entry (§7.4), in Dart's field order."""
+    """The JSON object of a monitor line / notify:list entry (docs/reference/atprotocol.md#monitor-line-json), in Dart's field order."""
     meta = n.metadata or {}
     if replay:
         md: dict = {k: meta.get(k) for k in _REPLAY_META}
@@ -87,7 +87,7 @@ def monitor_line(n: Notification, *, replay: bool) -> str:
 
 
 def stats_line(atsign: str, last_commit_id: int, now_ms: int) -> str:
-    """The periodic/after-write stats notification (§7.5); clients key on id ``-1``."""
+    """The periodic/after-write stats notification (docs/reference/atprotocol.md#stats-notifications); clients key on id ``-1``."""
     body = {
         "id": "-1",
         "from": atsign,
@@ -136,7 +136,7 @@ def _lower_bool(v: object) -> str:
 
 
 def s2s_notify_command(n: Notification) -> str:
-    """``notify:…`` command (no newline) that delivers ``n`` to the recipient's server (§6.6).
+    """``notify:…`` command (no newline) that delivers ``n`` to the recipient's server (docs/reference/atprotocol.md#notification-delivery).
 
     Field order follows the notify regex so the receiver parses it. The metadata part
     (ttl…skeEncAlgo, including ``isEncrypted``) is sent when ``n.metadata`` is non-empty or

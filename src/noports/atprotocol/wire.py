@@ -1,6 +1,6 @@
 """The atProtocol as bytes: cutting a server's reply stream into replies (sans-IO).
 
-Every atProtocol peer (atServer, atDirectory) answers ``<body>\\n<prompt>`` (reference §2.3):
+Every atProtocol peer (atServer, atDirectory) answers ``<body>\\n<prompt>`` (docs/reference/atprotocol.md#reply-framing-and-prompts):
 the prompt is ``@`` before authentication, ``@alice@`` after, and it has no newline, so it
 arrives glued to the front of the *next* reply. Two answers break that shape: ``pol``'s bare
 ``@bob@`` (no body, no newline) and ``monitor``'s ``notification: <json>\\n`` lines (no prompts
@@ -91,7 +91,7 @@ def classify(line: str) -> Reply:
 
 
 def parse_error(text: str) -> WireError:
-    """What follows ``error:``, in any of the three forms servers send (reference §2.5).
+    """What follows ``error:``, in any of the three forms servers send (docs/reference/atprotocol.md#error-replies-and-codes).
 
     ``AT0015-key not found : ...`` (legacy), ``AT0026:message`` (handlers) and
     ``{"errorCode": .., "errorDescription": ..}`` (JSON, newer servers). The code is ``''``

@@ -2,7 +2,7 @@
 
 Why a module of its own: the verb families (verbs_*.py) and the session (session.py) all need
 the connection state (who is authenticated, as what, the pending `from` challenge, monitor mode)
-and the exact reply framing (`<body>\\n<prompt>`, reference §2.3); keeping that here lets the
+and the exact reply framing (`<body>\\n<prompt>`, docs/reference/atprotocol.md#reply-framing-and-prompts); keeping that here lets the
 families import it without importing the session, so there is no import cycle.
 """
 

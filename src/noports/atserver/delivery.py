@@ -1,4 +1,4 @@
-"""Outbound notification delivery (sender side, reference §6.6).
+"""Outbound notification delivery (sender side, docs/reference/atprotocol.md#notification-delivery).
 
 Why driven from the database: the queue *is* the `notifications` table (kind 'sent', status
 queued/errored, next_attempt). Anything acknowledged to a client is already there, so after a

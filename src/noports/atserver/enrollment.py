@@ -3,7 +3,7 @@
 Why a module of its own (no sockets, no verbs): these are the security decisions of device
 onboarding — who may ask for a key, how long a code lives, how fast codes may be guessed,
 which state changes are allowed — and they must be testable without a server. verbs_enroll.py
-applies them to the wire (reference atprotocol.md §3.4 `enroll`, `otp`).
+applies them to the wire (docs/reference/atprotocol.md#enrollment `enroll`, `otp`).
 
 * A code (`otp:get`) is 6 characters from a 32-symbol alphabet (2^30 values), single use,
   valid `ttl` ms (default 5 min, at most 1 h), stored as SHA-256 only.
@@ -78,7 +78,7 @@ def otp_ttl(text: str | None) -> int:
 
 
 def enrollment_error(message: str) -> AtError:
-    """Enrollment failures as the reference surfaces them (AT0011, reference §3.4)."""
+    """Enrollment failures as the reference surfaces them (AT0011, docs/reference/atprotocol.md#utility-verbs)."""
     return AtError("AT0011", message)
 
 

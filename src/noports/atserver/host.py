@@ -28,7 +28,7 @@ SERVER_VERSION = "3.0.52"
 
 @dataclass
 class ServerConfig:
-    """Behaviour switches (reference §2, §6.6, §7); defaults follow the reference server."""
+    """Behaviour switches (docs/reference/atprotocol.md#atserver-transport, docs/reference/atprotocol.md#notification-delivery, docs/reference/atprotocol.md#notifications); defaults follow the reference server."""
 
     autonotify: bool = True
     notification_expiry_ms: int = 24 * 3600 * 1000
@@ -149,7 +149,7 @@ class Host:
                 log.exception("monitor delivery failed on %s", self.atsign)
 
     def stats_changed(self) -> None:
-        """Tell monitors the commit id moved (statsNotification, reference §7.5)."""
+        """Tell monitors the commit id moved (statsNotification, docs/reference/atprotocol.md#stats-notifications)."""
         if not self.monitors:
             return
         last = self.store.last_commit_id(self.atsign)

@@ -1,6 +1,6 @@
 """Server-to-server edge: atDirectory resolution, outbound TLS connections, from/pol.
 
-Why it looks like this (reference §6): an atServer reaches another atSign's server by asking
+Why it looks like this (docs/reference/atprotocol.md#server-to-server): an atServer reaches another atSign's server by asking
 the atDirectory for host:port, connecting over TLS while presenting its own server certificate
 as a client certificate, and (for anything but public data) proving its identity with the
 from/pol handshake: the remote issues a proof, we sign the uuid with our server signing key and
@@ -37,7 +37,7 @@ COMMAND_TIMEOUT = 10.0
 
 @dataclass
 class Resolver:
-    """atSign → (host, port) via the atDirectory, with a short cache (§1.1, §6.1).
+    """atSign → (host, port) via the atDirectory, with a short cache (docs/reference/atprotocol.md#directory-wire-protocol, docs/reference/atprotocol.md#finding-another-atserver).
 
     `static` entries (tests, or a `proxy:`-style fixed mapping) win over the directory.
     """
@@ -234,7 +234,7 @@ class Outbound:
             return conn
 
     async def _handshake(self, conn: OutboundConnection, me: str, other: str) -> None:
-        await conn.command(f"lookup:all:publickey{other}")  # as the reference does (§6.2)
+        await conn.command(f"lookup:all:publickey{other}")  # as the reference does (docs/reference/atprotocol.md#outbound-connections)
         r = await conn.command(f"from:{me}")
         if not r.ok or r.data is None:
             raise RemoteError("AT0008", f"from:{me} refused by {other}: {r.code} {r.message}")

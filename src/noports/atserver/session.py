@@ -2,7 +2,7 @@
 
 Why this shape: the reply framing (one write of `<body>\\n<prompt>`, bare pol reply, no prompts
 in monitor mode), the authentication states and every verb's semantics are what the Python SDK
-and Dart clients depend on byte for byte (reference §2, §3, §7). The session owns the input
+and Dart clients depend on byte for byte (docs/reference/atprotocol.md#atserver-transport, docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#notifications). The session owns the input
 framing (:meth:`Session.feed` / :meth:`Session.next_line`, with the line limit of the current
 auth state checked before anything is parsed) and dispatches through an explicit verb table
 (:data:`VERBS`: handler, who may call it, its line limit); the verbs themselves live in one
@@ -49,7 +49,7 @@ __all__ = ["VERBS", "Reply", "Session", "Verb", "dumps", "fresh_meta_storage", "
 Handler = Callable[[Conn, Command], Awaitable[Reply]]
 
 ANY = "any"      # the handler decides (pre-auth verbs; pol-only rules live in the handler)
-OWNER = "owner"  # needs cram/pkam authentication (reference §2.6 `requiresAuth`)
+OWNER = "owner"  # needs cram/pkam authentication (docs/reference/atprotocol.md#connection-states `requiresAuth`)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Verb:
 
 
 # Line limits of verbs whose syntax has no free-form value: a key is at most 255 characters
-# (reference §4), a pkam line with an RSA-4096 signature and an enrollment id under 1 KiB, a
+# (docs/reference/atprotocol.md#keys), a pkam line with an RSA-4096 signature and an enrollment id under 1 KiB, a
 # client regex a few hundred bytes in practice. The grammar's regexes cost up to quadratic
 # time in the line length, so these also bound the parse.
 TINY, SHORT, KEYED = 256, 1024, 2048
@@ -115,7 +115,7 @@ VERBS: dict[str, Verb] = {
 }
 
 # Which table row a line belongs to, from its first bytes only (same accept order as the
-# grammar, reference §2.4 step 3), so limits and auth are checked before the line is parsed.
+# grammar, docs/reference/atprotocol.md#command-dispatch step 3), so limits and auth are checked before the line is parsed.
 _PREFIXES: tuple[tuple[str, str], ...] = (
     ("from:", "from"), ("cram:", "cram"), ("pkam:", "pkam"), ("update:meta", "update_meta"),
     ("update:", "update"), ("llookup:", "llookup"), ("plookup:", "plookup"),
@@ -282,7 +282,7 @@ class Session(Conn):
                                       close=True))
 
     def _admit(self, line: str) -> None:
-        """Auth and size checks from the verb table, before the line is parsed (§2.4 step 4)."""
+        """Auth and size checks from the verb table, before the line is parsed (docs/reference/atprotocol.md#command-dispatch step 4)."""
         name = classify(line)
         if name is None:
             return  # parse_command answers "invalid command"

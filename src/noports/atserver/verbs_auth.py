@@ -1,4 +1,4 @@
-"""Authentication verbs: from, cram, pkam, pol (reference §3.1, §6.3); enroll: verbs_enroll.
+"""Authentication verbs: from, cram, pkam, pol (docs/reference/atprotocol.md#authentication-verbs, docs/reference/atprotocol.md#pol-handshake); enroll: verbs_enroll.
 
 Why together: they are the only verbs that change who the connection is; each moves the
 connection from one state to the next (`from` issues a challenge, cram/pkam/pol answer it).

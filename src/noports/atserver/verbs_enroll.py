@@ -1,6 +1,6 @@
 """Enrollment verbs: `otp:get` and `enroll:request|list|fetch|approve|deny|revoke|unrevoke|delete`.
 
-Why: a device must get its own key without the atSign's CRAM secret (reference §3.4): an
+Why: a device must get its own key without the atSign's CRAM secret (docs/reference/atprotocol.md#utility-verbs): an
 operator connection issues a one-time code, the device (unauthenticated) sends its own APKAM
 public key with the code, an operator approves (sending the atSign's encryption keys encrypted
 for that device), the device then authenticates with `pkam:…:enrollmentId:<id>`. Revoking an
@@ -189,7 +189,7 @@ def _notify_managers(s: Conn, eid: str, data: dict) -> None:
 
 
 def _request_over_cram(s: Conn, params: dict) -> Reply:
-    """First enrollment of an atSign on a CRAM connection: auto-approved (reference §3.4)."""
+    """First enrollment of an atSign on a CRAM connection: auto-approved (docs/reference/atprotocol.md#enrollment)."""
     apkam = params.get("apkamPublicKey")
     if not isinstance(apkam, str) or not apkam or len(apkam) > E.MAX_KEY_FIELD:
         raise AtError("AT0022", "apkamPublicKey is required")

@@ -2,7 +2,7 @@
 
 Why together: they share how a key is rebuilt from the request parameters
 (`[cached:][public:][@for:]<atKey>[@atSign]`), who may see which key, and how a record is
-rendered (value, meta or all; reference §3.2, §3.5, §6.5).
+rendered (value, meta or all; docs/reference/atprotocol.md#crud-verbs, docs/reference/atprotocol.md#verbs, docs/reference/atprotocol.md#remote-lookup-and-caching).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ async def _do_update(s: Conn, key: str, p: dict[str, str], value: str | None,
 
 
 def _autonotify(s: Conn, key: str, to: str, op: str, value: str | None, meta: Any) -> None:
-    """Push the change to the sharedWith atSign's cache (reference §3.2 autoNotify)."""
+    """Push the change to the sharedWith atSign's cache (docs/reference/atprotocol.md#crud-verbs autoNotify)."""
     now = s.now()
     expiry = s.host.config.notification_expiry_ms
     n = N.Notification(
@@ -196,7 +196,7 @@ async def v_plookup(s: Conn, cmd: Command) -> Reply:
 
 async def _remote_lookup(s: Conn, owner: str, at_key: str, cache_key: str, op: str | None, *,
                          bypass: bool, handshake: bool) -> Reply:
-    """Cached remote lookup (reference §6.5)."""
+    """Cached remote lookup (docs/reference/atprotocol.md#remote-lookup-and-caching)."""
     now = s.now()
     if not bypass:
         rec = s.host.get(cache_key)

@@ -1,4 +1,4 @@
-"""Utility verbs: noop, info, stats, sync, batch (reference §3.6, §3.7).
+"""Utility verbs: noop, info, stats, sync, batch (docs/reference/atprotocol.md#utility-verbs, docs/reference/atprotocol.md#crud-verbs).
 
 Why together: none of them changes identity, keys or notifications on its own; they report
 on the server or (batch) replay other verbs through the session.

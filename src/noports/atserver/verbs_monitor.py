@@ -2,7 +2,7 @@
 
 Why here: a connection in monitor mode stops being request/reply; lines are pushed to it
 from other connections' work (through the host), filtered by the connection's own regex
-(reference §7.4, §7.5).
+(docs/reference/atprotocol.md#monitor-line-json, docs/reference/atprotocol.md#stats-notifications).
 """
 
 from __future__ import annotations

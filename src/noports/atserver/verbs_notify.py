@@ -1,5 +1,5 @@
 """Notification verbs: notify, notify:all, notify:list, notify:status, notify:fetch,
-notify:remove (reference §3.3, §7).
+notify:remove (docs/reference/atprotocol.md#notification-verbs, docs/reference/atprotocol.md#notifications).
 
 Why together: they share how a notification is built from request parameters, stored
 (sent / received / self) and handed to live monitors through the host.
@@ -30,7 +30,7 @@ from .store import NotificationRow
 
 
 def notif_meta(meta: Any, p: dict[str, str] | None = None) -> dict[str, Any]:
-    """The metadata a notification carries (and forwards, reference §6.6)."""
+    """The metadata a notification carries (and forwards, docs/reference/atprotocol.md#notification-delivery)."""
     if meta is None:
         return {}
     j = remove_nulls(M.to_json(meta))
@@ -149,7 +149,7 @@ def build_notification(s: Conn, p: dict[str, str], *, from_atsign: str, to: str,
 
 
 def _cache_from_notification(s: Conn, n: Any, p: dict[str, str]) -> None:
-    """Receiver-side cache of shared keys pushed with a ttr (reference §3.3)."""
+    """Receiver-side cache of shared keys pushed with a ttr (docs/reference/atprotocol.md#notification-verbs)."""
     if (p.get("messageType") or "key").lower() != "key":
         return
     cache_key = K.normalize_key("cached:" + n.key)

@@ -2,7 +2,7 @@
 
 The framing itself is :mod:`noports.atprotocol.wire` (shared with both clients); this module
 only turns its :class:`~noports.atprotocol.wire.Reply` values into :class:`RemoteReply`, the
-shape the session and delivery logic work with, and parses the ``from`` proof (reference §6.3).
+shape the session and delivery logic work with, and parses the ``from`` proof (docs/reference/atprotocol.md#pol-handshake).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def parse_error(text: str, raw: str = "") -> RemoteReply:
 
 
 def parse_proof(data: str) -> tuple[str, str]:
-    """`proof:_<sid>@alice:<uuid>` → (`_<sid>@alice`, `<uuid>`) (reference §6.3)."""
+    """`proof:_<sid>@alice:<uuid>` → (`_<sid>@alice`, `<uuid>`) (docs/reference/atprotocol.md#pol-handshake)."""
     parts = data.split(":")
     if len(parts) != 3 or parts[0] != "proof":
         raise ValueError(f"not a from-proof: {data[:100]}")

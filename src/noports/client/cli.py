@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import watchdog
 from .errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -130,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--relay-timeout", type=float, default=S, help="seconds to wait for each relay (20)")
     a("--daemon-timeout", "--dpt", dest="daemon_timeout", type=float, default=S,
       help="seconds to wait for the device (15)")
-    a("--connect-timeout", type=float, default=S, help="TCP/TLS connect timeout (10)")
+    a("--connect-timeout", type=float, default=S, help="TCP/TLS connect timeout (10); "
+      "set-up as a whole is limited to 2 x this + --relay-timeout per relay + "
+      "--daemon-timeout + 10 s")
     a("--idle-timeout", type=float, default=S,
       help="seconds the local port waits for ssh to connect (30)")
     a("--remote-sshd-port", type=int, default=S, help="device sshd port (22)")
@@ -413,10 +418,12 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
                 return proc.returncode
         session = await setup
     except BaseException:
+        watchdog.disarm()
         _kill(proc)
         accept.cancel()
         listener.close()
         raise
+    watchdog.disarm()
     argv = _ssh_argv(opts, session, port)
     if proc is None or argv != early:  # not started yet, or no pinned keys after all
         if proc is not None:
@@ -437,9 +444,13 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
             await session.tunnel.serve_socket(conn)
 
     serving = loop.create_task(serve())
+    code = None
     try:
-        return await proc.wait()
+        code = await proc.wait()
+        return code
     finally:
+        # winding down (asyncio.run cancels and awaits what is left) must not hang either
+        watchdog.arm_exit(code if code is not None else EXIT_TUNNEL)
         serving.cancel()
         session.close()
 
@@ -456,6 +467,8 @@ async def _print_child(opts: CliOptions, progress: Progress, report_fd: int,
     except BaseException:
         listener.close()
         raise
+    finally:
+        watchdog.disarm()
     from .sshcmd import printable
     line = printable(_ssh_argv(opts, session, port))
     # let go of the caller's terminal/pipes first, or `$(sshnp -x ...)` would wait for us
@@ -484,6 +497,9 @@ def _print_main(opts: CliOptions, progress: Progress) -> int:
         os.setsid()
         code = EXIT_FAILURE
         reported: list[bool] = []
+        from .flow import setup_limit
+        assert opts.params is not None
+        watchdog.arm(setup_limit(opts.params))  # the child's set-up: see watchdog.py
         try:
             code = asyncio.run(_print_child(opts, progress, w, reported))
         except SshnpError as exc:
@@ -518,7 +534,10 @@ def _print_main(opts: CliOptions, progress: Progress) -> int:
 
 async def _stdio_main(params: SessionParams, progress: Progress) -> int:
     from .flow import open_session
-    session = await open_session(params, progress=progress)
+    try:
+        session = await open_session(params, progress=progress)
+    finally:
+        watchdog.disarm()
     try:
         await session.tunnel.serve_stdio()
     finally:
@@ -555,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     progress.quiet = opts.quiet
     _setup_logging(opts.verbose)
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # kill -USR1: stacks
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if opts.params is not None and opts.params.tunnel_mode == "aes" \
                 and opts.output != "print":  # -x forks first; its child generates the key
@@ -563,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         if opts.output == "print":
             return _print_main(opts, progress)
         import asyncio
+        if opts.params is not None and opts.output != "list":
+            # bounds set-up even if the event loop itself gets stuck (watchdog.py)
+            from .flow import setup_limit
+            watchdog.arm(setup_limit(opts.params))
         if opts.output == "stdio":
             assert opts.params is not None
             return asyncio.run(_stdio_main(opts.params, progress))
@@ -581,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.error(f"unexpected error ({type(exc).__name__}: {exc}); please report it; "
                        "run with -vv for details")
         return EXIT_FAILURE
+    finally:
+        watchdog.disarm()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Why one module: ``sshnp`` (the ping answer it checks features against), ``sshnp
 --list-devices`` and the ``noports.sshnp.devices`` inventory plugin all read the same M6 value
-(reference noports-protocol.md §3.6) and the same K9 key
+(docs/reference/noports-protocol.md#username-and-device-listing) and the same K9 key
 ``[cached:]@client:device_info.<device>.sshnp@<device atSign>``. Parsed in three places they
 drifted apart (one crashed on a JSON list, one accepted device names sshnp refuses); here the rules are written once and fed a hostile corpus in
 tests/unit/test_client_deviceinfo.py. Pure: no sockets, no event loop.

@@ -1,6 +1,6 @@
 """``sshnp --list-devices``: devices that share their ``device_info`` with us, and who answers.
 
-Like the official client (reference §3.6): scan for ``device_info.<dev>.sshnp`` records shared
+Like the official client (docs/reference/noports-protocol.md#username-and-device-listing): scan for ``device_info.<dev>.sshnp`` records shared
 with us, read each, ping every device and collect heartbeats for a few seconds.
 """
 

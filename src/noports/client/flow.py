@@ -1,4 +1,4 @@
-"""The client side of one NoPorts v5 session (reference §3.2), with round trips overlapped.
+"""The client side of one NoPorts v5 session (docs/reference/noports-protocol.md#session-step-by-step), with round trips overlapped.
 
 Why this order (each step starts as early as its inputs exist, so the critical path is
 connect -> relay request -> relay answer -> session request -> device answer):
@@ -46,10 +46,12 @@ from . import checks, deviceinfo, pkcache
 from .errors import (
     AtServerError,
     DeviceRefused,
+    DeviceTimeout,
     KeysError,
     RelayError,
     SecurityError,
     SshnpError,
+    TunnelError,
     relay_refused,
 )
 from .knownhosts import update_known_hosts
@@ -240,6 +242,27 @@ class _Router:
                       if isinstance(exc, _at_errors()) else exc)
 
 
+def setup_limit(p: SessionParams) -> float:
+    """The longest a session set-up may take, whatever it waits on: two connect timeouts
+    (atServer connection, relay dial / outer SSH), each relay's timeout and the device's.
+
+    Why one overall limit on top of each step's own: a step's bound covers one wait, but a
+    queue of bounded waits (commands queued behind a stalled connection, each re-connecting)
+    can add up to many times it; the limit guarantees an exit that names the step. Plus
+    SETUP_SLACK_S for the local work (key generation, signatures) on a loaded machine."""
+    return (2 * p.connect_timeout + len(p.relays) * p.relay_timeout + p.daemon_timeout
+            + SETUP_SLACK_S)
+
+
+SETUP_SLACK_S = 10.0
+
+
+#: What the main path of the current set-up waits on, as (error class, step, description);
+#: a plain list so the CLI's watchdog thread can read it even when the event loop is stuck.
+CURRENT_STEP: list[tuple[type[SshnpError], str, str]] = [
+    (AtServerError, "atServer", "starting")]
+
+
 async def _await(fut: asyncio.Future[Any], timeout: float) -> Any:
     """Wait for ``fut`` without cancelling it on timeout (asyncio.TimeoutError then)."""
     return await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -267,6 +290,11 @@ class _Flow:
         self.username_task: asyncio.Task[str | None] | None = None
         self.keygen: asyncio.Future[tuple[str, Any]] | None = None
         self.ping_sent = False
+        self.at(AtServerError, f"connecting to the atServer of {params.client_atsign}")
+
+    def at(self, cls: type[SshnpError], what: str, step: str | None = None) -> None:
+        """Record what the main path waits on now (named if the set-up limit strikes)."""
+        CURRENT_STEP[0] = (cls, step or cls.step, what)
 
     def mark(self, name: str) -> None:
         self.timings[name] = round(time.monotonic() - self.t0, 4)
@@ -389,6 +417,7 @@ class _Flow:
                           client_nonce=cnonce)
         relay_fut = self.router.expect_relay(relay, sid)
         self.progress(f"asking relay {relay} for ports")
+        self.at(AtServerError, f"sending the relay request to {relay}")
         # a relay atSign the plane does not know is skipped like a dead relay
         await self.notify(relay, npkeys.relay_request_key(relay, p.device, p.client_atsign),
                           m1.to_json(), what="the relay request",
@@ -408,6 +437,7 @@ class _Flow:
                 self.username_task = self.spawn(self.username())
         else:
             self.spawn(self.prefetch_shared(relay))
+        self.at(RelayError, f"waiting for relay {relay} to answer")
         try:
             answer = await _await(relay_fut, p.relay_timeout)
         except asyncio.TimeoutError:
@@ -419,12 +449,14 @@ class _Flow:
         self.progress(f"relay {relay} opened {rr.host}:{rr.port_a}")
 
         if p.send_ssh_public_key and not self.public_key_sent:
+            self.at(AtServerError, f"sending the ssh public key to {p.device_atsign}")
             await self.send_public_key()
             self.public_key_sent = True
 
         pub = priv = None
         if p.tunnel_mode == "aes":
             assert self.keygen is not None
+            self.at(SecurityError, "generating the session key", step="session key")
             pub, priv = await self.keygen
         req = SshRequest(
             session_id=sid, host=rr.host, port=rr.port_b, direct=True,
@@ -437,11 +469,13 @@ class _Flow:
                                   self.keys.encrypt_private).encode() + b"\n"
         relay_sock_task = self.spawn(self.dial_relay(relay, rr, auth_line))
         session_fut = self.router.expect_session(sid)
+        self.at(AtServerError, f"sending the session request to {p.device_atsign}")
         await self.notify(p.device_atsign, npkeys.ssh_request_key(
             p.device_atsign, p.device, p.client_atsign), envelope, what="the session request")
         self.mark("session_request_sent")
         self.progress(f"session request sent to {p.device}{p.device_atsign}")
 
+        self.at(DeviceTimeout, f"waiting for {p.device}{p.device_atsign} to answer")
         try:
             value = await self.wait_device(session_fut)
         except BaseException:
@@ -450,6 +484,7 @@ class _Flow:
         self.mark("device_answered")
         resp = await self.verify_response(sid, value)
         self.progress(f"{p.device}{p.device_atsign} answered (signature verified)")
+        self.at(RelayError, f"connecting to relay {relay} at {rr.host}:{rr.port_a}")
         try:
             relay_sock = await relay_sock_task
         except RelayError:
@@ -492,6 +527,7 @@ class _Flow:
     async def verify_response(self, sid: str, value: str) -> SessionResponse:
         checks.check_not_refused(self.p, value)  # before waiting for the key it does not need
         assert self.device_pk_task is not None
+        self.at(AtServerError, f"fetching the public key of {self.p.device_atsign}")
         pk = await self.device_pk_task
         try:
             return checks.verify_response(self.p, sid, value, pk)
@@ -507,6 +543,7 @@ class _Flow:
         alias, host_keys = pin.alias, pin.host_keys
         user = p.remote_user
         if user is None and self.username_task is not None:
+            self.at(AtServerError, f"looking up the username on {p.device}{p.device_atsign}")
             user = await self.username_task
         try:
             checks.check_remote_user(p, user)
@@ -518,6 +555,7 @@ class _Flow:
                 tunnel, cipher = self.aes_tunnel(resp, relay_sock, session_priv)
             else:
                 cipher = None
+                self.at(TunnelError, "outer SSH handshake with the device's sshd")
                 tunnel = await self.ssh_tunnel(resp, relay_sock, user or "", host_keys, alias)
         except BaseException:
             relay_sock.close()
@@ -526,6 +564,8 @@ class _Flow:
         known = None
         if pin.target is not None:
             target = pin.target
+            self.at(SecurityError, f"writing the pinned host keys to {target}",
+                    step="known_hosts")
             try:
                 known = update_known_hosts(target, alias, host_keys, on_change=lambda c:
                                            self.progress.warning(c.message()))
@@ -567,6 +607,10 @@ class _Flow:
         for t in self.tasks:
             if not t.done():
                 t.cancel()
+            elif not t.cancelled():
+                # retrieved, so a side failure (e.g. the relay dial after the device refused)
+                # is not logged at exit as "never retrieved", after and over the real error
+                t.exception()
         if self.keygen is not None and not self.keygen.done():
             self.keygen.cancel()
 
@@ -597,7 +641,7 @@ def _take_prestarted() -> Any:
 
 
 def _session_keypair() -> tuple[str, Any]:
-    """The per-session RSA-2048 pair (reference §3.2 step 2): (base64 SPKI, key object).
+    """The per-session RSA-2048 pair (docs/reference/noports-protocol.md#session-step-by-step step 2): (base64 SPKI, key object).
 
     The object is kept, so decrypting the session key later costs no key parsing.
     """
@@ -641,8 +685,16 @@ async def open_session(params: SessionParams, *, progress: Progress | None = Non
         from noports.relay.pump import connect_relay as _cr
         connect_relay = _cr
     flow = _Flow(params, progress, client, keys, connect_relay)
+    limit = setup_limit(params)
     try:
-        return await flow.run()
+        try:
+            return await asyncio.wait_for(flow.run(), limit)
+        except asyncio.TimeoutError:
+            cls, step, what = CURRENT_STEP[0]
+            raise cls(f"{what}: no progress within the set-up limit of {limit:g}s",
+                      step=step, hint="the sum of --connect-timeout (twice), "
+                      "--relay-timeout per relay and --daemon-timeout; run with -v to see "
+                      "which wait stalled") from None
     except SshnpError:
         raise
     except _at_errors() as exc:

@@ -17,12 +17,11 @@ TUNNEL_MODES = ("aes", "ssh")
 #: measured default (docs/decisions/0005-default-tunnel-mode.md)
 DEFAULT_TUNNEL_MODE = "aes"
 DEFAULT_ROOT = ("root.atsign.org", 64)
-DEFAULT_RELAY_TIMEOUT = 20.0  # reference §3.5: relay response wait
-DEFAULT_DAEMON_TIMEOUT = 15.0  # reference §3.5: daemon session response wait
+DEFAULT_RELAY_TIMEOUT = 20.0  # docs/reference/noports-protocol.md#timeouts: relay response wait
+DEFAULT_DAEMON_TIMEOUT = 15.0  # docs/reference/noports-protocol.md#timeouts: daemon session response wait
 DEFAULT_CONNECT_TIMEOUT = 10.0  # atServer / relay TCP+TLS connect
 DEFAULT_IDLE_TIMEOUT = 30.0  # official srv: wait this long for the local ssh to connect
 DEFAULT_CIPHERS = ("chacha20-poly1305-v1", "aes-256-ctr")
-
 
 
 def norm_atsign(value: str, what: str) -> str:

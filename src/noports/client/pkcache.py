@@ -1,4 +1,4 @@
-"""Cached public encryption keys of peers, like the official client (reference §2).
+"""Cached public encryption keys of peers, like the official client (docs/reference/noports-protocol.md#atprotocol-substrate).
 
 Why: verifying the device's signed response needs the device atSign's public key; fetching it
 costs a round trip through two atServers. The official client keeps them in

@@ -1,4 +1,4 @@
-"""The one place that rewrites the daemon user's ``authorized_keys`` (reference §5.1).
+"""The one place that rewrites the daemon user's ``authorized_keys`` (docs/reference/noports-protocol.md#ephemeral-key-and-authorized_keys).
 
 Why so careful: this file is what lets anyone log in to the device. A torn write locks the
 operator out; a lost line from a concurrent writer silently drops someone's key; an ephemeral

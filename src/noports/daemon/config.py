@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from noports.compat import TOMLDecodeError, toml_loads
 from noports.npproto.errors import ProtocolError
 from noports.npproto.keys import normalize_atsign, snakify_device_name, validate_device_name
 
@@ -171,13 +171,9 @@ def parse_config_text(text: str, source: str = "<config>", fmt: str | None = Non
             raise ConfigError(f"{source}: expected a JSON object")
         items = [(k, v, f"{source}: {k}") for k, v in data.items()]
     elif fmt == "toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover - py3.10
-            raise ConfigError(f"{source}: TOML config files need Python 3.11+")
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+            data = toml_loads(text)
+        except TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
         items = [(k, v, f"{source}: {k}") for k, v in data.items()]
     else:

@@ -193,7 +193,7 @@ def check_service(service: str, pid_file: Path) -> list[Finding]:
         import subprocess
         try:
             res = subprocess.run(["systemctl", "is-active", f"{service}.service"],
-                                 capture_output=True, text=True, timeout=10)
+                                 capture_output=True, text=True, timeout=10, check=False)
             state = res.stdout.strip() or res.stderr.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             state = str(exc)

@@ -4,7 +4,7 @@ Why pure: every security decision of the daemon (who may talk to it, which reque
 signed, fresh and permitted, what goes back) lives here and is unit-tested without sockets,
 atServers or files. :mod:`.service` only performs the returned actions.
 
-Order for every notification, as the official daemon (reference §7, §11.6): the sender
+Order for every notification, as the official daemon (docs/reference/noports-protocol.md#authorization-and-policy, docs/reference/noports-protocol.md#compatibility-checklist): the sender
 (``notification.from``, authenticated by the atServer) must be a manager *before* anything
 else is looked at; unauthorized senders get no reply. Then the key is classified, and for
 ``ssh_request``: signature (no reply on failure, like Dart) -> fields -> freshness/replay
@@ -64,12 +64,12 @@ from .sshkeys import EphemeralKey, generate_ephemeral_key
 
 log = logging.getLogger(__name__)
 
-RESPONSE_TTL_MS = 10_000  # K4/K6 (reference §3.1)
+RESPONSE_TTL_MS = 10_000  # K4/K6 (docs/reference/noports-protocol.md#key-names)
 DEVICE_INFO_TTL_MS = 30 * 24 * 3600 * 1000  # K9: 30 days, refreshed hourly
 MAX_VALUE_LEN = 64 * 1024  # an ssh_request is ~1.5 KiB; anything huge is not one of ours
 CORE_PACKAGE_VERSION = f"noports-py {DAEMON_VERSION}"
 
-# official daemon error strings (reference §3.4), sent as plain K6 values
+# official daemon error strings (docs/reference/noports-protocol.md#daemon-error-strings), sent as plain K6 values
 ERR_DAEMON_PERMIT = "Daemon does not permit connections to {target}"
 ERR_SIGNATURE = "Signature not verified: {err}"
 ERR_TUNNEL = "Failed to start up the daemon side of the srv socket tunnel : {err}"
@@ -392,7 +392,7 @@ class DaemonHandler:
         try:
             payload = verify_envelope(req.value, client_public_key)
         except SignatureError as exc:
-            # Dart's ssh_request path only logs; no reply (reference §3.4)
+            # Dart's ssh_request path only logs; no reply (docs/reference/noports-protocol.md#daemon-error-strings)
             return Ignore("bad_signature", f"ssh_request from {sender}: signature not "
                           f"verified: {exc}", logging.WARNING, sender)
         try:

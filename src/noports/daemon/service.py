@@ -21,9 +21,10 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
+from typing import Awaitable as _TypingAwaitable  # noqa: UP035
 
 from noports.atclient.aio import (
     AtClient,
@@ -34,6 +35,7 @@ from noports.atclient.aio import (
     AtTimeoutError,
     Notification,
 )
+from noports.compat import to_thread
 from noports.keys.atkeys import AtKeys
 from noports.npproto.errors import IntegrityError
 from noports.npproto.keys import daemon_subscription_regex
@@ -90,7 +92,7 @@ class _Session:
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
 
 
-ClientFactory = Callable[..., Awaitable[AtClient]]
+ClientFactory = Callable[..., _TypingAwaitable[AtClient]]
 
 
 class Daemon:
@@ -124,7 +126,7 @@ class Daemon:
         self._stop = stop
         c = self.config
         try:
-            removed = await asyncio.to_thread(self.authorized_keys.remove_all_ephemeral,
+            removed = await to_thread(self.authorized_keys.remove_all_ephemeral,
                                               self.owner)
         except OSError as exc:
             raise DaemonError(f"cannot edit {c.authorized_keys}: {exc.strerror or exc}") \
@@ -133,7 +135,7 @@ class Daemon:
             log.info("removed %d leftover ephemeral key line(s) from %s", removed,
                      c.authorized_keys, extra={"event": "leftovers_removed"})
         try:  # the replay memory must be durable before any request is acted on
-            self.handler.seen = await asyncio.to_thread(SeenRequests.open, c.storage_dir)
+            self.handler.seen = await to_thread(SeenRequests.open, c.storage_dir)
         except SeenStoreError as exc:
             raise DaemonError(f"{exc} (set --storage-path to a writable directory)") from None
         log.info("replay memory %s: %d request(s) still inside the %gs window",
@@ -205,7 +207,7 @@ class Daemon:
             await asyncio.wait(self._tasks, timeout=5.0)
         for sid in sids:
             with contextlib.suppress(OSError, ValueError):
-                await asyncio.to_thread(self.authorized_keys.remove_session, sid)
+                await to_thread(self.authorized_keys.remove_session, sid)
         with contextlib.suppress(Exception):
             await monitor.aclose()
         if self.client is not None:
@@ -276,7 +278,7 @@ class Daemon:
         except (AtClientError, OSError, ssl.SSLError):
             probe = "network"
         try:
-            await asyncio.wait_for(asyncio.to_thread(time.monotonic), PROBE_TIMEOUT_S)
+            await asyncio.wait_for(to_thread(time.monotonic), PROBE_TIMEOUT_S)
             worker_ok = True
         except asyncio.TimeoutError:
             worker_ok = False
@@ -333,7 +335,7 @@ class Daemon:
             pk = await self._client_public_key(req.sender)
             if pk is None:
                 return
-            result = await asyncio.to_thread(self.handler.on_npt_request, req, pk)
+            result = await to_thread(self.handler.on_npt_request, req, pk)
             if isinstance(result, Ignore):
                 self._ignore(result)
             else:
@@ -356,7 +358,7 @@ class Daemon:
             self._ignore(action)
             return
         try:
-            added = await asyncio.to_thread(self.authorized_keys.add_client_key,
+            added = await to_thread(self.authorized_keys.add_client_key,
                                             action.public_key,
                                             self.config.sshpublickey_permissions)
         except (AuthorizedKeysError, OSError) as exc:
@@ -392,11 +394,11 @@ class Daemon:
             return
         self.host_keys = load_host_keys(self.config.sshd_host_keys) or self.host_keys
         # in a thread: the replay memory fsyncs (slow on SD cards) and keys are made here
-        result = await asyncio.to_thread(self.handler.on_ssh_request, req, pk, self.host_keys)
+        result = await to_thread(self.handler.on_ssh_request, req, pk, self.host_keys)
         if isinstance(result, Ignore) and result.event == "bad_signature":
             fresh = await self._client_public_key(req.sender, refresh=True)
             if fresh is not None and fresh != pk:  # the client re-keyed: try once more
-                result = await asyncio.to_thread(self.handler.on_ssh_request, req, fresh,
+                result = await to_thread(self.handler.on_ssh_request, req, fresh,
                                                  self.host_keys)
         if isinstance(result, Ignore):
             self._ignore(result)
@@ -424,7 +426,7 @@ class Daemon:
         self._sessions[sid] = sess
         written_at = loop.time()  # the line may be visible from here on
         try:
-            await asyncio.to_thread(
+            await to_thread(
                 functools.partial(self.authorized_keys.add_ephemeral,
                                   plan.ephemeral.public_line, sid, c.local_sshd_port,
                                   c.ephemeral_permissions, owner=self.owner,
@@ -510,7 +512,7 @@ class Daemon:
                     extra={"event": "session_failed", "session": sid,
                            "sender": sess.plan.client})
         with contextlib.suppress(OSError, ValueError):
-            await asyncio.to_thread(self.authorized_keys.remove_session, sid)
+            await to_thread(self.authorized_keys.remove_session, sid)
         await self._send(self.handler.tunnel_failed(sess.plan, err))
 
     def _expire_key(self, sid: str) -> None:
@@ -519,7 +521,7 @@ class Daemon:
 
     async def _remove_key(self, sid: str) -> None:
         try:
-            n = await asyncio.to_thread(self.authorized_keys.remove_session, sid)
+            n = await to_thread(self.authorized_keys.remove_session, sid)
         except (OSError, ValueError) as exc:
             log.error("could not remove the ephemeral key of session %s: %s", sid, exc,
                       extra={"event": "key_removal_failed", "session": sid})
@@ -537,7 +539,7 @@ class Daemon:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
-                n = await asyncio.to_thread(self.authorized_keys.remove_expired)
+                n = await to_thread(self.authorized_keys.remove_expired)
             except OSError as exc:
                 log.warning("expired-key sweep failed: %s", exc)
                 continue

@@ -69,7 +69,7 @@ def _add_store_args(p: argparse.ArgumentParser) -> None:
 _non_negative = arg_type(float, "a number", lambda v: math.isfinite(v) and v >= 0,
                          "must be a finite number >= 0: {text!r}")
 _positive = arg_type(float, "a number", lambda v: math.isfinite(v) and v > 0,
-                    "must be a finite number > 0: {text!r}")
+                     "must be a finite number > 0: {text!r}")
 _positive_int = arg_type(int, "an integer", lambda v: v >= 1, "must be at least 1: {text!r}")
 _line_bytes = arg_type(int, "an integer", lambda v: 2 <= v <= 65536,
                        "must be 2-65536: {text!r}")

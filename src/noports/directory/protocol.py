@@ -2,7 +2,7 @@
 
 Why sans-IO: the wire rules (prompt, framing, lower-casing, overflow, `@exit`, one write per
 reply) and the timing policy are the parts that must match the official root and the client
-parsers exactly (reference §1.1, §1.2). Keeping them free of sockets and clocks lets the unit
+parsers exactly (docs/reference/atprotocol.md#directory-wire-protocol, docs/reference/atprotocol.md#how-clients-use-the-directory). Keeping them free of sockets and clocks lets the unit
 tests drive every edge case (split reads, pipelined lines, emoji atSigns, delays) directly.
 
 The driver (server.py) feeds received bytes with :meth:`DirectorySession.receive`, performs the

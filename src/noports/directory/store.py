@@ -2,7 +2,7 @@
 
 Why two stores: SQLite is the zero-dependency default for a self-hosted plane (one file, WAL so
 the CLI can register while the server reads). Redis uses exactly the official root's layout
-(reference §1.3: plain string keys, key = atSign without '@' lower-cased, value ``host:port``,
+(docs/reference/atprotocol.md#directory-storage: plain string keys, key = atSign without '@' lower-cased, value ``host:port``,
 ``ping`` = ``pong`` sanity key), so an existing official Redis can be served unchanged.
 """
 

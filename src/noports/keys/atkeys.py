@@ -1,4 +1,4 @@
-"""Official-format `.atKeys` files (reference atprotocol.md §5.2).
+"""Official-format `.atKeys` files (docs/reference/atprotocol.md#the-atkeys-file).
 
 Why our own reader/writer instead of the SDK's `KeysUtil`: the SDK prints to stdout, writes
 world-readable files, drops the fields newer Dart tooling adds, gives tracebacks on corrupt files

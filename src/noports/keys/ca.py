@@ -5,7 +5,7 @@ system store) verify the atDirectory and atServer certificates against a CA bund
 hostname they dialled. A self-hosted plane therefore needs a CA whose certificate clients can
 trust (via SSL_CERT_FILE or the system store) and server certificates whose SANs name every
 host/IP the servers are reached at. Server certificates are also presented as *client*
-certificates in server-to-server connections (reference §6.2, §6.4), so they carry both the
+certificates in server-to-server connections (docs/reference/atprotocol.md#outbound-connections, docs/reference/atprotocol.md#client-certificate-check), so they carry both the
 serverAuth and clientAuth extended key usages.
 """
 
@@ -148,7 +148,7 @@ def ensure_plane_tls(directory: Path, names: list[str]) -> TlsFiles:
 
 
 def server_context(files: TlsFiles, request_client_cert: bool = True) -> ssl.SSLContext:
-    """TLS server context; client certs are requested but optional (reference §2.1)."""
+    """TLS server context; client certs are requested but optional (docs/reference/atprotocol.md#tls-and-connection-lifecycle)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(files.cert), str(files.key))

@@ -2,7 +2,7 @@
 
 Why: giving each device its own key lets an operator onboard a fleet without copying the CRAM
 secret or one shared .atKeys file to any device, and revoke one lost device without touching the
-others (docs/keys-and-onboarding.md). The flow is the reference's (atprotocol.md §3.4):
+others (docs/keys-and-onboarding.md). The flow is the reference's (docs/reference/atprotocol.md#utility-verbs):
 
 * operator (holds the atSign's .atKeys): ``otp:get`` -> a 6-character code, valid <= 1 h, once;
 * device: generates its own APKAM key pair and AES key, encrypts the AES key for the atSign's

@@ -1,4 +1,4 @@
-"""Activating an atSign: legacy onboarding exactly as reference atprotocol.md §5.3 describes it.
+"""Activating an atSign: legacy onboarding exactly as docs/reference/atprotocol.md#onboarding describes it.
 
 Why legacy (CRAM -> install PKAM public key -> PKAM -> publish encryption key -> delete CRAM
 secret) and not APKAM enrollment: it is what the Python SDK does, what every atServer

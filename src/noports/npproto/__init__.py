@@ -1,7 +1,7 @@
 """Pure, sans-IO NoPorts v5 protocol logic: JSON, key names, messages, envelopes, ciphers.
 
 Nothing here opens sockets or talks to an atServer; the daemon, client and relay feed it
-strings and bytes. See shared/reference/noports-protocol.md §3-§4 for the formats.
+strings and bytes. See docs/reference/noports-protocol.md#control-plane, docs/reference/noports-protocol.md#socket-rendezvous for the formats.
 """
 
 from .dartjson import dart_json_decode, dart_json_encode

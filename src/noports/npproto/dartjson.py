@@ -1,7 +1,7 @@
 """Byte-exact re-implementation of Dart's ``jsonEncode`` (dart:convert).
 
 Why: NoPorts signs ``jsonEncode(payload)`` and verifiers *re-serialise* the decoded payload
-before checking the signature (reference §3.4). Any difference in spacing, key order or
+before checking the signature (docs/reference/noports-protocol.md#message-catalogue). Any difference in spacing, key order or
 escaping breaks interop with the Dart and C peers, so we never use ``json.dumps`` for signed
 text. Dart's rules, reproduced here:
 

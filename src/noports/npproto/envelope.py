@@ -1,4 +1,4 @@
-"""Signed envelopes, relay authentication lines, nonces and replay protection (§3.4, §4.2).
+"""Signed envelopes, relay authentication lines, nonces and replay protection (docs/reference/noports-protocol.md#message-catalogue, docs/reference/noports-protocol.md#relay-authentication).
 
 Why the care: the signature covers Dart's ``jsonEncode(payload)``, and every verifier rebuilds
 that text from the *decoded* payload (never from the received bytes). So we sign exactly
@@ -72,7 +72,7 @@ def verify_envelope(text: str | bytes, public_key_b64: str) -> dict[str, Any]:
     return payload
 
 
-# --- relay authentication (§4.2) ---------------------------------------------------------------
+# --- relay authentication (docs/reference/noports-protocol.md#relay-authentication) ---------------------------------------------------------------
 
 def relay_auth_payload(session_id: str, client_nonce: str, rvd_nonce: str) -> dict[str, str]:
     """The payload both sides sign, in the exact key order the relay rebuilds."""

@@ -1,4 +1,4 @@
-"""NoPorts v5 atKey names (reference §3.1, K1-K9) and the monitor regexes of each role.
+"""NoPorts v5 atKey names (docs/reference/noports-protocol.md#key-names, K1-K9) and the monitor regexes of each role.
 
 Why a module of its own: the key names are the routing layer of NoPorts. An extra dot or a
 wrong namespace and an official daemon/relay silently ignores the notification, so every

@@ -1,4 +1,4 @@
-"""NoPorts v5 control messages M1-M6 (reference §3.4) as dataclasses.
+"""NoPorts v5 control messages M1-M6 (docs/reference/noports-protocol.md#message-catalogue) as dataclasses.
 
 Why dataclasses with explicit ``to_dict``: field names *and order* are part of the wire format
 (signatures are over Dart's insertion-ordered JSON), so each ``to_dict`` lists the official
@@ -138,7 +138,7 @@ class RelayRequest(_JsonMessage):
     def from_dict(cls, data: Mapping[str, Any]) -> RelayRequest:
         m = "relay request"
         # srvd requires these four strings and authenticateSocketA; it never type-checks B (a
-        # bug, §3.4) - we do, treating a missing B like a missing A: false.
+        # bug, docs/reference/noports-protocol.md#message-catalogue) - we do, treating a missing B like a missing A: false.
         return cls(session_id=_check(m, data, "sessionId", str, required=True),
                    atsign_a=_check(m, data, "atSignA", str, required=True),
                    atsign_b=_check(m, data, "atSignB", str, required=True),
@@ -169,7 +169,7 @@ class RelayResponse:
     def from_csv(cls, text: str) -> RelayResponse:
         """Parse CSV; tolerates the legacy 3-field form and ``,null`` (both -> rvd_nonce None).
 
-        A JSON object (newer relays' ``sendJsonResponse`` form, §10) is accepted too.
+        A JSON object (newer relays' ``sendJsonResponse`` form, docs/reference/noports-protocol.md#newer-protocol-versions) is accepted too.
         """
         m = "relay response"
         if not isinstance(text, str):

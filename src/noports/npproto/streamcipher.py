@@ -1,6 +1,6 @@
 """Data-plane ciphers for the relayed byte stream.
 
-``CtrStream`` is the official NoPorts v5 cipher (§4.3), replicated for compatibility:
+``CtrStream`` is the official NoPorts v5 cipher (docs/reference/noports-protocol.md#session-cipher), replicated for compatibility:
 AES-256-CTR, 32-byte key, the 16-byte IV is the initial counter block, the whole block is
 incremented big-endian, no MAC, no framing, and both directions use the same key and IV.
 That last point reuses keystream across directions and CTR has no integrity at all, so when

@@ -1,7 +1,7 @@
 """Client-side "SSHRV" pump: join a local socket (or stdin/stdout) to a relay port.
 
 The relay expects, on every socket, one auth line (the signed envelope, plaintext) and then
-raw bytes (NoPorts protocol §4.2/§4.3). Everything after the auth line can be transformed
+raw bytes (docs/reference/noports-protocol.md#relay-authentication, docs/reference/noports-protocol.md#session-cipher). Everything after the auth line can be transformed
 per direction - e.g. AES-256-CTR encryptor/decryptor objects' ``update`` methods - which the
 relay never sees in clear. Backpressure is the same as the relay's protocol splice: a
 destination over its high-water mark pauses the source.

@@ -21,7 +21,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def sessions_to_end(sessions: Iterable[LiveSession], revoked_at: Mapping[str, in
     return out
 
 
-Lookup = Callable[[str], Awaitable[str | None]]
+Lookup = typing.Callable[[str], typing.Awaitable[typing.Optional[str]]]  # noqa: UP006,UP007,UP045 - runtime alias, Python 3.8
 
 
 @dataclass

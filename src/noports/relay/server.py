@@ -1,4 +1,4 @@
-"""The socket rendezvous data plane: many sessions, one event loop (NoPorts srvd §4).
+"""The socket rendezvous data plane: many sessions, one event loop (docs/reference/noports-protocol.md#socket-rendezvous).
 
 :class:`Rendezvous` opens two OS-chosen ports per session, accepts and authenticates
 sockets on them, FIFO-pairs authenticated sides (rules in

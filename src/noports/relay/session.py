@@ -1,4 +1,4 @@
-"""Sans-IO state machine of one socket-rendezvous session (NoPorts srvd, protocol §4.1).
+"""Sans-IO state machine of one socket-rendezvous session (NoPorts srvd, docs/reference/noports-protocol.md#relay-allocation-and-pairing).
 
 Why sans-IO: the pairing and lifetime rules (5 s auth deadline, FIFO pairing, 30 s
 "never paired" grace, close-when-last-connection-ends) are the part that must match the
@@ -21,9 +21,9 @@ Connections are identified by opaque integer ids chosen by the caller.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable, Union  # noqa: UP035 (3.8: abc generics are not subscriptable)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class CloseSession:
     reason: str
 
 
-Action = Pair | Drop | CloseSession
+Action = Union[Pair, Drop, CloseSession]  # noqa: UP007 (runtime alias: `|` on classes needs 3.10)
 
 
 # --------------------------------------------------------------------- auth line reader

@@ -35,11 +35,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Callable as _TypingCallable  # noqa: UP035 (3.8: abc generics are not subscriptable)
 from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[bytes], bytes]
+Transform = _TypingCallable[[bytes], bytes]
 SpliceMode = Literal["protocol", "os_splice"]
 
 

@@ -2,11 +2,11 @@
 
 The data plane (ports, authentication of sockets, splicing) is :class:`Rendezvous`; this
 module decides *whether* to open a session and answers with ``ip,portA,portB,rvdNonce``
-(NoPorts protocol §3.1 K1/K2, §3.4 M1/M2, §4).
+(docs/reference/noports-protocol.md#key-names K1/K2, docs/reference/noports-protocol.md#message-catalogue M1/M2, docs/reference/noports-protocol.md#socket-rendezvous).
 
 Why split into :func:`decide` (pure) and :class:`Srvd` (async edge): authorization is the
 security-relevant part and must be testable without sockets. Two deliberate deviations from
-the official srvd, both wire-compatible (§4.1, §11.8):
+the official srvd, both wire-compatible (docs/reference/noports-protocol.md#relay-allocation-and-pairing, docs/reference/noports-protocol.md#compatibility-checklist):
 
 * the allow-list is checked against the *authenticated sender* of the notification, never
   against the self-declared ``atSignA`` field, and ``atSignA`` must equal the sender (so a
@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Union
 
 from noports.npproto import RelayRequest, RelayResponse, dart_iso_now, verify_relay_auth
 from noports.npproto.errors import ProtocolError
@@ -107,7 +107,7 @@ class Refuse:
     nack: str | None = None
 
 
-Decision = Accept | Refuse
+Decision = Union[Accept, Refuse]  # noqa: UP007 (runtime alias: `|` on classes needs 3.10)
 
 
 def decide(key: str, sender: str, value: str | None, policy: SrvdPolicy, *,
@@ -271,7 +271,8 @@ class Srvd:
             relay_config, on_session_closed=self.session_closed)
         self.key_timeout = key_timeout
         self.reply_timeout = reply_timeout
-        self._sem = asyncio.Semaphore(max_inflight)
+        self._max_inflight = max_inflight
+        self._sem: asyncio.Semaphore | None = None  # made in the loop (3.8/3.9 bind at creation)
         self._remember = remember
         self._seen: OrderedDict[str, None] = OrderedDict()  # every session id ever handled
         self._open: dict[str, _Open] = {}
@@ -405,10 +406,13 @@ class Srvd:
         except Exception:  # a bug must cost one request, never the relay
             log.exception("request %s from %s failed unexpectedly", key[:200], sender[:100])
         finally:
+            assert self._sem is not None
             self._sem.release()
 
     async def dispatch(self, key: str, sender: str, value: str | None) -> None:
         """Handle a request concurrently (bounded by ``max_inflight``)."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._max_inflight)
         await self._sem.acquire()
         task = asyncio.get_running_loop().create_task(self._guarded(key, sender, value))
         self._tasks.add(task)

@@ -1,4 +1,4 @@
-"""``srvd``: the socket rendezvous daemon (NoPorts protocol §1.3, §4).
+"""``srvd``: the socket rendezvous daemon (docs/reference/noports-protocol.md#srvd-flags, docs/reference/noports-protocol.md#socket-rendezvous).
 
 Flags follow the official srvd where they exist (``-a``, ``-k``, ``-i/--ip``, ``-m``,
 ``--root-domain``, ``-v``); the rest (``--bind``, ``--ca-file``, ``--allow-list``, limits) are

@@ -1,5 +1,5 @@
-"""The plugins' atSign normalisers are the one rule (module_utils mirror): same corpus as
-tests/unit/test_atprotocol_atsign.py, fed through each plugin's own wrapper."""
+"""The plugins' atSign normalisers are the one rule (module_utils mirror): same corpus
+(atsign_corpus.py) as tests/unit/test_atprotocol_atsign.py, fed through each plugin's own wrapper."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ansible_collections.noports.sshnp.plugins.modules import atsign_keys
 from ansible_collections.noports.sshnp.plugins.plugin_utils import _sshnp_common
 
 _spec = importlib.util.spec_from_file_location(
-    "atsign_corpus", Path(__file__).resolve().parents[1] / "test_atprotocol_atsign.py")
+    "atsign_corpus", Path(__file__).resolve().parent / "atsign_corpus.py")
 assert _spec and _spec.loader
 _corpus_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_corpus_mod)

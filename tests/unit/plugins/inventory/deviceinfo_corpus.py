@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-# official daemons' M6 values (reference §3.4 example, issue #1182, the C daemon)
+# official daemons' M6 values (docs/reference/noports-protocol.md#message-catalogue example, issue #1182, the C daemon)
 DART_REFERENCE = (
     '{"devicename":"orac","deviceGroupName":"__none__","version":"5.6.3",'
     '"corePackageVersion":"6.2.0","supportedFeatures":{"srAuth":true,"srE2ee":true,'
