@@ -59,6 +59,18 @@ def test_monitor_down_while_atserver_answers_fails_after_grace():
     assert rule.decide(sample(100, connected=False)).ok
 
 
+def test_grace_starts_when_the_atserver_is_reachable_again():
+    """After a 10-minute outage the probe got through 0.2 s before the monitor reconnected
+    and the check failed ("down for 581s"); the outage itself must not use up the grace."""
+    rule = LivenessRule(monitor_down_grace=60)
+    for t in range(0, 600, 10):  # the last unreachable sample is at 590
+        assert rule.decide(sample(t, connected=False, probe="network")).ok
+    assert rule.decide(sample(600, connected=False)).ok  # reachable; monitor a moment behind
+    assert rule.decide(sample(649, connected=False)).ok
+    v = rule.decide(sample(651, connected=False))
+    assert not v.ok and "monitor has been down for 61s" in v.reason
+
+
 def test_dead_monitor_task_hung_probe_and_stuck_workers_fail():
     assert "monitor task" in LivenessRule().decide(sample(0, alive=False)).reason
     v = LivenessRule().decide(sample(0, probe="hung"))
@@ -118,6 +130,28 @@ def test_sd_notify_abstract_namespace():
 def test_sd_notify_without_systemd_or_with_a_dead_socket_is_harmless(tmp_path):
     assert sd_notify("READY=1", {}) is False
     assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+
+
+def test_sd_notify_never_blocks_when_the_manager_stops_reading(notify_socket):
+    """The queue of an unread notify socket fills after net.unix.max_dgram_qlen (10)
+    datagrams; a blocking send then froze the whole daemon (its event loop) for good, which
+    is how a 10-minute network cut turned into a silent sshnpd. Extra messages are dropped
+    with one warning, and sending works again once the manager reads."""
+    path, srv = notify_socket
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from noports.daemon.liveness import sd_notify\n"
+            "print(sum(sd_notify('WATCHDOG=1') for _ in range(200)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "NOTIFY_SOCKET": str(path)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    delivered = int(out.stdout)
+    assert 0 < delivered < 200  # the queue filled up and the rest was dropped, not waited for
+    assert out.stderr.count("notify socket's queue is full") == 1, out.stderr
+    assert "is the service manager reading $NOTIFY_SOCKET?" in out.stderr
+    for _ in range(delivered):
+        assert srv.recv(64) == b"WATCHDOG=1"
+    assert sd_notify("WATCHDOG=1", {"NOTIFY_SOCKET": str(path)})
+    assert srv.recv(64) == b"WATCHDOG=1"
 
 
 def test_sd_notify_reads_the_real_environment(notify_socket):

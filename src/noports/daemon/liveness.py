@@ -76,7 +76,9 @@ class LivenessRule:
     def decide(self, s: Sample) -> Verdict:
         if s.monitor_connected:
             self._down_since = None
-        elif self._down_since is None:
+        elif s.probe == "network" or self._down_since is None:
+            # the grace counts from when the atServer can be reached again: after a long
+            # outage the command probe often gets through a moment before the monitor does
             self._down_since = s.now
         if not s.monitor_task_alive:
             return Verdict(False, "the monitor task has ended")
@@ -105,18 +107,33 @@ def notify_socket_address(env: Mapping[str, str] | None = None) -> str | None:
     return "\0" + addr[1:] if addr.startswith("@") else addr
 
 
+_queue_full_logged = False  # warn once per full-queue episode, not every watchdog tick
+
+
 def sd_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     """Send ``state`` (``READY=1``, ``WATCHDOG=1``...) to systemd; False when not under it."""
+    global _queue_full_logged
     addr = notify_socket_address(env)
     if addr is None:
         return False
+    # Non-blocking: this runs on the event loop, and a receiver that stops reading (its
+    # queue holds net.unix.max_dgram_qlen = 10 datagrams) would otherwise block the send
+    # and with it the whole daemon, forever. A message that does not fit is dropped.
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(socket.AF_UNIX,
+                           socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
-            s.sendall(state.encode("utf-8"))
+            s.send(state.encode("utf-8"), socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        log.log(logging.DEBUG if _queue_full_logged else logging.WARNING,
+                "sd_notify %s dropped: the notify socket's queue is full (is the service "
+                "manager reading $NOTIFY_SOCKET?)", state.split("=", 1)[0])
+        _queue_full_logged = True
+        return False
     except OSError as exc:
         log.debug("sd_notify %s failed: %s", state.split("=", 1)[0], exc)
         return False
+    _queue_full_logged = False  # warn again on the next full queue
     return True
 
 
