@@ -13,7 +13,7 @@ demo: bootstrap
 	$(VENV)/bin/python -m demo.run $(DEMO_ARGS)
 
 lint: bootstrap
-	$(VENV)/bin/ruff check src tests bench demo
+	$(VENV)/bin/ruff check src tests bench demo plugins
 
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
