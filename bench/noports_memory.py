@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Memory of the NoPorts runtime: an idle sshnpd, and srvd per idle session.
 
-Not a test; prints a table. Real programs (tests/integration/noports_harness.py):
+Not a test; prints a table. Real programs (tests/harness/world.py):
 
-* sshnpd: VmRSS of the daemon process once it is ready and settled, and again after it has
-  served a few real sessions (sshnp exec, both tunnel modes) and their keys expired — an
-  idle daemon should not grow with the sessions it has served.
+* sshnpd: RSS and PSS (``/proc/PID/smaps_rollup``) of the daemon process once it is ready and
+  settled, and again after it has served a few real sessions (sshnp exec, both tunnel modes)
+  and their keys expired — an idle daemon should not grow with the sessions it has served.
+  Beside it, the same figures for bare interpreters: ``import asyncio, ssl, cryptography``
+  and the same plus the RSA primitives (which load cryptography's Rust library, as any
+  program that signs must).
 * srvd: VmRSS delta of the srvd process / N for N sessions opened through the real control
   plane (``<device>.request_ports.sshrvd`` notifications, answered with two ports each):
   first *open* (two listening ports, waiting), then *paired and idle* (both sides connected
@@ -15,8 +18,9 @@ Not a test; prints a table. Real programs (tests/integration/noports_harness.py)
     .venv/bin/python -m bench.noports_memory            # N = 500
     .venv/bin/python -m bench.noports_memory --quick    # N = 150
     .venv/bin/python -m bench.noports_memory --netns    # namespaced topology (root)
+    .venv/bin/python -m bench.noports_memory --daemon   # sshnpd and the baselines only
 
-Target: <= 8 KiB per idle srvd session.
+Targets: <= 8 KiB per idle srvd session; sshnpd idle RSS <= 30 MiB (issue 13).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +51,33 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def rollup_kib(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in KiB from /proc/PID/smaps_rollup."""
+    got = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        got[key] = int(rest.split()[0])
+    return got["Rss"], got["Pss"]
+
+
+BASELINES = {
+    "python: import asyncio, ssl, cryptography": "import asyncio, ssl, cryptography",
+    "python: ... + cryptography RSA (Rust bindings)":
+        "import asyncio, ssl, cryptography.hazmat.primitives.asymmetric.rsa",
+}
+
+
+def baseline_kib(code: str) -> tuple[int, int]:
+    """(Rss, Pss) of a bare interpreter that ran ``code`` and waits."""
+    p = subprocess.Popen([sys.executable, "-c", code + "\nimport sys; sys.stdin.read()"],
+                         stdin=subprocess.PIPE)
+    try:
+        time.sleep(1.5)
+        return rollup_kib(p.pid)
+    finally:
+        p.communicate(b"", timeout=10)
 
 
 def settle(pid: int, seconds: float = 2.0) -> int:
@@ -145,7 +177,12 @@ def main() -> None:
     ap.add_argument("-n", "--sessions", type=int, help="sessions per measurement (500)")
     ap.add_argument("--netns", action="store_true",
                     help="network-namespace topology (needs root); default loopback")
+    ap.add_argument("--daemon", action="store_true",
+                    help="only sshnpd's idle RSS/PSS beside the bare-interpreter baselines")
     args = ap.parse_args()
+    if args.daemon:
+        daemon_only(args.netns)
+        return
     n = args.sessions or (150 if args.quick else 500)
     if args.netns and os.geteuid() != 0:
         ap.error("--netns needs root")
@@ -189,6 +226,28 @@ def main() -> None:
     worst = max(open_kib, pair_kib)
     print(f"target <= 8 KiB per idle srvd session: worst {worst:.2f} KiB -> "
           f"{'met' if worst <= 8 else 'NOT met'}")
+
+
+def daemon_only(netns: bool) -> None:
+    rows = [(name, *baseline_kib(code)) for name, code in BASELINES.items()]
+    with tempfile.TemporaryDirectory(prefix="np-bench-mem-") as tmp, noports_world(
+            Path(tmp), n_devices=1, namespaced=netns) as w:
+        dpid = w.daemons[1].popen.pid
+        settle(dpid, 5.0)
+        rows.append(("sshnpd, idle after start", *rollup_kib(dpid)))
+        for mode in ("aes", "ssh"):
+            w.sshnp(1, "true", mode=mode).check(f"sshnp {mode}")
+        deadline = time.monotonic() + 20  # until every ephemeral key has expired
+        while w.ephemeral_lines(1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        settle(dpid, 5.0)
+        rows.append(("sshnpd, idle after 2 sessions (keys expired)", *rollup_kib(dpid)))
+        topo = "netns" if w.namespaced else "loopback"
+    print(f"sshnpd memory, {topo}, Python {sys.version.split()[0]}")
+    print(f"{'what':<52} {'RSS MiB':>8} {'PSS MiB':>8}")
+    for name, rss, pss in rows:
+        print(f"{name:<52} {rss / 1024:8.1f} {pss / 1024:8.1f}")
+    print("target: sshnpd idle RSS <= 30 MiB (issue 13, point 6)")
 
 
 if __name__ == "__main__":

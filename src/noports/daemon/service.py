@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
+from typing import TYPE_CHECKING, Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
 from typing import Awaitable as _TypingAwaitable  # noqa: UP035
 
 from noports.atclient.aio import (
@@ -40,8 +40,6 @@ from noports.keys.atkeys import AtKeys
 from noports.npproto.errors import IntegrityError
 from noports.npproto.keys import daemon_subscription_regex
 from noports.npproto.streamcipher import new_session_cipher
-from noports.relay.pump import cipher_transforms, connect_relay
-from noports.relay.splice import Splice, splice_sockets
 
 from .authorized_keys import AuthorizedKeys, AuthorizedKeysError
 from .config import DaemonConfig
@@ -68,6 +66,12 @@ from .liveness import (
 )
 from .seen import SeenRequests, SeenStoreError
 from .sshkeys import load_host_keys
+
+if TYPE_CHECKING:
+    from noports.relay.splice import Splice
+
+# noports.relay (pump, splice; its package also loads srvd's server and session code) is
+# imported when the first session starts, not while the daemon idles (docs/sshnpd.md "Memory").
 
 log = logging.getLogger("noports.sshnpd")
 
@@ -447,6 +451,8 @@ class Daemon:
             await self._fail_session(sess, f"cannot connect to the local sshd on port "
                                      f"{c.local_sshd_port}: {exc.strerror or exc}")
             return
+        from noports.relay.pump import connect_relay
+
         try:
             relay = await connect_relay(plan.relay_host, plan.relay_port, plan.auth_line,
                                         timeout=CONNECT_TIMEOUT_S)
@@ -465,6 +471,9 @@ class Daemon:
 
     async def _splice(self, sess: _Session, local: socket.socket,
                       relay: socket.socket) -> Splice:
+        from noports.relay.pump import cipher_transforms
+        from noports.relay.splice import splice_sockets
+
         plan = sess.plan
         holder: list[Splice] = []
         to_relay = from_relay = None

@@ -18,11 +18,14 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# cryptography.x509 (and the email package under it) is imported by the functions that make or
+# read certificates, not here: client_context() is on every daemon's and client's start-up path
+# and needs only ssl (docs/sshnpd.md "Memory").
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -66,6 +69,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -73,6 +78,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def create_ca(directory: Path, common_name: str = "noports self-hosted plane CA",
               days: int = 3650) -> TlsFiles:
     """Create a CA in `directory` unless one is there already (idempotent)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     files = TlsFiles(Path(directory))
     if files.ca_cert.exists() and files.ca_key.exists():
         return files
@@ -100,6 +110,11 @@ def create_ca(directory: Path, common_name: str = "noports self-hosted plane CA"
 
 def issue_server_cert(directory: Path, names: list[str], days: int = 825) -> TlsFiles:
     """Issue (or re-issue) the server certificate for `names` (DNS names and/or IPs)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     files = TlsFiles(Path(directory))
     ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
@@ -134,6 +149,8 @@ def issue_server_cert(directory: Path, names: list[str], days: int = 825) -> Tls
 
 def ensure_plane_tls(directory: Path, names: list[str]) -> TlsFiles:
     """CA + server certificate covering `names`; re-issues the leaf if a name is missing."""
+    from cryptography import x509
+
     files = create_ca(directory)
     if files.cert.exists() and files.key.exists():
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
