@@ -160,6 +160,9 @@ class Plane:
         self.servers: list[AtServer] = []
         self.keys_dir = keys_dir or base / "keys"
         self.keys: dict[str, AtKeys] = {}
+        # the operator's side of each atSign's one-time CRAM secret: tests assert it reaches
+        # no device (enrollment) and no output
+        self.cram_secrets: dict[str, str] = {}
         self.spawner = spawner or spawn
 
     # -- directory -------------------------------------------------------------------------
@@ -247,6 +250,7 @@ class Plane:
         for name, atsigns in servers.items():
             mine = {a: crypto.generate_cram_secret() for a in atsigns}
             cram.update(mine)
+            self.cram_secrets.update(mine)
             self.start_atserver(name, mine)
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda a: self.activate(a, cram[a]), list(cram)))

@@ -6,14 +6,22 @@ its own key with `noports enroll request` (the CRAM secret and the operator's .a
 to it), the operator approves; sshnpd then runs on the device key alone. Revoking it ends the
 device's atServer connections at once, refuses its pkam, and srvd ends the live ssh session.
 Hostile: wrong/huge/replayed codes, guessing, while other clients keep being served.
+The Ansible side: one playbook issues a code (atsign_enrollment), runs the sshnpd role with
+`sshnpd_keys_method: enroll` in the device's namespace, approves by device name and runs the
+role again, which starts the daemon; a real session reaches the device, neither the CRAM
+secret nor the operator's key is on the device or in the output, and the module's revocation
+locks the daemon out.
 Figures (revoke -> connection closed, revoke -> session ended) are printed, not asserted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -219,33 +227,184 @@ def runtime_prefix(tmp: Path) -> Path:
     return p
 
 
-def test_ansible_modules_enroll_approve_and_revoke_a_device(world, tmp_path):
+PLAYBOOK = """\
+# The fleet flow of docs/keys-and-onboarding.md for one device, in one run: a code issued
+# where the operator keys are, the sshnpd role enrolling the device with it (pending: the
+# role stops there), the operator approving by device name, the role again (it finishes and
+# starts the daemon).
+- name: Operator issues a one-time code
+  hosts: operator
+  gather_facts: false
+  tasks:
+    - name: One code for the device
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'otp', 'ttl': 600}) }}"
+      register: otp
+      no_log: true
+
+- name: Device asks with the code
+  hosts: device
+  gather_facts: false
+  tasks:
+    - name: The sshnpd role, enroll method
+      ansible.builtin.include_role:
+        name: noports.sshnp.sshnpd
+      vars:
+        sshnpd_enroll_otp: "{{ hostvars.operator.otp.otp }}"
+
+- name: Operator approves exactly this device
+  hosts: operator
+  gather_facts: false
+  tasks:
+    - name: Approve by device name
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'approve',
+        'device_name': role_device}) }}"
+      register: approved
+
+- name: Device finishes and runs sshnpd
+  hosts: device
+  gather_facts: false
+  tasks:
+    - name: The sshnpd role again
+      ansible.builtin.include_role:
+        name: noports.sshnp.sshnpd
+      vars:
+        sshnpd_enroll_wait: 30
+"""
+
+REVOKE_PLAYBOOK = """\
+- name: Operator revokes the device (a lost device)
+  hosts: operator
+  gather_facts: false
+  tasks:
+    - name: Revoke by device name
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'revoke',
+        'device_name': role_device}) }}"
+      register: gone
+    - name: Revoke again (already revoked - unchanged)
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'revoke',
+        'device_name': role_device}) }}"
+      register: again
+    - name: Approve a device that never asked (fails, saying so)
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'approve',
+        'device_name': 'nosuch'}) }}"
+      register: bad
+      ignore_errors: true
+    - name: What each task reported
+      ansible.builtin.assert:
+        that:
+          - gone is changed and gone.status == 'revoked'
+          - again is not changed and again.status == 'revoked'
+          - bad is failed and 'no pending enrollment' in bad.msg
+"""
+
+
+def _grep_tree(root: Path, needles: dict[str, str]) -> list[str]:
+    """Every (file, what) under ``root`` whose bytes contain a needle (sockets skipped)."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            found += [f"{path}: {what}" for what, text in needles.items()
+                      if text.encode() in data]
+    return found
+
+
+def test_sshnpd_role_enrolls_a_device_with_a_code_and_revocation_locks_it_out(world, tmp_path):
+    """Issue 12, point 3: the sshnpd role with sshnpd_keys_method=enroll, end to end.
+
+    The device is device 1's network namespace: its Ansible modules run there (the inventory's
+    interpreter is `ip netns exec <ns> python`), its files under its own directory. No CRAM
+    secret and no operator key is given to it; a real sshnp session reaches its sshd; the
+    module revokes the enrollment and the device's key no longer authenticates."""
+    from tests.harness.ansible import ansible_tool, parse_recap, snapshot_collection
+
     w = world
-    prefix = str(runtime_prefix(tmp_path))
-    plane = {"atsign": DEV, "root_domain": w.root, "ca_file": w.ca, "runtime_prefix": prefix}
+    dev = w.device(1)
+    name = "role1"
+    droot = dev.base / "role"  # the device's /etc, /opt, /var, /run
+    prefix = runtime_prefix(droot)
+    (prefix / "bin" / "sshnpd").symlink_to(Path(sys.executable).parent / "sshnpd")
+    pyw = tmp_path / "device-python"
+    pyw.write_text("#!/bin/sh\nexec " + shlex.join(w.topo.ns_argv(dev.ns, [sys.executable]))
+                   + ' "$@"\n')
+    pyw.chmod(0o755)
+    plane = {"atsign": DEV, "root_domain": w.root, "ca_file": w.ca,
+             "runtime_prefix": str(runtime_prefix(tmp_path / "operator"))}
     op = {**plane, "keys_file": str(w.keyfile(DEV))}
-    otp = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "otp", "ttl": 900})
-    assert otp["changed"] and len(otp["otp"]) == 6, otp
-    dev = {**plane, "method": "enroll", "device_name": "ans1",
-           "keys_dir": str(tmp_path / "device")}
-    first = ansible(w, tmp_path, "atsign_keys", {**dev, "otp": otp["otp"]})
-    assert first["changed"] and first["action"] == "pending", first
-    assert otp["otp"] not in json.dumps(first)
-    ok = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "approve",
-                                                     "device_name": "ans1"})
-    assert ok["changed"] and ok["status"] == "approved", ok
-    assert ok["enrollment_id"] == first["enrollment_id"]
-    done = ansible(w, tmp_path, "atsign_keys", {**dev, "wait": 20})
-    assert done["action"] == "enrolled", done
-    assert load_atkeys(done["path"]).enrollment_id == first["enrollment_id"]
-    again = ansible(w, tmp_path, "atsign_keys", dev)
-    assert not again["changed"] and again["action"] == "none", again
-    gone = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "revoke",
-                                                       "device_name": "ans1"})
-    assert gone["changed"] and gone["status"] == "revoked", gone
-    same = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "revoke",
-                                                       "device_name": "ans1"})
-    assert not same["changed"], same
-    bad = ansible(w, tmp_path, "atsign_enrollment", {**op, "action": "approve",
-                                                      "device_name": "nosuch"})
-    assert bad.get("failed") and "no pending enrollment" in bad["msg"], bad
+    sshnpd = {
+        "sshnpd_atsign": DEV, "sshnpd_managers": [CLIENT], "sshnpd_device": name,
+        "sshnpd_root_domain": w.root, "sshnpd_ca_content": Path(w.ca).read_text(),
+        "sshnpd_keys_method": "enroll", "sshnpd_keys_dir": str(droot / "keys"),
+        "sshnpd_authorized_keys": str(dev.authorized_keys),
+        "sshnpd_local_sshd_port": dev.ssh_port,
+        "sshnpd_permit_open": [f"localhost:{dev.ssh_port}"],
+        "sshnpd_sshd_host_keys": str(w.host_pub(1)), "sshnpd_log_format": "json",
+        "sshnpd_config_dir": str(droot / "etc"), "sshnpd_runtime_install": False,
+        "sshnpd_runtime_prefix": str(prefix), "sshnpd_service_manager": "none",
+        "sshnpd_run_dir": str(droot / "run"), "sshnpd_log_dir": str(droot / "log"),
+    }
+    inventory = {"all": {"hosts": {
+        "operator": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                     "op": op, "role_device": name},
+        "device": {"ansible_connection": "local", "ansible_python_interpreter": str(pyw),
+                   **sshnpd}}}}
+    (tmp_path / "inventory.yml").write_text(json.dumps(inventory))
+    (tmp_path / "site.yml").write_text(PLAYBOOK)
+    colls = tmp_path / "collections"
+    snapshot_collection(colls)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(ANSIBLE_COLLECTIONS_PATH=str(colls), ANSIBLE_NOCOLOR="1", HOME=str(tmp_path),
+               ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
+               ANSIBLE_REMOTE_TEMP=str(droot / "ansible-remote"),
+               ANSIBLE_RETRY_FILES_ENABLED="0")
+    pid_file = droot / "run" / "sshnpd.pid"
+    try:
+        res = subprocess.run([ansible_tool("ansible-playbook"), "-i",
+                              str(tmp_path / "inventory.yml"), str(tmp_path / "site.yml")],
+                             env=env, capture_output=True, text=True, timeout=240)
+        out = res.stdout + res.stderr
+        recap = parse_recap(out)
+        assert res.returncode == 0 and recap["device"]["failed"] == 0, out[-6000:]
+        assert "is pending: approve it" in out, out[-6000:]  # first role run stopped there
+        keys_file = droot / "keys" / f"{DEV}_key.atKeys"
+        keys = load_atkeys(keys_file)
+        assert keys.enrollment_id and keys_file.stat().st_mode & 0o777 == 0o600
+        listed = json.loads(noports("enroll", "list", DEV, *operator(w), "--json").stdout)
+        mine = [r for r in listed if r["enrollmentId"] == keys.enrollment_id]
+        assert [(r["deviceName"], r["status"]) for r in mine] == [(name, "approved")]
+        log_file = droot / "log" / "sshnpd.log"
+        deadline = time.monotonic() + 60  # hang bound only
+        while '"event": "ready"' not in (log_file.read_text() if log_file.exists() else ""):
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            time.sleep(0.2)
+        # a real session through srvd to the device's sshd
+        got = w.sshnp(1, "echo", "enrolled-ok", name=name, timeout=90).check("sshnp")
+        assert "enrolled-ok" in got.stdout
+        # nothing secret of the atSign reached the device or the play's output
+        op_keys = json.loads(w.keyfile(DEV).read_text())
+        needles = {"CRAM secret": w.plane.plane.cram_secrets[DEV],
+                   "operator PKAM private key": op_keys["aesPkamPrivateKey"]}
+        assert not _grep_tree(droot, needles) and not _grep_tree(dev.home, needles)
+        assert not [k for k, v in needles.items() if v in out]
+        # revoke with the module: the daemon's key no longer authenticates
+        (tmp_path / "revoke.yml").write_text(REVOKE_PLAYBOOK)
+        res = subprocess.run([ansible_tool("ansible-playbook"), "-i",
+                              str(tmp_path / "inventory.yml"), str(tmp_path / "revoke.yml")],
+                             env=env, capture_output=True, text=True, timeout=240)
+        out2 = res.stdout + res.stderr
+        assert res.returncode == 0 and parse_recap(out2)["operator"]["failed"] == 0, out2[-6000:]
+        conn = connect(w, DEV)
+        with pytest.raises(AtProtocolError, match="revoked"):
+            conn.authenticate_pkam(DEV, keys.pkam_private, keys.enrollment_id)
+        conn.close()
+        deadline = time.monotonic() + 60  # hang bound: the daemon's monitor is refused
+        mark = log_file.stat().st_size
+        while "is revoked" not in log_file.read_text()[mark:]:
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)

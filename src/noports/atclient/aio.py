@@ -818,8 +818,10 @@ class Monitor:
                     if first:  # bad keys, unknown atSign: tell the consumer, do not spin
                         await self._queue.put(_Fatal(exc))
                         return
-                    log.warning("%s: monitor failed (%s); reconnecting", self.client.atsign,
-                                type(exc).__name__)
+                    # the server's reason (e.g. "enrollment ... is revoked") is what the
+                    # device's operator needs to read
+                    log.warning("%s: monitor failed (%s: %s); reconnecting",
+                                self.client.atsign, type(exc).__name__, exc)
                 except (AtClientError, OSError, ssl.SSLError) as exc:
                     log.warning("%s: monitor connection lost (%s)", self.client.atsign,
                                 type(exc).__name__)
