@@ -289,12 +289,18 @@ REVOKE_PLAYBOOK = """\
         'device_name': 'nosuch'}) }}"
       register: bad
       ignore_errors: true
+    - name: List the atSign's enrollments
+      noports.sshnp.atsign_enrollment: "{{ op | combine({'action': 'list'}) }}"
+      register: listed
     - name: What each task reported
       ansible.builtin.assert:
         that:
           - gone is changed and gone.status == 'revoked'
           - again is not changed and again.status == 'revoked'
           - bad is failed and 'no pending enrollment' in bad.msg
+          - listed is not changed
+          - (listed.enrollments | selectattr('enrollmentId', 'equalto', gone.enrollment_id)
+             | map(attribute='status') | list) == ['revoked']
 """
 
 
