@@ -3,6 +3,12 @@
 # they import the shared test harness as `tests.harness` (docs/decisions/0016).
 VENV ?= .venv
 PYTEST_ARGS ?=
+# two pytest-xdist workers, a test file per worker at a time (module fixtures stay whole);
+# `make test PYTEST_XDIST=` runs serially (docs/decisions/0027-parallel-test-run.md)
+PYTEST_XDIST ?= -n 2 --dist loadfile
+# a short per-checkout base: ssh's ControlPath must fit a unix socket path (108 bytes), and
+# xdist adds a popen-gwN level to every tmp_path
+PYTEST_BASETEMP ?= /tmp/np-pt-$(shell printf %s "$(CURDIR)" | cksum | cut -c1-8)
 
 .PHONY: demo test lint unit integration bench bootstrap
 
@@ -16,7 +22,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff check src tests bench demo plugins
 
 test: lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q $(PYTEST_XDIST) --basetemp=$(PYTEST_BASETEMP) $(PYTEST_ARGS)
 
 unit: bootstrap
 	$(VENV)/bin/pytest -q tests/unit
