@@ -91,6 +91,38 @@ def escr_response(session_id: str, challenge: str, *, side_a: bool, relay_auth_k
     return f"{session_id}:{base64.b64encode(outer.encode('utf-8')).decode('ascii')}"
 
 
+@dataclass(frozen=True)
+class EscrAuth:
+    """How a connector answers an ESCR relay (single-port mode).
+
+    ``signing_private_key`` is the enrollment's APKAM (pkam) private key; its public half is
+    published at ``signing_key_uri`` (``public:_apsk.<enrollment>.a.__e@<atSign>``).
+    """
+
+    session_id: str
+    relay_auth_key: str
+    side_a: bool
+    signing_private_key: str
+    signing_key_uri: str
+
+    def __repr__(self) -> str:  # never log keys
+        return f"EscrAuth({self.session_id}, side {'a' if self.side_a else 'b'})"
+
+    def respond(self, challenge: str) -> bytes:
+        """The response line, ``\\n`` included, for the relay's ``challenge``."""
+        return escr_response(
+            self.session_id, challenge, side_a=self.side_a, relay_auth_key=self.relay_auth_key,
+            signing_private_key=self.signing_private_key,
+            signing_key_uri=self.signing_key_uri).encode("ascii") + b"\n"
+
+
+def escr_auth_for(keys: Any, session_id: str, relay_auth_key: str, *,
+                  side_a: bool) -> EscrAuth:
+    """The ESCR answers of the holder of ``keys`` (an AtKeys: its APKAM key) for a session."""
+    return EscrAuth(session_id, relay_auth_key, side_a, keys.pkam_private,
+                    apsk_uri(keys.atsign, keys.enrollment_id))
+
+
 # --- relay side ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from noports.npproto import escr
+from noports.npproto.escr import EscrAuth, escr_auth_for  # noqa: F401 (re-exported)
 
 from .splice import HIGH_WATER, FlowTransform, Splice, Transform, splice_sockets, splice_stdio
 
@@ -42,28 +43,18 @@ class RelayAuthRefused(ConnectionError):
     """The relay answered our ESCR response with something other than ``ok``."""
 
 
-@dataclass(frozen=True)
-class EscrAuth:
-    """How a connector answers an ESCR relay (single-port mode): see :mod:`noports.npproto.escr`.
+async def ensure_signing_key_published(client: object, keys: object) -> str:
+    """Publish this enrollment's APKAM public key at ``public:_apsk.<enrollment>.a.__e@me``
+    (as the official clients do) unless it is there already; returns its URI.
 
-    ``signing_private_key`` is the enrollment's APKAM (pkam) private key; its public half is
-    published at ``signing_key_uri`` (``public:_apsk.<enrollment>.a.__e@<atSign>``).
+    ESCR relays verify a connector's signature with the key found there.
     """
-
-    session_id: str
-    relay_auth_key: str
-    side_a: bool
-    signing_private_key: str
-    signing_key_uri: str
-
-    def __repr__(self) -> str:  # never log keys
-        return f"EscrAuth({self.session_id}, side {'a' if self.side_a else 'b'})"
-
-    def respond(self, challenge: str) -> bytes:
-        return escr.escr_response(
-            self.session_id, challenge, side_a=self.side_a, relay_auth_key=self.relay_auth_key,
-            signing_private_key=self.signing_private_key,
-            signing_key_uri=self.signing_key_uri).encode("ascii") + b"\n"
+    name = escr.apsk_name(keys.enrollment_id)  # type: ignore[attr-defined]
+    pub = keys.pkam_public  # type: ignore[attr-defined]
+    current = await client.get_public(name)  # type: ignore[attr-defined]
+    if (current or "").strip() != pub:
+        await client.put_public(name, pub)  # type: ignore[attr-defined]
+    return escr.apsk_uri(keys.atsign, keys.enrollment_id)  # type: ignore[attr-defined]
 
 
 async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int) -> bytes:
