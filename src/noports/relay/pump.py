@@ -51,7 +51,10 @@ async def ensure_signing_key_published(client: object, keys: object) -> str:
     """
     name = escr.apsk_name(keys.enrollment_id)  # type: ignore[attr-defined]
     pub = keys.pkam_public  # type: ignore[attr-defined]
-    current = await client.get_public(name)  # type: ignore[attr-defined]
+    try:
+        current = await client.get_public(name)  # type: ignore[attr-defined]
+    except Exception:  # AT0015 (not published yet) or a refused lookup: (re)publish
+        current = None
     if (current or "").strip() != pub:
         await client.put_public(name, pub)  # type: ignore[attr-defined]
     return escr.apsk_uri(keys.atsign, keys.enrollment_id)  # type: ignore[attr-defined]
