@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.topology import SSHD, want_namespaces
-from tests.harness.world import Timed, World, noports_world, run_timed
+from tests.harness.world import EVE, RELAY, Timed, World, noports_world, run_timed
 
 pytestmark = [
     pytest.mark.integration,
@@ -145,3 +145,25 @@ def test_squatters_on_the_single_port_cannot_stop_sessions(world: World) -> None
         lines = data.split(b"\n")
         assert re.fullmatch(rb"[A-Za-z0-9+/]{43}=", lines[0]), data[:200]  # the challenge
         assert b"ok" not in lines[1:], data[:200]  # nothing else but the refusal
+
+
+def test_several_relays_the_fastest_is_used(world: World) -> None:
+    """Point 5: ``-r slow,fast`` measures both (discover probe) and uses the fast one first.
+
+    The slow relay is a second srvd (as @np_eve, an ordinary atSign of this plane) that
+    answers every notification 2 s late; it is listed first, so the ordered fallback would
+    have used it."""
+    slow = world.spawn_srvd(EVE, "--test-reply-delay", "2")
+    argv = world.sshnp_argv(1, "--443", quiet=False)
+    r = argv.index("-r")
+    argv[r + 1] = f"{EVE},{RELAY}"
+    tag = "FAST" + secrets.token_hex(4)
+    res = run_timed(argv + [f"echo {tag}"], env=world.client_env(), timeout=90)
+    ok(res, world)
+    assert tag in res.stdout
+    measured = [ln for ln in res.stderr.splitlines() if "relays measured" in ln]
+    assert measured and measured[0].endswith(f"using {RELAY}"), res.stderr[-2000:]
+    print(f"\n{measured[0]}")
+    # the slow relay was measured, never asked for a session
+    assert not any("opened" in ln or "refused request" in ln for ln in slow.lines), \
+        slow.lines[-5:]

@@ -3,9 +3,11 @@
 Several relays (issue 11 point 5, docs/decisions/0025-single-port-relay-and-escr.md): today's
 official client (``RelaySelector``) asks each relay where it is with a ``discover.sshrvd``
 notification, times a TCP connect to the address and port each answers, and takes the
-fastest. We do the same for the client's side; a relay that answers with port 0 (no single
-port to connect to) is timed by the round trip of its answer instead, and a relay that does
-not answer within the probe time is kept, last, as a fallback. ``--relay-select ordered``
+fastest. We send the same probe and score each relay by what a session will cost: the round
+trip of its answer (an overloaded or far-away srvd answers late, which a TCP connect alone
+does not show) plus the timed connect when it names a port (port 0: no single port, the
+answer alone). A relay that does not answer within the probe time is kept, last, as a
+fallback. ``--relay-select ordered``
 keeps the old behaviour: the relays in the order given, each tried when the previous fails.
 (The official selector also asks the device for its own latencies; official daemons answer
 that with a message our daemon does not send yet, so we rank by the client's side only.)
@@ -122,7 +124,8 @@ async def probe(relay: str, ask: Callable[[str], Awaitable[str]], *,
     if port == 0:
         return Probe(relay, rtt, "answer")
     try:
-        return Probe(relay, await timed_connect(host, port), f"connect {host}:{port}")
+        return Probe(relay, rtt + await timed_connect(host, port),
+                     f"answer + connect {host}:{port}")
     except (OSError, asyncio.TimeoutError) as exc:
         return Probe(relay, None, f"cannot connect to {host}:{port} ({exc or 'timeout'})")
 
