@@ -147,16 +147,24 @@ def test_squatters_on_the_single_port_cannot_stop_sessions(world: World) -> None
         assert b"ok" not in lines[1:], data[:200]  # nothing else but the refusal
 
 
-def test_several_relays_the_fastest_is_used(world: World) -> None:
-    """Point 5: ``-r slow,fast`` measures both (discover probe) and uses the fast one first.
+@pytest.fixture(scope="module")
+def slow_relay(world: World):  # noqa: ANN201 - Proc
+    """A second srvd (as @np_eve, an ordinary atSign of this plane) that answers every
+    notification 2 s late and has no single port."""
+    return world.spawn_srvd(EVE, "--test-reply-delay", "2")
 
-    The slow relay is a second srvd (as @np_eve, an ordinary atSign of this plane) that
-    answers every notification 2 s late; it is listed first, so the ordered fallback would
-    have used it."""
-    slow = world.spawn_srvd(EVE, "--test-reply-delay", "2")
-    argv = world.sshnp_argv(1, "--443", quiet=False)
-    r = argv.index("-r")
-    argv[r + 1] = f"{EVE},{RELAY}"
+
+def two_relays(world: World, *extra: str) -> list[str]:
+    argv = world.sshnp_argv(1, "--443", *extra, quiet=False)
+    argv[argv.index("-r") + 1] = f"{EVE},{RELAY}"  # the slow one first
+    return argv
+
+
+def test_several_relays_the_fastest_is_used(world: World, slow_relay) -> None:  # noqa: ANN001
+    """Point 5: ``-r slow,fast`` measures both (discover probe) and uses the fast one first;
+    the slow one is listed first, so the ordered fallback would have asked it first."""
+    slow = slow_relay
+    argv = two_relays(world)
     tag = "FAST" + secrets.token_hex(4)
     res = run_timed(argv + [f"echo {tag}"], env=world.client_env(), timeout=90)
     ok(res, world)
@@ -167,3 +175,17 @@ def test_several_relays_the_fastest_is_used(world: World) -> None:
     # the slow relay was measured, never asked for a session
     assert not any("opened" in ln or "refused request" in ln for ln in slow.lines), \
         slow.lines[-5:]
+
+
+def test_ordered_fallback_names_why_the_first_relay_refused(world: World,
+                                                           slow_relay) -> None:  # noqa: ANN001
+    tag = "ORD" + secrets.token_hex(4)
+    res = run_timed(two_relays(world, "--relay-select", "ordered") + [f"echo {tag}"],
+                    env=world.client_env(), timeout=90)
+    ok(res, world)
+    assert tag in res.stdout
+    assert "relays measured" not in res.stderr
+    # the user sees which relay refused, why, and how to fix it; then the next one is used
+    refusal = [ln for ln in res.stderr.splitlines() if f"relay {EVE} refused" in ln]
+    assert refusal and "start srvd with --443" in refusal[0] \
+        and "trying the next relay" in refusal[0], res.stderr[-2000:]

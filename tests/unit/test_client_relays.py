@@ -59,12 +59,23 @@ def test_probe_times_answers_and_survives_silence_and_errors() -> None:
         await asyncio.sleep(delays[relay])
         return json.dumps({"ipaddr": "x", "port": 0})
 
-    probes = asyncio.run(relays.probe_all([A, B, C, "@gone"], ask, timeout=0.6))
+    probes = asyncio.run(relays.probe_all([A, B, C, "@gone"], ask, timeout=0.6, grace=1.0))
     by = {p.relay: p for p in probes}
     assert by[B].seconds is None and "no answer within 0.6s" in by[B].how
     assert by["@gone"].seconds is None and "LookupError" in by["@gone"].how
     assert by[C].seconds is not None and by[A].seconds is not None
     assert rank([A, B, C, "@gone"], probes) == [C, A, B, "@gone"]
+
+
+def test_waiting_ends_soon_after_the_first_answer() -> None:
+    async def ask(relay: str) -> str:
+        await asyncio.sleep({A: 0.01, B: 30.0}[relay])  # B: an srvd that never answers
+        return json.dumps({"ipaddr": "x", "port": 0})
+
+    probes = asyncio.run(relays.probe_all([B, A], ask, timeout=5.0, grace=0.2))
+    # cut off after the grace, not "no answer within 5s" at the probe time
+    assert probes[0] == Probe(B, None, "slower than the fastest")
+    assert rank([B, A], probes) == [A, B]
 
 
 def _params(**kw: object) -> SessionParams:

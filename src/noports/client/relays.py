@@ -6,8 +6,8 @@ notification, times a TCP connect to the address and port each answers, and take
 fastest. We send the same probe and score each relay by what a session will cost: the round
 trip of its answer (an overloaded or far-away srvd answers late, which a TCP connect alone
 does not show) plus the timed connect when it names a port (port 0: no single port, the
-answer alone). A relay that does not answer within the probe time is kept, last, as a
-fallback. ``--relay-select ordered``
+answer alone). Waiting ends ``max(0.5 s, twice the first time)`` after the first relay is
+measured, or after 5 s; a relay not measured by then is kept, last, as a fallback. ``--relay-select ordered``
 keeps the old behaviour: the relays in the order given, each tried when the previous fails.
 (The official selector also asks the device for its own latencies; official daemons answer
 that with a message our daemon does not send yet, so we rank by the client's side only.)
@@ -38,6 +38,7 @@ from .params import SessionParams
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0  # seconds a relay gets to answer the discover probe
+GRACE = 0.5  # once one relay is measured, the others get max(GRACE, 2 x its time) more
 CONNECT_PROBE_TIMEOUT = 3.0  # seconds for the timed TCP connect
 DISCOVER_NAME = "discover.sshrvd"
 
@@ -131,8 +132,31 @@ async def probe(relay: str, ask: Callable[[str], Awaitable[str]], *,
 
 
 async def probe_all(relays: Sequence[str], ask: Callable[[str], Awaitable[str]], *,
-                    timeout: float = PROBE_TIMEOUT) -> list[Probe]:
-    return list(await asyncio.gather(*(probe(r, ask, timeout=timeout) for r in relays)))
+                    timeout: float = PROBE_TIMEOUT, grace: float = GRACE) -> list[Probe]:
+    """Probe every relay at once; stop waiting ``max(grace, 2 x first)`` after the first one
+    is measured, so a relay that never answers (an srvd older than discover) costs little.
+
+    Probes cut off that way count as unmeasured (kept, last, in the order given)."""
+    loop = asyncio.get_running_loop()
+    tasks = {loop.create_task(probe(r, ask, timeout=timeout)): r for r in relays}
+    found: dict[str, Probe] = {}
+    pending = set(tasks)
+    deadline: float | None = None
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        done, pending = await asyncio.wait(pending, timeout=left,
+                                           return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            break
+        for t in done:
+            p = t.result()
+            found[p.relay] = p
+            if p.seconds is not None and deadline is None:
+                deadline = loop.time() + max(grace, 2 * p.seconds)
+    for t in pending:
+        t.cancel()
+        found[tasks[t]] = Probe(tasks[t], None, "slower than the fastest")
+    return [found[r] for r in relays]
 
 
 # --- single-port (ESCR) request fields ----------------------------------------------------------
