@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_KEYS_PER_SESSION = 8  # distinct signing-key URIs looked up for one session
+
 #: fetch the public value ``name`` of ``atsign`` (srvd: ``plookup``); raises when it cannot
 KeyLookup = Callable[[str, str], Awaitable[str]]
 
@@ -161,6 +163,9 @@ class EscrGate:
             return await self._refuse(sock, peer, f"session {sid}: {why}")
         value = sess.keys.get(claim.key_uri)
         if value is None:
+            if len(sess.keys) >= MAX_KEYS_PER_SESSION:  # a party varying its key URI
+                return await self._refuse(sock, peer, f"session {sid}: more than "
+                                          f"{MAX_KEYS_PER_SESSION} signing keys named")
             if self.lookup is None:
                 return await self._refuse(sock, peer, "relay cannot look up signing keys")
             try:
