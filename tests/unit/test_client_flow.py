@@ -173,7 +173,8 @@ class RelayDialer:
 def params(tmp_path: Path, **kw: Any) -> SessionParams:
     base: dict[str, Any] = dict(client_atsign=CLIENT, device_atsign=DEVICE, relays=[R1],
                                 device="box", remote_user="pi", cache_dir=tmp_path / "cache",
-                                relay_timeout=0.5, daemon_timeout=0.5)
+                                relay_timeout=0.5, daemon_timeout=0.5,
+                                relay_select="ordered")  # the fallback tests below
     base.update(kw)
     return SessionParams(**base)
 

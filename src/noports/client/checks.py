@@ -74,7 +74,7 @@ def route(p: SessionParams, key: str, from_atsign: str | None) -> Route | None:
     sender = sender_atsign(from_atsign)
     if sender is None:
         return None
-    if ck.kind == "relay_response":
+    if ck.kind in ("relay_response", "relay_discover"):  # discover: relays.probe
         return Route("relay", sender, ck.session_id or "")
     if ck.kind == "relay_nack":
         return Route("relay_nack", sender, ck.session_id or "")

@@ -55,6 +55,8 @@ _OPTION_TYPES: dict[str, tuple[str, bool]] = {
     "connect_timeout": ("float", False), "idle_timeout": ("float", False),
     "remote_sshd_port": ("int", False), "ssh_binary": ("str", False),
     "ciphers": ("list", False), "quiet": ("bool", False), "verbose": ("int", False),
+    "only443": ("bool", False), "relay_auth_mode": ("str", False),
+    "relay_select": ("str", False),
 }
 #: official spellings accepted in profiles
 _ALIASES = {"remote_user_name": "remote_user", "local_ssh_options": "ssh_option",
@@ -66,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     DEFAULT_RELAY_TIMEOUT, "daemon_timeout": DEFAULT_DAEMON_TIMEOUT, "connect_timeout":
     DEFAULT_CONNECT_TIMEOUT, "idle_timeout": DEFAULT_IDLE_TIMEOUT, "remote_sshd_port": 22,
     "ssh_binary": None, "quiet": False, "verbose": 0, "ciphers": list(DEFAULT_CIPHERS),
+    "only443": False, "relay_auth_mode": "payload", "relay_select": "fastest",
 }
 
 
@@ -99,9 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("-t", "--to", dest="to", default=S, help="device atSign")
     a("-d", "--device", default=S, help="device name (default: default)")
     a("-r", "--srvd", action="append", default=S,
-      help="relay atSign(s), comma separated or repeated; tried in order: one that does "
-           "not answer within --relay-timeout, cannot be reached or is unknown to the "
-           "directory is skipped")
+      help="relay atSign(s), comma separated or repeated; with several, the fastest is used "
+           "first (see --relay-select); one that does not answer within --relay-timeout, "
+           "cannot be reached or is unknown to the directory is skipped for the next")
+    a("--relay-select", choices=("fastest", "ordered"), default=S,
+      help="several -r relays: fastest = measure each (discover probe, timed TCP connect) "
+           "and try the fastest first (default); ordered = try them in the order given")
+    a("--443", "--only-443", dest="only443", action="store_const", const=True, default=S,
+      help="single-port relay (srvd --443): client and device reach the relay only on its "
+           "one port (tcp/443), authenticated by ESCR; for networks that allow only 443 out")
+    a("--relay-auth-mode", choices=("payload", "escr"), default=S,
+      help="how sockets authenticate to the relay: payload (signed line, default) or escr "
+           "(signed answer to the relay's challenge; implied by --443)")
     a("-u", "--remote-user", "--remote-user-name", dest="remote_user", default=S,
       help="user on the device (default: the username the device shares)")
     a("-l", "--local-port", type=int, default=S, help="local tunnel port (0 = ephemeral)")
@@ -278,6 +290,8 @@ def parse_args(argv: list[str]) -> CliOptions:
         connect_timeout=float(merged["connect_timeout"]),
         ciphers=tuple(merged["ciphers"]),
         need_remote_user=not (output == "stdio" and mode == "aes"),
+        only443=bool(merged["only443"]), relay_auth_mode=str(merged["relay_auth_mode"]),
+        relay_select=str(merged["relay_select"]),
         known_hosts_file=_path(merged.get("known_hosts")))
     return opts
 

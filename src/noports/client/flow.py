@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from noports.npproto import keys as npkeys
 from noports.npproto.envelope import dart_iso, relay_auth_payload, sign_envelope
 from noports.npproto.errors import ProtocolError
+from noports.npproto.escr import escr_auth_for
 from noports.npproto.messages import (
     DeviceInfo,
     RelayRequest,
@@ -42,7 +43,7 @@ from noports.npproto.messages import (
     SshRequest,
 )
 
-from . import checks, deviceinfo, pkcache
+from . import checks, deviceinfo, pkcache, relays
 from .errors import (
     AtServerError,
     DeviceRefused,
@@ -290,6 +291,7 @@ class _Flow:
         self.username_task: asyncio.Task[str | None] | None = None
         self.keygen: asyncio.Future[tuple[str, Any]] | None = None
         self.ping_sent = False
+        self.apsk_task: asyncio.Task[str] | None = None
         self.at(AtServerError, f"connecting to the atServer of {params.client_atsign}")
 
     def at(self, cls: type[SshnpError], what: str, step: str | None = None) -> None:
@@ -395,12 +397,13 @@ class _Flow:
         self.progress(f"connecting to the atServer of {p.client_atsign}")
 
         last: SshnpError | None = None
-        for i, relay in enumerate(p.relays):
+        order = await self.choose_relays()
+        for i, relay in enumerate(order):
             try:
                 return await self.attempt(relay)
             except RelayError as exc:
                 last = exc
-                more = i + 1 < len(p.relays)
+                more = i + 1 < len(order)
                 self.progress(f"{exc.message}{'; trying the next relay' if more else ''}")
         assert last is not None
         if len(p.relays) > 1:
@@ -408,13 +411,36 @@ class _Flow:
                              f"{last.message}", hint=last.hint)
         raise last
 
+    async def choose_relays(self) -> list[str]:
+        """Several -r relays: fastest first (``--relay-select fastest``), else as given."""
+        p = self.p
+        if len(p.relays) < 2 or p.relay_select != "fastest":
+            return list(p.relays)
+        self.at(RelayError, f"measuring relays {', '.join(p.relays)}")
+
+        async def ask(relay: str) -> str:
+            fut = self.router.expect_relay(relay, "discover")
+            await self.client.notify(relay, relays.DISCOVER_NAME, "discover", namespace=None,
+                                     ttln_ms=NOTIFY_TTLN_MS)
+            return await asyncio.shield(fut)
+
+        probes = await relays.probe_all(p.relays, ask,
+                                        timeout=min(p.relay_timeout, relays.PROBE_TIMEOUT))
+        order = relays.rank(p.relays, probes)
+        self.mark("relays_measured")
+        self.progress(f"relays measured: {relays.describe(probes)}; using {order[0]}")
+        return order
+
     async def attempt(self, relay: str) -> Session:
         p = self.p
         sid = npkeys.new_session_id()
         # UTC ("Z"): a device in another time zone reads it right (sshnpd checks it, ±60 s)
         cnonce = dart_iso(datetime.now(timezone.utc))
+        escr_key = relays.escr_key_for(p)  # single-port relay: ESCR with a fresh key
         m1 = RelayRequest(session_id=sid, atsign_a=p.client_atsign, atsign_b=p.device_atsign,
-                          client_nonce=cnonce)
+                          client_nonce=cnonce, extra=relays.request_extra(p, escr_key, self.keys))
+        if escr_key is not None and self.apsk_task is None:
+            self.apsk_task = self.spawn(relays.ensure_signing_key(self.client, self.keys))
         relay_fut = self.router.expect_relay(relay, sid)
         self.progress(f"asking relay {relay} for ports")
         self.at(AtServerError, f"sending the relay request to {relay}")
@@ -463,10 +489,19 @@ class _Flow:
             authenticate_to_rvd=True, client_nonce=cnonce, rvd_nonce=rr.rvd_nonce,
             encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
             client_ephemeral_pk_type="rsa2048" if pub else None,
-            np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None)
+            np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None,
+            extra=relays.session_request_extra(escr_key))
         envelope = sign_envelope(req.to_dict(), self.keys.encrypt_private)
-        auth_line = sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
-                                  self.keys.encrypt_private).encode() + b"\n"
+        auth_line: Any = sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
+                                       self.keys.encrypt_private).encode() + b"\n"
+        if escr_key is not None:
+            assert self.apsk_task is not None
+            self.at(AtServerError, f"publishing the ESCR signing key of {p.client_atsign}")
+            try:
+                await self.apsk_task
+            except _at_errors() as exc:
+                raise _plane_error(exc, self.p, "publishing the ESCR signing key") from None
+            auth_line = escr_auth_for(self.keys, sid, escr_key, side_a=True)
         relay_sock_task = self.spawn(self.dial_relay(relay, rr, auth_line))
         session_fut = self.router.expect_session(sid)
         self.at(AtServerError, f"sending the session request to {p.device_atsign}")
@@ -492,7 +527,7 @@ class _Flow:
         self.mark("relay_connected")
         return await self.finish(sid, relay, rr, resp, relay_sock, priv)
 
-    async def dial_relay(self, relay: str, rr: RelayResponse, auth_line: bytes) -> socket.socket:
+    async def dial_relay(self, relay: str, rr: RelayResponse, auth_line: Any) -> socket.socket:
         try:
             return await self.connect_relay(rr.host, rr.port_a, auth_line,
                                             timeout=self.p.connect_timeout)

@@ -76,6 +76,10 @@ class SessionParams:
     need_remote_user: bool = True  # False: stdio+aes, where the caller's ssh has its own user
     cache_dir: Path | None = None  # default ~/.atsign/sshnp (cached_pks, known_hosts.d)
     known_hosts_file: Path | None = None  # default: a per-device file under cache_dir
+    #: single-port relay (srvd --443): both sides reach the relay on one port, ESCR auth
+    only443: bool = False
+    relay_auth_mode: str = "payload"  # payload (v5 line) or escr (challenge-response)
+    relay_select: str = "fastest"  # several -r relays: fastest (probe) or ordered
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +88,12 @@ class SessionParams:
         if not self.relays:
             raise UsageError("--srvd: at least one relay atSign is needed")
         self.relays = [norm_atsign(r, "--srvd") for r in self.relays]
+        if self.relay_auth_mode not in ("payload", "escr"):
+            raise UsageError(f"--relay-auth-mode must be payload or escr, not "
+                             f"{self.relay_auth_mode!r}")
+        if self.relay_select not in ("fastest", "ordered"):
+            raise UsageError(f"--relay-select must be fastest or ordered, not "
+                             f"{self.relay_select!r}")
         if self.tunnel_mode not in TUNNEL_MODES:
             raise UsageError(f"--tunnel-mode must be one of {', '.join(TUNNEL_MODES)}, "
                              f"not {self.tunnel_mode!r}")

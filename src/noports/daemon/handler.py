@@ -23,9 +23,11 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from noports import crypto
 from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
+from noports.npproto import escr
 from noports.npproto.dartjson import dart_json_decode
 from noports.npproto.envelope import (
     parse_dart_iso,
@@ -34,6 +36,7 @@ from noports.npproto.envelope import (
     verify_envelope,
 )
 from noports.npproto.errors import ProtocolError, SignatureError
+from noports.npproto.escr import escr_auth_for
 from noports.npproto.keys import (
     device_info_key,
     heartbeat_key,
@@ -165,7 +168,7 @@ class SessionPlan:
     client: str
     relay_host: str
     relay_port: int
-    auth_line: bytes | None  # None: the client asked for no relay authentication
+    auth_line: Any  # bytes (v5 line), EscrAuth (single port) or None (no relay auth)
     cipher_id: str | None  # None: plain bytes (the client's outer SSH carries the crypto)
     key: bytes | None
     iv: bytes | None
@@ -263,9 +266,11 @@ class DaemonHandler:
                  clock: Callable[[], float] = time.time,
                  keygen: Callable[[str], EphemeralKey] = generate_ephemeral_key,
                  randbytes: Callable[[int], bytes] = os.urandom,
-                 supported_ciphers: tuple[str, ...] = SUPPORTED_CIPHERS) -> None:
+                 supported_ciphers: tuple[str, ...] = SUPPORTED_CIPHERS,
+                 escr_keys: object | None = None) -> None:
         self.config = config
         self._signing_key = signing_private_key
+        self._escr_keys = escr_keys  # AtKeys: answers ESCR relays (single-port) as side B
         self.seen = seen if seen is not None else SeenRequests(clock=clock)
         self._clock = clock
         self._keygen = keygen
@@ -434,6 +439,10 @@ class DaemonHandler:
         if sr.authenticate_to_rvd:
             assert sr.client_nonce is not None and sr.rvd_nonce is not None
             auth_line = relay_auth_line(sid, sr.client_nonce, sr.rvd_nonce, self._signing_key)
+            escr_key = sr.extra.get("relayAuthAesKey")
+            if sr.extra.get("relayAuthMode") == "escr" and self._escr_keys is not None \
+                    and escr.valid_relay_auth_key(escr_key):  # single-port relay (srvd --443)
+                auth_line = escr_auth_for(self._escr_keys, sid, str(escr_key), side_a=False)
         eph = self._keygen(self.config.ssh_algorithm)
         resp = SessionResponse(
             session_id=sid, status="connected", ephemeral_private_key=eph.private_openssh,

@@ -36,6 +36,7 @@ from noports.atclient.aio import (
     Notification,
 )
 from noports.compat import to_thread
+from noports.keys.apsk import ensure_signing_key_published
 from noports.keys.atkeys import AtKeys
 from noports.npproto.errors import IntegrityError
 from noports.npproto.keys import daemon_subscription_regex
@@ -111,7 +112,7 @@ class Daemon:
         self.ssl_ctx = ssl_ctx
         self._client_factory = client_factory
         self.username = username or pwd.getpwuid(os.geteuid()).pw_name
-        self.handler = DaemonHandler(config, keys.encrypt_private)
+        self.handler = DaemonHandler(config, keys.encrypt_private, escr_keys=keys)
         self.authorized_keys = AuthorizedKeys(config.authorized_keys)
         self.owner = f"{config.atsign}/{config.device}"  # tag on our ephemeral lines
         self.client: AtClient | None = None
@@ -124,6 +125,15 @@ class Daemon:
         self._stop: asyncio.Event | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
+
+    async def _publish_signing_key(self) -> None:
+        assert self.client is not None
+        try:
+            uri = await ensure_signing_key_published(self.client, self.keys)
+            log.info("ESCR signing key published at %s", uri)
+        except Exception as exc:  # only single-port relays need it: never fatal
+            log.warning("cannot publish the ESCR signing key (single-port relays will "
+                        "refuse this device): %s", exc)
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set; returns the exit status."""
@@ -156,6 +166,9 @@ class Daemon:
         if client is None:
             return 0  # stopped while waiting for the atServer
         self.client = client
+        publish = asyncio.create_task(self._publish_signing_key())  # ESCR (single port)
+        self._tasks.add(publish)
+        publish.add_done_callback(self._tasks.discard)
         beat = c.monitor_heartbeat
         monitor = client.monitor(
             daemon_subscription_regex(c.device), heartbeat_s=beat,

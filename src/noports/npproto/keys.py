@@ -264,6 +264,9 @@ def parse_client_key(key: str) -> ClientKey:
     parts = sk.name.split(".")
     if len(parts) == 2 and parts[1] == RELAY_NS and _UUID_RE.fullmatch(parts[0]):
         return ClientKey("relay_response", sk.sender, sk.recipient, session_id=parts[0])
+    if len(parts) == 2 and parts[1] == RELAY_NS and parts[0] == "discover":
+        # a relay answering RelaySelector's probe (docs/decisions/0025-*)
+        return ClientKey("relay_discover", sk.sender, sk.recipient, session_id="discover")
     if len(parts) == 3 and parts[0] == "nack" and parts[2] == RELAY_NS \
             and _UUID_RE.fullmatch(parts[1]):  # the relay refused (srvd's NACK)
         return ClientKey("relay_nack", sk.sender, sk.recipient, session_id=parts[1])

@@ -21,6 +21,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
+from noports.npproto import escr
+from noports.npproto.escr import EscrAuth, escr_auth_for  # noqa: F401 (re-exported)
+
 from .splice import HIGH_WATER, FlowTransform, Splice, Transform, splice_sockets, splice_stdio
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,44 @@ class PumpStats:
     reason: str
 
 
+class RelayAuthRefused(ConnectionError):
+    """The relay answered our ESCR response with something other than ``ok``."""
+
+
+async def _read_line(loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int) -> bytes:
+    """One line, byte by byte: nothing after its newline is consumed (that is session data)."""
+    out = bytearray()
+    while True:
+        ch = await loop.sock_recv(sock, 1)
+        if not ch:
+            raise ConnectionError("relay closed the connection during authentication")
+        if ch == b"\n":
+            return bytes(out)
+        out += ch
+        if len(out) > limit:
+            raise RelayAuthRefused(f"relay sent no newline within {limit} bytes")
+
+
+async def escr_handshake(sock: socket.socket, auth: EscrAuth, timeout: float) -> None:
+    """Read the relay's challenge, answer it, and require ``ok``."""
+    loop = asyncio.get_running_loop()
+
+    async def run() -> None:
+        challenge = (await _read_line(loop, sock, escr.MAX_RESPONSE_LINE)).decode(
+            "ascii", "replace").strip()
+        await loop.sock_sendall(sock, auth.respond(challenge))
+        answer = (await _read_line(loop, sock, 256)).strip()
+        if answer != escr.OK:
+            raise RelayAuthRefused(f"relay refused the authentication: "
+                                   f"{answer.decode('ascii', 'replace')[:80]!r}")
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"relay did not complete ESCR authentication within "
+                           f"{timeout:g}s") from None
+
+
 def _auth_bytes(auth_line: bytes | str | None) -> bytes:
     if auth_line is None:
         return b""
@@ -45,16 +86,18 @@ def _auth_bytes(auth_line: bytes | str | None) -> bytes:
     return data.rstrip(b"\n") + b"\n"
 
 
-async def connect_relay(host: str, port: int, auth_line: bytes | str | None, *,
+async def connect_relay(host: str, port: int, auth_line: bytes | str | EscrAuth | None, *,
                         timeout: float = 10.0,
                         keepalive: tuple[int, int, int] | None = (30, 10, 3)) -> socket.socket:
     """Connect to a relay port and send the auth line; return the non-blocking socket.
 
     ``auth_line`` is the envelope (a trailing ``\\n`` is added if missing); None sends
-    nothing (unauthenticated relay sessions).
+    nothing (unauthenticated relay sessions); an :class:`EscrAuth` answers the relay's
+    challenge instead (single-port mode) and returns once the relay said ``ok``.
     """
     loop = asyncio.get_running_loop()
-    line = _auth_bytes(auth_line)
+    escr_auth = auth_line if isinstance(auth_line, EscrAuth) else None
+    line = b"" if escr_auth is not None else _auth_bytes(auth_line)  # type: ignore[arg-type]
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _canon, addr in infos:
@@ -72,7 +115,12 @@ async def connect_relay(host: str, port: int, auth_line: bytes | str | None, *,
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
             if line:
                 await asyncio.wait_for(loop.sock_sendall(sock, line), timeout)
+            if escr_auth is not None:
+                await escr_handshake(sock, escr_auth, timeout)
             return sock
+        except RelayAuthRefused:
+            sock.close()
+            raise
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
             last = exc if isinstance(exc, OSError) else TimeoutError(

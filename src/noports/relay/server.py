@@ -36,6 +36,7 @@ from .session import (
     Side,
     SideAuthenticator,
 )
+from .singleport import EscrGate, EscrSession, KeyLookup
 from .splice import HIGH_WATER, Splice, SpliceMode, splice_sockets
 
 log = logging.getLogger(__name__)
@@ -100,13 +101,15 @@ class _Session:
                  "timer", "timer_at", "opened", "bytes_ab", "bytes_ba")
 
     def __init__(self, rv: Rendezvous, sm: RelaySession, auth_a: SideAuthenticator | None,
-                 auth_b: SideAuthenticator | None, lsocks: tuple[socket.socket, socket.socket]):
+                 auth_b: SideAuthenticator | None,
+                 lsocks: tuple[socket.socket, socket.socket] | None,
+                 ports: tuple[int, int] | None = None):
         self.rv = rv
         self.sm = sm
         self.auth_a = auth_a
         self.auth_b = auth_b
-        self.lsocks = lsocks
-        self.ports = (lsocks[0].getsockname()[1], lsocks[1].getsockname()[1])
+        self.lsocks = lsocks  # None: single-port session, sockets arrive via Rendezvous.adopt
+        self.ports = ports or (lsocks[0].getsockname()[1], lsocks[1].getsockname()[1])
         self.conns: dict[int, _Conn] = {}
         self.splices: dict[Splice, list[float]] | None = None  # splice -> [activity, since]
         self.timer: asyncio.TimerHandle | None = None
@@ -118,8 +121,9 @@ class _Session:
     # ------------------------------------------------------------------- plumbing
     def start(self) -> None:
         loop = self.rv._loop
-        loop.add_reader(self.lsocks[0].fileno(), self._on_accept, Side.A)
-        loop.add_reader(self.lsocks[1].fileno(), self._on_accept, Side.B)
+        if self.lsocks is not None:
+            loop.add_reader(self.lsocks[0].fileno(), self._on_accept, Side.A)
+            loop.add_reader(self.lsocks[1].fileno(), self._on_accept, Side.B)
         self._reschedule()
 
     def _run(self, actions: list[Action]) -> None:
@@ -152,6 +156,7 @@ class _Session:
 
     # -------------------------------------------------------------------- sockets
     def _on_accept(self, side: Side) -> None:
+        assert self.lsocks is not None
         lsock = self.lsocks[0 if side is Side.A else 1]
         for _attempt in range(32):
             try:
@@ -170,6 +175,7 @@ class _Session:
 
     def _pause_accept(self, side: Side) -> None:
         """Out of descriptors: a readable listener would spin the loop; retry later."""
+        assert self.lsocks is not None
         lsock = self.lsocks[0 if side is Side.A else 1]
         loop = self.rv._loop
         loop.remove_reader(lsock.fileno())
@@ -180,6 +186,15 @@ class _Session:
                 loop.add_reader(lsock.fileno(), self._on_accept, side)
 
         loop.call_later(self.rv.config.accept_pause, resume)
+
+    def adopt(self, side: Side, sock: socket.socket, head: bytes) -> None:
+        """A socket the ESCR gate authenticated as ``side``: straight to pairing."""
+        cid = self.rv._next_id()
+        conn = _Conn(cid, side, sock, None)
+        conn.head = head
+        self.conns[cid] = conn
+        self.rv._loop.add_reader(sock.fileno(), self._on_readable, conn)
+        self._run(self.sm.accept(side, cid, self.rv._loop.time(), needs_auth=False))
 
     def _accepted(self, side: Side, sock: socket.socket, peer: object) -> None:
         self.rv._configure(sock)
@@ -328,10 +343,11 @@ class _Session:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        for lsock in self.lsocks:
+        for lsock in self.lsocks or ():
             if lsock.fileno() >= 0:
                 loop.remove_reader(lsock.fileno())
             lsock.close()
+        self.rv._escr.pop(self.sm.session_id, None)
         for sp in list(self.splices or ()):
             sp.close("session closed")
         for conn in list(self.conns.values()):
@@ -369,6 +385,10 @@ class Rendezvous:
         self._closing = False
         # unauthenticated connections relay-wide, oldest first: conn id -> its session
         self._unauth: OrderedDict[int, _Session] = OrderedDict()
+        self._escr: dict[str, EscrSession] = {}  # single-port (ESCR) sessions
+        self._gate: EscrGate | None = None
+        #: fetches signing keys for ESCR (srvd sets it to a plookup through its atClient)
+        self.key_lookup: KeyLookup | None = None
 
     async def __aenter__(self) -> Rendezvous:
         return self
@@ -405,6 +425,45 @@ class Rendezvous:
                  self.config.bind_host, *sess.ports)
         return sess.ports
 
+    async def open_escr_session(self, escr_session: EscrSession,
+                                ports: tuple[int, int]) -> tuple[int, int]:
+        """Register a single-port session: no ports of its own; its sockets come through
+        the single port's ESCR gate (:meth:`adopt`). ``ports`` is what the reply advertises."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        sid = escr_session.session_id
+        if self._closing:
+            raise RelayCapacityError("relay is shutting down")
+        if sid in self._sessions:
+            raise ValueError(f"session {sid!r} already open")
+        if len(self._sessions) >= self.config.max_sessions:
+            raise RelayCapacityError(f"the relay is full: {len(self._sessions)} sessions open "
+                                     f"(max {self.config.max_sessions}; srvd --max-sessions)")
+        sm = RelaySession(sid, self.config.policy, self._loop.time())
+        sess = _Session(self, sm, None, None, None, ports)
+        self._sessions[sid] = sess
+        self._escr[sid] = escr_session
+        sess.start()
+        self._ensure_sweeper()
+        log.info("session %s opened on the single port (ESCR)", sid)
+        return ports
+
+    def escr_session(self, session_id: str) -> EscrSession | None:
+        return self._escr.get(session_id)
+
+    def escr_gate(self) -> EscrGate:
+        if self._gate is None:
+            self._gate = EscrGate(self, self.key_lookup)
+        return self._gate
+
+    def adopt(self, session_id: str, side: Side, sock: socket.socket, head: bytes) -> bool:
+        """Hand an ESCR-authenticated socket to its session; False if the session is gone."""
+        sess = self._sessions.get(session_id)
+        if sess is None or sess.sm.closed:
+            return False
+        sess.adopt(side, sock, head)
+        return True
+
     def close_session(self, session_id: str, reason: str = "closed by relay") -> bool:
         """Close a session now; False if it is not open."""
         sess = self._sessions.get(session_id)
@@ -430,7 +489,7 @@ class Rendezvous:
             "sessions": len(self._sessions),
             "pairs": len(splices),
             "pending": sum(len(s.conns) for s in self._sessions.values()) - 2 * len(splices),
-            "unauthenticated": len(self._unauth),
+            "unauthenticated": len(self._unauth) + (len(self._gate) if self._gate else 0),
             "buffered_bytes": sum(sp.buffered_bytes() for sp in splices),
         }
 
@@ -445,6 +504,8 @@ class Rendezvous:
             self._sweeper = None
         for task in list(self._tasks):
             task.cancel()
+        if self._gate is not None:
+            self._gate.close()
         if splices:
             await asyncio.wait([asyncio.ensure_future(sp.wait_closed()) for sp in splices],
                                timeout=timeout)

@@ -38,19 +38,28 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
-from noports.npproto import RelayRequest, RelayResponse, dart_iso_now, verify_relay_auth
+from noports.npproto import (
+    RelayRequest,
+    RelayResponse,
+    dart_iso_now,
+    dart_json_encode,
+    escr,
+    verify_relay_auth,
+)
 from noports.npproto.errors import ProtocolError
 from noports.npproto.keys import (
     RELAY_NS,
     normalize_atsign,
     parse_relay_key,
     relay_subscription_regex,
+    split_shared_key,
     validate_session_id,
 )
 
 from . import revocation
 from .server import RelayCapacityError, RelayConfig, Rendezvous, SessionSummary
 from .session import SideAuthenticator
+from .singleport import EscrSession, SinglePortListener
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ REPLY_TTLN_MS = 60_000  # notification expiry used by all NoPorts notifications
 MAX_REQUEST_CHARS = 8192  # an M1 is ~250 chars; anything much larger is not a request
 MAX_NONCE_CHARS = 256
 OPEN = "open"  # the official ``-m`` default: any atSign may request sessions
+DISCOVER_NAME = f"discover.{RELAY_NS}"
 
 
 # --------------------------------------------------------------------------- pure part
@@ -77,6 +87,7 @@ class SrvdPolicy:
     allow_legacy: bool = True
     require_socket_auth: bool = False
     max_sessions_per_sender: int = 1000
+    single_port: bool = False  # srvd --443: requests with only443 are served
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "relay_atsign", normalize_atsign(self.relay_atsign))
@@ -98,6 +109,9 @@ class Accept:
     auth_a: bool
     auth_b: bool
     legacy: bool = False
+    escr_key: str | None = None  # relayAuthAesKey when relayAuthMode is escr
+    only443: bool = False  # a single-port session (ESCR on the one port)
+    json_reply: bool = False  # sendJsonResponse: answer JSON, not CSV
 
 
 @dataclass(frozen=True)
@@ -170,8 +184,15 @@ def decide(key: str, sender: str, value: str | None, policy: SrvdPolicy, *,
                                                and req.authenticate_socket_b):
             return _nack(sid, "the request disables socket authentication, which this relay "
                               "requires (srvd --require-socket-auth)")
+        newer = _newer_fields(req.extra, policy)
+        if isinstance(newer, str):
+            return _nack(sid, newer)
+        escr_key, only443, json_reply = newer
+        if only443 and not (req.authenticate_socket_a and req.authenticate_socket_b):
+            return _nack(sid, "single-port (only443) sessions need both sides to authenticate")
         accept = Accept(sid, who, rk.device, atsign_a, atsign_b, req.client_nonce,
-                        req.authenticate_socket_a, req.authenticate_socket_b)
+                        req.authenticate_socket_a, req.authenticate_socket_b,
+                        escr_key=escr_key, only443=only443, json_reply=json_reply)
     if accept.session_id in known_sessions:
         return Refuse(f"duplicate session id {accept.session_id}")
     if sender_sessions >= policy.max_sessions_per_sender:
@@ -179,6 +200,51 @@ def decide(key: str, sender: str, value: str | None, policy: SrvdPolicy, *,
                      f"{who} already has {sender_sessions} sessions "
                      f"(max {policy.max_sessions_per_sender}; srvd --max-sessions-per-atsign)")
     return accept
+
+
+def _newer_fields(extra: dict[str, object], policy: SrvdPolicy
+                  ) -> tuple[str | None, bool, bool] | str:
+    """The 2025-26 request fields (docs/reference/noports-protocol.md#newer-protocol-versions):
+    ``(relayAuthAesKey or None, only443, sendJsonResponse)``, or why they are refused.
+
+    ``relayAuthMode`` absent means ``payload`` (the v5 line). ``escr`` is served on the single
+    port only; on per-session ports this relay keeps the payload line (today's official client
+    declares ``payload`` there too and uses ESCR only on the 443 path).
+    """
+    mode = extra.get("relayAuthMode", "payload")
+    only443 = extra.get("only443", False) is True
+    json_reply = extra.get("sendJsonResponse", False) is True
+    if mode not in escr.MODES:
+        return f"unknown relayAuthMode {str(mode)[:40]!r} (want payload or escr)"
+    if only443 and not policy.single_port:
+        return ("this relay has no single port for only443 sessions "
+                "(start srvd with --443)")
+    if only443 and mode != "escr":
+        return "only443 sessions authenticate with relayAuthMode escr"
+    if mode == "escr" and not only443:
+        return ("relayAuthMode escr is served on the single port only (send only443, or "
+                "relayAuthMode payload for per-session ports)")
+    key = extra.get("relayAuthAesKey")
+    if mode == "escr" and not escr.valid_relay_auth_key(key):
+        return "relayAuthMode escr needs relayAuthAesKey: base64 of a 32-byte AES key"
+    return (key if mode == "escr" else None), only443, json_reply  # type: ignore[return-value]
+
+
+def is_discover(key: str, policy: SrvdPolicy) -> bool:
+    """``@R:discover.sshrvd@C``: a client measuring relays (official RelaySelector)."""
+    try:
+        sk = split_shared_key(key)
+    except ProtocolError:
+        return False
+    return sk.name == DISCOVER_NAME and sk.recipient == policy.relay_atsign
+
+
+def discover_reply(advertise: str, port: int) -> str:
+    """What a relay tells a measuring client: where to time a TCP connect.
+
+    ``port`` is the single port, or 0 when there is none (then the client times this
+    answer itself; the official client skips a relay it cannot connect to)."""
+    return dart_json_encode({"ipaddr": advertise, "port": port})
 
 
 def _nack(session_id: str, reason: str) -> Refuse:
@@ -196,8 +262,13 @@ def reply_key_name(session_id: str) -> str:
     return f"{validate_session_id(session_id)}.{RELAY_NS}"
 
 
-def reply_text(advertise: str, port_a: int, port_b: int, rvd_nonce: str | None) -> str:
-    """M2 ``ip,portA,portB,rvdNonce`` (``,null`` for legacy requests)."""
+def reply_text(advertise: str, port_a: int, port_b: int, rvd_nonce: str | None, *,
+               json_reply: bool = False) -> str:
+    """M2 ``ip,portA,portB,rvdNonce`` (``,null`` for legacy requests), or the JSON form
+    today's clients ask for with ``sendJsonResponse`` (no event logging here)."""
+    if json_reply and rvd_nonce is not None:
+        return dart_json_encode({"address": advertise, "portA": port_a, "portB": port_b,
+                                 "rvdNonce": rvd_nonce, "supportsEventLogging": False})
     return RelayResponse(advertise, port_a, port_b, rvd_nonce).to_csv()
 
 
@@ -267,7 +338,9 @@ class Srvd:
     def __init__(self, client: _Client, policy: SrvdPolicy, advertise: str, *,
                  relay: _Relay | None = None, relay_config: RelayConfig | None = None,
                  key_timeout: float = 10.0, reply_timeout: float = 10.0,
-                 max_inflight: int = 64, remember: int = 65_536) -> None:
+                 max_inflight: int = 64, remember: int = 65_536,
+                 single_port: int | None = None, single_port_public: int | None = None,
+                 reply_delay: float = 0.0) -> None:
         self.client = client
         self.policy = policy
         self.advertise = validate_advertise(advertise)
@@ -285,6 +358,13 @@ class Srvd:
         self.refused = 0
         self.nacked = 0
         self.opened = 0
+        #: srvd --443: the port bound (0 = any, for tests) and the one advertised
+        self.single_port = single_port
+        self.single_port_public = single_port_public
+        self.listener: SinglePortListener | None = None
+        self.reply_delay = reply_delay  # test knob: a relay that answers late
+        if isinstance(self.relay, Rendezvous):
+            self.relay.key_lookup = self._lookup_public
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -307,12 +387,45 @@ class Srvd:
 
     # -- one request ---------------------------------------------------------------------------
 
+    async def _lookup_public(self, atsign: str, name: str) -> str:
+        """ESCR: the value an atSign published at ``public:<name>`` (plookup)."""
+        value = await self.client.get_public(name, atsign)  # type: ignore[attr-defined]
+        if not value:
+            raise LookupError(f"{atsign} has no public:{name}")
+        return str(value)
+
+    def start_single_port(self, host: str) -> int:
+        """Bind the single port (srvd --443); returns the port bound."""
+        assert isinstance(self.relay, Rendezvous) and self.single_port is not None
+        self.listener = SinglePortListener(self.relay, host, self.single_port)
+        self.listener.start()
+        if self.single_port_public is None:
+            self.single_port_public = self.listener.port
+        return self.listener.port
+
+    async def _answer_discover(self, who: str) -> None:
+        if self.policy.allowed is not None and who not in self.policy.allowed:
+            log.info("discover from %s ignored: not allowed", who)
+            return
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
+        port = self.single_port_public if self.listener is not None else 0
+        try:
+            await asyncio.wait_for(self.client.notify(
+                who, DISCOVER_NAME, discover_reply(self.advertise, port or 0), namespace=None,
+                ttl_ms=REPLY_TTL_MS, ttln_ms=REPLY_TTLN_MS), self.reply_timeout)
+        except Exception as exc:
+            log.warning("discover reply to %s failed (%s)", who, type(exc).__name__)
+
     async def handle(self, key: str, sender: str, value: str | None) -> str | None:
         """Process one notification; return the reply sent, or None when refused/failed."""
         try:
             who = normalize_atsign(sender)
         except ProtocolError:
             who = "?"
+        if who != "?" and is_discover(key, self.policy):
+            await self._answer_discover(who)
+            return None
         decision = decide(key, sender, value, self.policy,
                           known_sessions=self._seen, sender_sessions=self._sender_sessions(who))
         if isinstance(decision, Refuse):
@@ -340,6 +453,10 @@ class Srvd:
     async def _open_and_reply(self, d: Accept) -> str | None:
         rvd_nonce = None if d.legacy else dart_iso_now()
         auth_a = auth_b = None
+        if self.reply_delay:
+            await asyncio.sleep(self.reply_delay)
+        if d.only443:
+            return await self._open_single_port(d, rvd_nonce)
         if d.auth_a or d.auth_b:
             assert d.client_nonce is not None and rvd_nonce is not None
             for flag, atsign, side in ((d.auth_a, d.atsign_a, "A"), (d.auth_b, d.atsign_b, "B")):
@@ -369,9 +486,30 @@ class Srvd:
                    else f"cannot open ports: {exc}")
             await self._send_nack(d.sender, d.session_id, why)
             return None
+        return await self._reply(d, ports, rvd_nonce)
+
+    async def _open_single_port(self, d: Accept, rvd_nonce: str | None) -> str | None:
+        assert d.escr_key is not None and d.atsign_b is not None and rvd_nonce is not None
+        port = self.single_port_public
+        if self.listener is None or port is None or not isinstance(self.relay, Rendezvous):
+            await self._send_nack(d.sender, d.session_id, "this relay has no single port")
+            return None
+        try:
+            ports = await self.relay.open_escr_session(
+                EscrSession(d.session_id, d.escr_key, d.atsign_a, d.atsign_b), (port, port))
+        except (RelayCapacityError, ValueError) as exc:
+            self.refused += 1
+            log.warning("refused session %s from %s: %s", d.session_id, d.sender, exc)
+            await self._send_nack(d.sender, d.session_id, str(exc))
+            return None
+        return await self._reply(d, ports, rvd_nonce)
+
+    async def _reply(self, d: Accept, ports: tuple[int, int],
+                     rvd_nonce: str | None) -> str | None:
         self._open[d.session_id] = _Open(d.sender, d.device, d.atsign_b, ports)
         self._inflight.pop(d.session_id, None)  # counted once: as open from here on
-        reply = reply_text(self.advertise, ports[0], ports[1], rvd_nonce)
+        reply = reply_text(self.advertise, ports[0], ports[1], rvd_nonce,
+                           json_reply=d.json_reply)
         try:
             await asyncio.wait_for(
                 self.client.notify(d.sender, reply_key_name(d.session_id), reply,
@@ -385,7 +523,8 @@ class Srvd:
         self.opened += 1
         log.info("session %s opened for %s -> %s (device %s%s): port A %d, port B %d, "
                  "socket auth A=%s B=%s", d.session_id, d.sender, d.atsign_b or "?", d.device,
-                 ", legacy" if d.legacy else "", ports[0], ports[1], d.auth_a, d.auth_b)
+                 ", legacy" if d.legacy else ", single port, ESCR" if d.only443 else "",
+                 ports[0], ports[1], d.auth_a, d.auth_b)
         return reply
 
     async def _send_nack(self, to: str, session_id: str, reason: str) -> None:
@@ -464,6 +603,8 @@ class Srvd:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        if self.listener is not None:
+            self.listener.close()
         aclose = getattr(self.relay, "aclose", None)
         if aclose is not None:
             await aclose()

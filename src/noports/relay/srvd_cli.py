@@ -84,8 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1000); beyond it: NACK naming this flag")
     p.add_argument("--idle-timeout", type=float, default=3600.0,
                    help="close a pair that relayed nothing for this many seconds (default 3600)")
+    p.add_argument("--443", "--bind443", dest="bind443", action="store_true",
+                   help="also serve single-port sessions (the official --443): one listening "
+                        "port carries both sides of every session whose request asks for it "
+                        "(only443), each socket found by its ESCR authentication; for devices "
+                        "and clients that may only connect out to tcp/443")
+    p.add_argument("--443-bind-port", "--bindPort", dest="bind_port", type=_port, default=443,
+                   metavar="PORT", help="the port the single-port listener binds (default 443; "
+                   "e.g. 8443 behind a forward from 443; 0 = any free port, for tests)")
+    p.add_argument("--443-public-port", dest="public_port", type=_port, default=None,
+                   metavar="PORT", help="the port sent to clients for single-port sessions "
+                   "(default: the bound port; the official srvd always sends 443)")
+    p.add_argument("--test-reply-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+_port = arg_type(int, "a port number", lambda v: 0 <= v < 65536, "must be 0..65535: {text!r}")
 
 
 def _allowed(args: argparse.Namespace) -> frozenset[str] | None:
@@ -152,7 +167,8 @@ async def run(args: argparse.Namespace) -> int:
     ssl_ctx = client_context(args.ca_file)
     policy = SrvdPolicy(atsign, allowed, allow_legacy=not args.no_legacy,
                         require_socket_auth=args.require_socket_auth,
-                        max_sessions_per_sender=args.max_sessions_per_atsign)
+                        max_sessions_per_sender=args.max_sessions_per_atsign,
+                        single_port=args.bind443)
     if allowed is None:
         log.warning("relay is open: any atSign may request sessions (use -m or --allow-list)")
 
@@ -166,7 +182,18 @@ async def run(args: argparse.Namespace) -> int:
         return 0
     cfg = RelayConfig(bind_host=args.bind, max_sessions=args.max_sessions,
                       idle_timeout=args.idle_timeout if args.idle_timeout > 0 else None)
-    srvd = Srvd(client, policy, advertise, relay_config=cfg)
+    srvd = Srvd(client, policy, advertise, relay_config=cfg,
+                single_port=args.bind_port if args.bind443 else None,
+                single_port_public=args.public_port, reply_delay=args.test_reply_delay)
+    if args.bind443:
+        try:
+            port = srvd.start_single_port(args.bind)
+        except OSError as exc:
+            await client.close()
+            raise CliError(f"--443: cannot listen on {args.bind}:{args.bind_port}: "
+                           f"{exc.strerror or exc} (port 443 needs root or "
+                           "CAP_NET_BIND_SERVICE; or use --443-bind-port)") from None
+        log.info("single port %d (advertised as %d)", port, srvd.single_port_public)
 
     def reload_allow_list() -> None:
         if args.allow_list is None:

@@ -114,6 +114,12 @@ def test_roles_converge_idempotently(env):
     assert not list((root / "plane").rglob("@dev1_key.atKeys"))  # no device keys on the plane
     for cram in (root / "plane" / "cram").glob("*.cram"):
         assert cram.read_text().strip() not in out1  # the one-time secret never in the output
+    srvd_log = root / "log" / "srvd.log"  # srvd_single_port: the rendered --443 flags work
+    deadline = time.monotonic() + 30
+    while "single-port relay listening" not in srvd_log.read_text() \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "single-port relay listening" in srvd_log.read_text(), srvd_log.read_text()[-2000:]
     conf = (root / "device" / "etc" / "sshnpd.conf").read_text()
     assert "atsign = @dev1" in conf and "device = test_box" in conf
 

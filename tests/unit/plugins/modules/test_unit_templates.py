@@ -47,8 +47,12 @@ def cases(prefix: Path):
         "_sshnpd_keys_dir": "/home/pi/.atsign/keys"}
     argv = [str(prefix / "bin" / "srvd"), "-a", "@relay", "-k", "/k/@relay_key.atKeys",
             "--root-domain", "plane.example:6464", "--ip", "203.0.113.5", "--manager=@alice"]
-    yield "srvd", "srvd", {"_srvd_atsign": "@relay", "_srvd_user": "root",
-                           "_srvd_group": "root", "_srvd_argv": argv}
+    for privileged in (False, True):  # srvd_single_port on 443: CAP_NET_BIND_SERVICE
+        yield "srvd", "srvd", {"_srvd_atsign": "@relay", "_srvd_user": "root",
+                               "_srvd_group": "root", "_srvd_argv": argv + (
+                                   ["--443", "--443-bind-port", "443"] if privileged else []),
+                               "_srvd_bind_privileged": privileged,
+                               "srvd_single_port_bind_port": 443}
     for port in (6464, 64):
         yield "control_plane", "noports-plane", {
             "_control_plane_user": "root", "_control_plane_group": "root",
