@@ -221,10 +221,8 @@ def _alive(pid):
 
 
 def _signal_one(pid, sig):
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _signal_group(pid, sig):

@@ -174,6 +174,8 @@ def day2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day2]:
             "upgrade_source": str(upgrade_source(base)), "upgrade_version": UPGRADE_VERSION}
         extra = ["-e", json.dumps(evars)]
         env = ansible_env(base, home=world.client_home, collections=collections, cp_dir=cp_dir)
+        if os.environ.get("DAY2_ANSIBLE_LOG"):  # timestamps per task, for looking at timings
+            env["ANSIBLE_LOG_PATH"] = os.environ["DAY2_ANSIBLE_LOG"]
         d = Day2(world, base, host_root, cp_dir, inventory, env, extra)
         deploy = d.playbook("deploy.yml").check()
         print(f"\ndeploy over sshnp via boot: {deploy.seconds:.1f}s")

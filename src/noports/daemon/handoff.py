@@ -60,6 +60,7 @@ class HostLink:
         self._pending: Dict[str, asyncio.Future[str]] = {}  # noqa: UP006 sid -> "" or error
         self.live: set[str] = set()  # started, not ended
         self._reader_task: Optional[asyncio.Task[None]] = None  # noqa: UP045
+        self._read_transport: Optional[asyncio.BaseTransport] = None  # noqa: UP045
         self.on_lost = None  # callable(set of sids) when the host died under live sessions
 
     async def spawn(self) -> int:
@@ -74,7 +75,8 @@ class HostLink:
         self.proc = proc
         assert proc.stdin is not None and proc.stdout is not None
         reader = asyncio.StreamReader(limit=MAX_LINE + 1)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
+        self._read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
         self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
         self._ready = loop.create_future()
         self._reader_task = asyncio.ensure_future(self._read(reader))
@@ -84,6 +86,10 @@ class HostLink:
             self.close()
             raise HostError(f"the session host (pid {proc.pid}) did not start within "
                             f"{READY_TIMEOUT_S:g}s") from None
+        if not self.pid:
+            self.close()
+            raise HostError(f"the session host exited at start (status {proc.poll()}); its "
+                            "error is in the lines above") from None
         log.info("session host %d started", self.pid, extra={"event": "session_host"})
         return self.pid
 
@@ -175,9 +181,9 @@ class HostLink:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self.proc is not None and self.proc.stdout is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdout.close()
+        if self._read_transport is not None:
+            self._read_transport.close()
+            self._read_transport = None
         if self.proc is not None and self.proc.poll() is None and self.live:
             log.info("%d session(s) continue in session host %d", len(self.live), self.pid,
                      extra={"event": "sessions_handed_over"})
