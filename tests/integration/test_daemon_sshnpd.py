@@ -359,6 +359,29 @@ def test_sigterm_hands_sessions_over_and_kill9_leftovers_removed_on_restart(env)
     lst.close()
 
 
+def test_session_host_killed_under_a_live_session_is_named_and_replaced(env):
+    """A session host that dies (OOM killer, kill -9) under a live session: the daemon says
+    so, removes that session's key, and the next session gets a new host."""
+    ak = AuthorizedKeys(env.ak_path)
+    d = env.start_daemon("--ephemeral-key-ttl", "300", device="pi3")
+    host = session_host_pid(d)
+    lst = listener()
+    sid, *_ = run(request_session(env, lst, encrypt=False, device="pi3"))
+    assert sid in ak.ephemeral_sessions()
+    start = len(d.lines)
+    os.kill(host, signal.SIGKILL)
+    d.wait_for(rf"session host {host} exited \(status -9\): 1 session\(s\) lost", 10, start)
+    wait_until(lambda: sid not in ak.ephemeral_sessions(), 10, "the lost session's key removal")
+    sid2, _, _, value = run(request_session(env, lst, encrypt=False, device="pi3"))
+    assert not value.startswith("Failed"), value
+    new_host = int(d.wait_for(r"session host (\d+) started", 10, start).group(1))
+    assert new_host != host and sid2 in ak.ephemeral_sessions()
+    assert d.stop(signal.SIGTERM) == 0
+    os.kill(new_host, signal.SIGTERM)  # ends its session and removes its key
+    wait_until(lambda: sid2 not in ak.ephemeral_sessions(), 10, "key removal on SIGTERM")
+    lst.close()
+
+
 def test_daemon_survives_garbage_and_atserver_restart(env):
     start = len(env.daemon.lines)
 
