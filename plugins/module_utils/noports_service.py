@@ -11,7 +11,8 @@ often have no systemd. Every noports daemon runs in the foreground, so a *run sc
   stdout/stderr appended to a log file; its pid is written to the pid file (0644, atomic);
 * status: the pid is alive *and* has the start time recorded next to it (``<pid file>.json``),
   so a recycled pid is never mistaken for our daemon;
-* stop: SIGTERM to the process group, wait, SIGKILL after the timeout, pid files removed.
+* stop: SIGTERM to the process group (``kill_mode="process"``: to the daemon alone, as
+  systemd's ``KillMode=process``), wait, SIGKILL after the timeout, pid files removed.
 
 The functions take plain arguments and return plain values so they are unit-testable without
 an AnsibleModule.
@@ -174,24 +175,29 @@ def _remove(pid_file):
             os.unlink(p)
 
 
-def stop(pid_file, timeout=10.0):
+def stop(pid_file, timeout=10.0, kill_mode="group"):
     """Stop the daemon of ``pid_file``; True when one was running.
 
-    SIGTERM goes to the whole process group the runner created, so helpers the daemon spawned
-    (``noports plane up`` runs two servers) stop with it.
+    ``kill_mode="group"``: SIGTERM goes to the whole process group the runner created, so
+    helpers the daemon spawned (``noports plane up`` runs two servers) stop with it.
+    ``kill_mode="process"``: only the daemon is signalled, so what it handed work to (sshnpd's
+    session host, carrying live sessions) outlives it, as with systemd's ``KillMode=process``.
     """
+    if kill_mode not in ("group", "process"):
+        raise RunnerError(f"unknown kill mode {kill_mode!r}")
     pid = read_pid(pid_file)
     if pid is None:
         _remove(pid_file)
         return False
-    _signal_group(pid, signal.SIGTERM)
+    signal_daemon = _signal_group if kill_mode == "group" else _signal_one
+    signal_daemon(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
             break
         time.sleep(0.05)
     else:
-        _signal_group(pid, signal.SIGKILL)
+        signal_daemon(pid, signal.SIGKILL)
         end = time.monotonic() + 5
         while _alive(pid) and time.monotonic() < end:
             time.sleep(0.05)
@@ -212,6 +218,11 @@ def _alive(pid):
             os.waitpid(pid, os.WNOHANG)
         return False
     return True
+
+
+def _signal_one(pid, sig):
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def _signal_group(pid, sig):

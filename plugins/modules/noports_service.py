@@ -19,8 +19,8 @@ description:
   - With O(manager=none) it runs the daemon's I(run script) (a foreground C(exec) script, the
     same contract as a runit or s6 C(run) file) detached in a new session, with its output
     appended to O(log_file), and tracks it through O(pid_file). A recorded process start time
-    guards against recycled pids. Stopping sends SIGTERM to the daemon's process group and
-    SIGKILL after O(stop_timeout) seconds.
+    guards against recycled pids. Stopping sends SIGTERM to the daemon's process group (or,
+    with O(kill_mode=process), to the daemon alone) and SIGKILL after O(stop_timeout) seconds.
   - O(manager=auto) picks systemd when it is PID 1 (C(/run/systemd/system) exists), else
     the runner.
   - Restarts belong in handlers (O(state=restarted)); O(state=started) never restarts a
@@ -101,6 +101,15 @@ options:
       - Runner only. Seconds to wait after SIGTERM before SIGKILL.
     type: float
     default: 10.0
+  kill_mode:
+    description:
+      - Runner only. What a stop or restart signals, as systemd's C(KillMode=).
+      - V(group) signals the daemon's whole process group (helpers it started stop with it).
+      - V(process) signals the daemon alone, so work it handed to processes of their own
+        outlives it (C(sshnpd)'s live sessions; the C(sshnpd) role uses it).
+    type: str
+    choices: [group, process]
+    default: group
 notes:
   - The runner does not restart a crashed daemon; a supervisor (runit, s6, docker's restart
     policy) can run the same run script for that. systemd units restart on failure.
@@ -200,7 +209,7 @@ def run_runner(module, p):
         return result
     try:
         if "stop" in actions:
-            svc.stop(p["pid_file"], timeout=p["stop_timeout"])
+            svc.stop(p["pid_file"], timeout=p["stop_timeout"], kill_mode=p["kill_mode"])
             result["pid"] = None
         if "start" in actions:
             result["pid"] = svc.start(p["run_script"], p["pid_file"], p["log_file"],
@@ -265,6 +274,7 @@ def main():
             run_as_group=dict(type="str"),
             start_wait=dict(type="float", default=1.0),
             stop_timeout=dict(type="float", default=10.0),
+            kill_mode=dict(type="str", default="group", choices=["group", "process"]),
         ),
         supports_check_mode=True,
     )

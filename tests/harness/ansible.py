@@ -556,6 +556,10 @@ def stop_role_daemons(world: AnsibleE2E) -> int:
                 if alive(pid) and pid in pids_mentioning(str(world.base)):  # not a reused pid
                     kill_group(pid)
                     n += 1
+    # sshnpd's session hosts outlive their daemon by design (decision 0024): end them too
+    for pid in pids_mentioning("noports.daemon.sessionhost"):
+        if pid in pids_mentioning(str(world.base)):
+            kill_group(pid)
     return n
 
 

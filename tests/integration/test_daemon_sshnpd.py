@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -242,9 +243,8 @@ def test_plain_session_key_logs_in_to_real_sshd_and_expires(env):
     assert resp.host_keys == [" ".join(env.host_key)]
     assert resp.np_cipher is None and resp.session_aes_key is None
     line = [x for x in env.ak_path.read_text().splitlines() if sid in x]
-    assert len(line) == 1 and line[0].endswith(f"sshnp_ephemeral_{sid} until="
-                                               f"{line[0].split('until=')[1].split()[0]} "
-                                               "owner=@device/pi")
+    assert len(line) == 1 and re.search(rf"sshnp_ephemeral_{sid} until=\d+ owner=@device/pi "
+                                        r"holder=\d+$", line[0]), line
     assert 'PermitOpen="localhost:' in line[0] and "no-pty" in line[0]
 
     sock = accept_relay_side(lst, sid, cn, rn, device_pk)
@@ -308,21 +308,47 @@ def test_relay_unreachable_gets_official_error(env):
     wait_until(lambda: sid not in env.ak_path.read_text(), 5, "key removal after failure")
 
 
-def test_sigterm_cleans_up_and_kill9_leftovers_removed_on_restart(env):
+def session_host_pid(daemon: Proc) -> int:
+    """The pid of a daemon's session host, from its own log line."""
+    return int(daemon.wait_for(r'session host (\d+) started', 20).group(1))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigterm_hands_sessions_over_and_kill9_leftovers_removed_on_restart(env):
+    """docs/decisions/0024-sessions-outlive-daemon.md: a stopped daemon's live session (and
+    its key) stays with its session host until it ends; a crash's leftovers do not."""
     ak = AuthorizedKeys(env.ak_path)
-    # 1. SIGTERM with a live session: exit 0 and its key line is gone
+    # 1. SIGTERM with a live session: exit 0; the session and its key line stay with the host
     d1 = env.start_daemon("--ephemeral-key-ttl", "300", device="pi2")
+    host1 = session_host_pid(d1)
     lst = listener()
-    sid, *_ = run(request_session(env, lst, encrypt=False, device="pi2"))
-    assert sid in ak.ephemeral_sessions()
+    sid, cn, rn, _ = run(request_session(env, lst, encrypt=False, device="pi2"))
+    relay_side = accept_relay_side(lst, sid, cn, rn, env.keys["@device"].encrypt_public)
     assert d1.stop(signal.SIGTERM) == 0
-    assert sid not in ak.ephemeral_sessions()
-    # 2. kill -9 with a live session: the line survives the crash...
+    d1.wait_for(r'"event": "sessions_handed_over"', 5)
+    assert pid_alive(host1) and sid in ak.ephemeral_sessions()
+    # 2. the next daemon leaves that line alone (its holder is alive)...
     d2 = env.start_daemon("--ephemeral-key-ttl", "300", device="pi2")
+    host2 = session_host_pid(d2)
+    assert host2 != host1 and sid in ak.ephemeral_sessions()
+    # ...and when the session ends its host removes the key and exits
+    relay_side.close()
+    wait_until(lambda: sid not in ak.ephemeral_sessions(), 10, "key removal at session end")
+    wait_until(lambda: not pid_alive(host1), 10, "the old session host's exit")
+    d1.wait_for(rf'"event": "session_ended".*{sid}', 5)
+    # 3. kill -9 of the daemon AND its host with a live session: the line survives the crash...
     sid2, *_ = run(request_session(env, lst, encrypt=False, device="pi2"))
     d2.kill9()
+    os.kill(host2, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(host2), 5, "the killed host")
     assert sid2 in ak.ephemeral_sessions()
-    # 3. ...and the next start removes it, but not the live key of the other daemon (pi)
+    # 4. ...and the next start removes it, but not the live key of the other daemon (pi)
     other = listener()
     sid_pi, *_ = run(request_session(env, other, encrypt=False))
     d3 = env.start_daemon(device="pi2")
@@ -330,6 +356,29 @@ def test_sigterm_cleans_up_and_kill9_leftovers_removed_on_restart(env):
     assert sid_pi in ak.ephemeral_sessions()
     other.close()
     d3.wait_for(r'"event": "leftovers_removed"', 5)
+    lst.close()
+
+
+def test_session_host_killed_under_a_live_session_is_named_and_replaced(env):
+    """A session host that dies (OOM killer, kill -9) under a live session: the daemon says
+    so, removes that session's key, and the next session gets a new host."""
+    ak = AuthorizedKeys(env.ak_path)
+    d = env.start_daemon("--ephemeral-key-ttl", "300", device="pi3")
+    host = session_host_pid(d)
+    lst = listener()
+    sid, *_ = run(request_session(env, lst, encrypt=False, device="pi3"))
+    assert sid in ak.ephemeral_sessions()
+    start = len(d.lines)
+    os.kill(host, signal.SIGKILL)
+    d.wait_for(rf"session host {host} exited \(status -9\): 1 session\(s\) lost", 10, start)
+    wait_until(lambda: sid not in ak.ephemeral_sessions(), 10, "the lost session's key removal")
+    sid2, _, _, value = run(request_session(env, lst, encrypt=False, device="pi3"))
+    assert not value.startswith("Failed"), value
+    new_host = int(d.wait_for(r"session host (\d+) started", 10, start).group(1))
+    assert new_host != host and sid2 in ak.ephemeral_sessions()
+    assert d.stop(signal.SIGTERM) == 0
+    os.kill(new_host, signal.SIGTERM)  # ends its session and removes its key
+    wait_until(lambda: sid2 not in ak.ephemeral_sessions(), 10, "key removal on SIGTERM")
     lst.close()
 
 

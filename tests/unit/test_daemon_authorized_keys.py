@@ -142,6 +142,24 @@ def test_owner_scoped_cleanup_and_expiry_sweep(tmp_path):
         ak.add_ephemeral(pub(), mine, 22, owner="x y")
 
 
+def test_startup_cleanup_keeps_own_lines_whose_holder_is_alive(tmp_path):
+    """A session that outlived the previous daemon keeps its key (its session host removes
+    it); a dead holder's line, and an expired one, are leftovers (decision 0024)."""
+    path = tmp_path / "authorized_keys"
+    ak = AuthorizedKeys(path)
+    handed, crashed, expired = (str(uuid.uuid4()) for _ in range(3))
+    ak.add_ephemeral(pub(), handed, 22, owner="@d/pi", until=2000, holder=101)
+    ak.add_ephemeral(pub(), crashed, 22, owner="@d/pi", until=2000, holder=102)
+    ak.add_ephemeral(pub(), expired, 22, owner="@d/pi", until=900, holder=101)
+    line = [x for x in ak.lines() if handed in x][0]
+    assert line.endswith(f"sshnp_ephemeral_{handed} until=2000 owner=@d/pi holder=101")
+    assert ak.remove_all_ephemeral("@d/pi", now=1000, alive=lambda pid: pid == 101) == 2
+    assert ak.ephemeral_sessions() == [handed]
+    # without a liveness check (or as another owner's start-up rule) nothing changes for it
+    assert ak.remove_all_ephemeral("@d/other", now=1000) == 0
+    assert ak.remove_all_ephemeral("@d/pi", now=1000) == 1
+
+
 def test_missing_file_operations_are_noops(tmp_path):
     ak = AuthorizedKeys(tmp_path / "nope" / "authorized_keys")
     assert ak.remove_all_ephemeral() == 0

@@ -6,7 +6,11 @@ Layout (sans-IO core, thin asyncio edges):
 * :mod:`.handler` - pure decisions: notification + config + state -> replies / session plans;
 * :mod:`.authorized_keys` - the only code that rewrites ``authorized_keys`` (locked, atomic);
 * :mod:`.sshkeys` - in-process ephemeral key generation and sshd host key loading;
-* :mod:`.service` - the asyncio daemon: atServer monitor, sessions, timers, signals;
+* :mod:`.service` - the asyncio daemon: atServer monitor, session hand-over, signals;
+* :mod:`.sessionorder` - the pure daemon <-> session host pipe messages;
+* :mod:`.handoff` - starts the daemon's session host and hands it sessions;
+* :mod:`.sessionhost` - the process that carries sessions, so they outlive the daemon
+  (docs/decisions/0024-sessions-outlive-daemon.md);
 * :mod:`.cli` - ``sshnpd`` command line and logging set-up.
 """
 

@@ -15,9 +15,11 @@ key that is never removed is a standing credential. So every change is:
 
 Ephemeral lines carry the official comment ``sshnp_ephemeral_<sessionId>`` (so leftovers from
 either daemon are recognised) followed by ours: ``until=<unix time>`` and
-``owner=<@atsign>/<device>``. Several daemons (device names) may share one authorized_keys:
-at start-up a daemon removes its own leftovers, untagged (official) ones and expired ones,
-but not another live daemon's keys of the last few seconds.
+``owner=<@atsign>/<device>``, and ``holder=<pid>`` of the session host that wrote the line
+(docs/decisions/0024-sessions-outlive-daemon.md). Several daemons (device names) may share one
+authorized_keys: at start-up a daemon removes its own leftovers, untagged (official) ones and
+expired ones, but not another live daemon's keys of the last few seconds, nor the keys of its
+own sessions that outlived the previous daemon (their holder is alive and removes them).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def ephemeral_options(local_sshd_port: int, extra: str = "") -> str:
 
 def ephemeral_line(public_key: str, session_id: str, local_sshd_port: int,
                    extra_options: str = "", *, owner: str | None = None,
-                   until: int | None = None) -> str:
+                   until: int | None = None, holder: int | None = None) -> str:
     """The full authorized_keys line for one session's ephemeral public key."""
     key = _bare_key(public_key)
     line = f"{ephemeral_options(local_sshd_port, extra_options)} {key} {ephemeral_comment(session_id)}"
@@ -86,6 +88,8 @@ def ephemeral_line(public_key: str, session_id: str, local_sshd_port: int,
         if not _OWNER_RE.fullmatch(owner):
             raise AuthorizedKeysError(f"bad owner tag {owner!r}")
         line += f" owner={owner}"
+    if holder is not None:
+        line += f" holder={int(holder)}"
     return line
 
 
@@ -156,6 +160,7 @@ class EphemeralTag:
     session_id: str
     owner: str | None = None
     until: int | None = None
+    holder: int | None = None  # pid of the session host that removes the line itself
 
 
 def _ephemeral_tag(line: str) -> EphemeralTag | None:
@@ -169,13 +174,15 @@ def _ephemeral_tag(line: str) -> EphemeralTag | None:
         return None
     if not comment or not comment[0].startswith(EPHEMERAL_TAG):
         return None
-    owner = until = None
+    owner = until = holder = None
     for tok in comment[1:]:
         if tok.startswith("owner="):
             owner = tok[len("owner="):]
         elif tok.startswith("until=") and tok[len("until="):].isdigit():
             until = int(tok[len("until="):])
-    return EphemeralTag(comment[0][len(EPHEMERAL_TAG):], owner, until)
+        elif tok.startswith("holder=") and tok[len("holder="):].isdigit():
+            holder = int(tok[len("holder="):])
+    return EphemeralTag(comment[0][len(EPHEMERAL_TAG):], owner, until, holder)
 
 
 def _ephemeral_sid(line: str) -> str | None:
@@ -268,10 +275,10 @@ class AuthorizedKeys:
 
     def add_ephemeral(self, public_key: str, session_id: str, local_sshd_port: int,
                       extra_options: str = "", *, owner: str | None = None,
-                      until: int | None = None) -> str:
+                      until: int | None = None, holder: int | None = None) -> str:
         """Authorize a session's ephemeral key; returns the line written."""
         line = ephemeral_line(public_key, session_id, local_sshd_port, extra_options,
-                              owner=owner, until=until)
+                              owner=owner, until=until, holder=holder)
         blob = _key_blob(line)
 
         def change(lines: list[str]) -> list[str] | None:
@@ -296,12 +303,15 @@ class AuthorizedKeys:
         self._edit(change)
         return removed
 
-    def remove_all_ephemeral(self, owner: str | None = None, now: float | None = None) -> int:
+    def remove_all_ephemeral(self, owner: str | None = None, now: float | None = None, *,
+                             alive: Callable[[int], bool] | None = None) -> int:
         """Start-up clean-up: drop ``sshnp_ephemeral_*`` lines that are leftovers.
 
         ``owner=None`` drops every one. With ``owner``: lines of that owner, untagged lines
         (official daemon, or older) and lines whose ``until`` has passed; another owner's
-        unexpired lines stay (that daemon is alive and removes them itself).
+        unexpired lines stay (that daemon is alive and removes them itself), and so do our
+        own unexpired lines whose ``holder`` pid is ``alive`` (a session that outlived the
+        previous daemon: its session host removes the line).
         """
         removed = 0
         t = time.time() if now is None else now
@@ -310,8 +320,12 @@ class AuthorizedKeys:
             tag = _ephemeral_tag(line)
             if tag is None:
                 return False
-            return (owner is None or tag.owner is None or tag.owner == owner
-                    or (tag.until is not None and tag.until <= t))
+            if tag.until is not None and tag.until <= t:
+                return True
+            if (owner is not None and tag.owner == owner and tag.holder is not None
+                    and alive is not None and alive(tag.holder)):
+                return False
+            return owner is None or tag.owner is None or tag.owner == owner
 
         def change(lines: list[str]) -> list[str] | None:
             nonlocal removed

@@ -1,8 +1,11 @@
-"""The asyncio edges of sshnpd: atServer connection, monitor, sessions, timers, shutdown.
+"""The asyncio edges of sshnpd: atServer connection, monitor, session hand-over, shutdown.
 
-Why one event loop: a session costs two sockets and a splice, no process or thread (the
-official daemon forks ``srv`` per session), so hundreds of concurrent sessions stay cheap and
-shutdown can close every one of them. Decisions come from :class:`.handler.DaemonHandler`;
+Why sessions live elsewhere: a restart or upgrade of sshnpd must not cut live sessions, as a
+restart of sshd does not (docs/decisions/0024-sessions-outlive-daemon.md). The daemon keeps
+every decision and the replay memory; each accepted session is handed to its *session host*
+(:mod:`.sessionhost`, one process per daemon, in a session of its own, so hundreds of
+concurrent sessions still cost one process), which outlives the daemon until its last session
+ended. Decisions come from :class:`.handler.DaemonHandler`;
 this module only performs them and keeps the daemon alive through bad input (every
 notification is handled in its own task, any failure is logged and dropped) and through
 atServer outages (the monitor reconnects and replays from its cursor; commands reconnect on
@@ -18,12 +21,10 @@ import logging
 import os
 import pwd
 import random
-import socket
 import ssl
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
+from typing import Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
 from typing import Awaitable as _TypingAwaitable  # noqa: UP035
 
 from noports.atclient.aio import (
@@ -38,9 +39,7 @@ from noports.atclient.aio import (
 from noports.compat import to_thread
 from noports.keys.apsk import ensure_signing_key_published
 from noports.keys.atkeys import AtKeys
-from noports.npproto.errors import IntegrityError
 from noports.npproto.keys import daemon_subscription_regex
-from noports.npproto.streamcipher import new_session_cipher
 
 from .authorized_keys import AuthorizedKeys, AuthorizedKeysError
 from .config import DaemonConfig
@@ -53,6 +52,7 @@ from .handler import (
     Request,
     SessionPlan,
 )
+from .handoff import HostError, HostLink, host_argv
 from .liveness import (
     CHECK_INTERVAL_S,
     MONITOR_HEARTBEAT_TIMEOUT_S,
@@ -66,35 +66,36 @@ from .liveness import (
     watchdog_interval,
 )
 from .seen import SeenRequests, SeenStoreError
+from .sessionorder import SessionOrder
 from .sshkeys import load_host_keys
-
-if TYPE_CHECKING:
-    from noports.relay.splice import Splice
-
-# noports.relay (pump, splice; its package also loads srvd's server and session code) is
-# imported when the first session starts, not while the daemon idles (docs/sshnpd.md "Memory").
 
 log = logging.getLogger("noports.sshnpd")
 
 SHARE_INTERVAL_S = 3600.0  # username/device_info refresh (official: hourly)
 PUBLIC_KEY_CACHE_S = 3600.0
 CONNECT_TIMEOUT_S = 10.0
-CLIENT_WAIT_S = 60.0  # close a session whose client never reached the relay
 SWEEP_INTERVAL_S = 60.0
-SWEEP_GRACE_S = 60  # an ephemeral line is "expired" for any daemon ttl + this after writing
-KEY_REMOVAL_MARGIN_S = 0.5  # removal starts this long before the ttl ends
 
 
 class DaemonError(RuntimeError):
     """The daemon cannot run (bad keys, atSign unknown...): exit, do not retry."""
 
 
-@dataclass
-class _Session:
-    plan: SessionPlan
-    started: float
-    splice: Splice | None = None
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a session host holding an authorized_keys line)."""
+    if pid <= 1:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
+    except OSError:
+        return True
 
 
 ClientFactory = Callable[..., _TypingAwaitable[AtClient]]
@@ -117,8 +118,10 @@ class Daemon:
         self.owner = f"{config.atsign}/{config.device}"  # tag on our ephemeral lines
         self.client: AtClient | None = None
         self.host_keys: list[str] = []
-        self._sessions: dict[str, _Session] = {}
-        self._key_timers: dict[str, asyncio.TimerHandle] = {}  # sid -> key removal
+        self.host = HostLink(host_argv(config.log_format, config.verbose, self.owner,
+                                       str(config.authorized_keys)))
+        self.host.on_lost = self._host_lost
+        self._host_spawn: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pk_cache: dict[str, tuple[str, float]] = {}
         self._sem = asyncio.Semaphore(max(4, config.max_sessions))
@@ -140,8 +143,8 @@ class Daemon:
         self._stop = stop
         c = self.config
         try:
-            removed = await to_thread(self.authorized_keys.remove_all_ephemeral,
-                                      self.owner)
+            removed = await to_thread(functools.partial(
+                self.authorized_keys.remove_all_ephemeral, self.owner, alive=pid_alive))
         except OSError as exc:
             raise DaemonError(f"cannot edit {c.authorized_keys}: {exc.strerror or exc}") \
                 from None
@@ -159,6 +162,7 @@ class Daemon:
         if not self.host_keys:
             log.warning("no sshd host public keys match %s: responses carry no host keys "
                         "to pin", c.sshd_host_keys)
+        self._host_spawn = asyncio.ensure_future(self._spawn_host())
         # systemd: started and configured (a config/keys error has exited already); an
         # unreachable atServer must not block `systemctl start` (nor Ansible's service task)
         sd_notify(f"READY=1\nSTATUS=connecting {c.atsign} to its atServer")
@@ -206,30 +210,47 @@ class Daemon:
         return status
 
     async def _shutdown(self, monitor: Any) -> None:
-        """Close sessions, drop our ephemeral keys, close the atServer connections."""
-        log.info("shutting down: %d session(s) open", len(self._sessions),
+        """Let the session host go (its sessions continue), close the atServer connections."""
+        log.info("shutting down: %d session(s) open", len(self.host.live),
                  extra={"event": "shutdown"})
-        sids = set(self._sessions) | set(self._key_timers)
-        for t in self._key_timers.values():
-            t.cancel()
-        self._key_timers.clear()
-        for sess in list(self._sessions.values()):
-            for t in sess.timers:
-                t.cancel()
-            if sess.splice is not None:
-                sess.splice.close("daemon shutting down")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5.0)
-        for sid in sids:
-            with contextlib.suppress(OSError, ValueError):
-                await to_thread(self.authorized_keys.remove_session, sid)
+        if self._host_spawn is not None and not self._host_spawn.done():
+            self._host_spawn.cancel()
+        self.host.close()
         with contextlib.suppress(Exception):
             await monitor.aclose()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.close(), 5.0)
+
+    async def _spawn_host(self) -> int:
+        try:
+            return await self.host.spawn()
+        except HostError as exc:
+            log.error("%s", exc, extra={"event": "session_host_failed"})
+            return 0
+
+    def _host_lost(self, sids: set[str]) -> None:
+        """The host died under live sessions: their keys are ours to remove now."""
+        async def clean() -> None:
+            for sid in sids:
+                with contextlib.suppress(OSError, ValueError):
+                    await to_thread(self.authorized_keys.remove_session, sid)
+        self._spawn(clean(), "clean after the session host")
+
+    async def _ensure_host(self) -> bool:
+        """The host is up (started at run(), started again if it died since)."""
+        if self._host_spawn is not None and not self._host_spawn.done():
+            await asyncio.shield(self._host_spawn)
+        if not self.host.running:
+            self.host = HostLink(self.host.argv)
+            self.host.on_lost = self._host_lost
+            self._host_spawn = asyncio.ensure_future(self._spawn_host())
+            await asyncio.shield(self._host_spawn)
+        return self.host.running
 
     async def _connect(self) -> AtClient | None:
         """Connect and authenticate, retrying network failures with capped backoff."""
@@ -430,131 +451,30 @@ class Daemon:
     # -- sessions -------------------------------------------------------------------------------
 
     async def _start_session(self, plan: SessionPlan) -> None:
+        """Hand the session to the session host; answer the client once it runs there."""
         c = self.config
         sid = plan.session_id
         ctx = {"sender": plan.client, "session": sid}
-        if len(self._sessions) >= c.max_sessions:
-            log.warning("refusing session %s: %d sessions open", sid, len(self._sessions),
+        if not await self._ensure_host():
+            await self._send(self.handler.tunnel_failed(plan, "the session host is not running"))
+            return
+        if self.host.busy >= c.max_sessions:
+            log.warning("refusing session %s: %d sessions open", sid, self.host.busy,
                         extra={"event": "session_refused", **ctx})
             await self._send(self.handler.tunnel_failed(plan, "too many sessions"))
             return
-        loop = asyncio.get_running_loop()
-        sess = _Session(plan, loop.time())
-        self._sessions[sid] = sess
-        written_at = loop.time()  # the line may be visible from here on
-        try:
-            await to_thread(
-                functools.partial(self.authorized_keys.add_ephemeral,
-                                  plan.ephemeral.public_line, sid, c.local_sshd_port,
-                                  c.ephemeral_permissions, owner=self.owner,
-                                  until=int(time.time() + c.ephemeral_key_ttl + SWEEP_GRACE_S)))
-        except (OSError, AuthorizedKeysError) as exc:
-            self._sessions.pop(sid, None)
-            log.error("cannot authorize the ephemeral key of session %s: %s", sid, exc,
-                      extra={"event": "session_failed", **ctx})
-            await self._send(self.handler.tunnel_failed(plan, "cannot authorize session key"))
+        order = SessionOrder(
+            session_id=sid, client=plan.client, relay_host=plan.relay_host,
+            relay_port=plan.relay_port, auth_line=plan.auth_line, cipher_id=plan.cipher_id,
+            key=plan.key, iv=plan.iv, public_line=plan.ephemeral.public_line,
+            authorized_keys=str(self.authorized_keys.path),
+            local_sshd_port=c.local_sshd_port, permissions=c.ephemeral_permissions,
+            owner=self.owner, key_ttl=c.ephemeral_key_ttl)
+        err = await self.host.start(order)
+        if err:
+            await self._send(self.handler.tunnel_failed(plan, err))
             return
-        # "gone within ttl": start the removal early enough to cover the locked rewrite + fsync
-        remove_in = max(0.0, c.ephemeral_key_ttl - KEY_REMOVAL_MARGIN_S
-                        - (loop.time() - written_at))
-        self._key_timers[sid] = loop.call_later(remove_in, self._expire_key, sid)
-        try:
-            local = await _open_local(c.local_sshd_port)
-        except OSError as exc:
-            await self._fail_session(sess, f"cannot connect to the local sshd on port "
-                                     f"{c.local_sshd_port}: {exc.strerror or exc}")
-            return
-        from noports.relay.pump import connect_relay
-
-        try:
-            relay = await connect_relay(plan.relay_host, plan.relay_port, plan.auth_line,
-                                        timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            local.close()
-            await self._fail_session(sess, f"cannot connect to the socket rendezvous "
-                                     f"{plan.relay_host}:{plan.relay_port}: "
-                                     f"{exc.strerror or exc}")
-            return
-        sess.splice = await self._splice(sess, local, relay)
-        sess.timers.append(loop.call_later(CLIENT_WAIT_S, self._check_client_arrived, sid))
-        log.info("session %s for %s: relay %s:%d, cipher %s", sid, plan.client,
-                 plan.relay_host, plan.relay_port, plan.cipher_id or "none (plain)",
-                 extra={"event": "session_started", **ctx})
         await self._send(plan.response)
-
-    async def _splice(self, sess: _Session, local: socket.socket,
-                      relay: socket.socket) -> Splice:
-        from noports.relay.pump import cipher_transforms
-        from noports.relay.splice import splice_sockets
-
-        plan = sess.plan
-        holder: list[Splice] = []
-        to_relay = from_relay = None
-        if plan.cipher_id is not None:
-            assert plan.key is not None and plan.iv is not None
-            cipher = new_session_cipher(plan.cipher_id, plan.key, plan.iv, is_client=False)
-
-            def decrypt(data: bytes) -> bytes:
-                try:
-                    return cipher.decrypt(data)
-                except IntegrityError as exc:
-                    log.warning("session %s: %s; closing", plan.session_id, exc,
-                                extra={"event": "integrity_failure",
-                                       "session": plan.session_id})
-                    if holder:
-                        asyncio.get_running_loop().call_soon(holder[0].close,
-                                                             "integrity failure")
-                    return b""
-
-            to_relay, from_relay = cipher_transforms(cipher, decrypt)
-        sp = await splice_sockets(local, relay, transform_ab=to_relay, transform_ba=from_relay,
-                                  on_close=lambda s: self._session_closed(plan.session_id, s))
-        holder.append(sp)
-        return sp
-
-    def _session_closed(self, sid: str, sp: Splice) -> None:
-        sess = self._sessions.pop(sid, None)
-        if sess is None:
-            return
-        for t in sess.timers:  # the key-expiry timer is separate: it must still run
-            t.cancel()
-        log.info("session %s ended (%s): %d bytes to the client, %d from it", sid,
-                 sp.close_reason, sp.bytes_ab, sp.bytes_ba,
-                 extra={"event": "session_ended", "session": sid})
-
-    async def _fail_session(self, sess: _Session, err: str) -> None:
-        sid = sess.plan.session_id
-        self._sessions.pop(sid, None)
-        for t in sess.timers:
-            t.cancel()
-        timer = self._key_timers.pop(sid, None)
-        if timer is not None:
-            timer.cancel()
-        log.warning("session %s failed: %s", sid, err,
-                    extra={"event": "session_failed", "session": sid,
-                           "sender": sess.plan.client})
-        with contextlib.suppress(OSError, ValueError):
-            await to_thread(self.authorized_keys.remove_session, sid)
-        await self._send(self.handler.tunnel_failed(sess.plan, err))
-
-    def _expire_key(self, sid: str) -> None:
-        self._key_timers.pop(sid, None)
-        self._spawn(self._remove_key(sid), f"expire {sid}")
-
-    async def _remove_key(self, sid: str) -> None:
-        try:
-            n = await to_thread(self.authorized_keys.remove_session, sid)
-        except (OSError, ValueError) as exc:
-            log.error("could not remove the ephemeral key of session %s: %s", sid, exc,
-                      extra={"event": "key_removal_failed", "session": sid})
-            return
-        log.info("ephemeral key of session %s removed (%d line)", sid, n,
-                 extra={"event": "key_removed", "session": sid})
-
-    def _check_client_arrived(self, sid: str) -> None:
-        sess = self._sessions.get(sid)
-        if sess is not None and sess.splice is not None and sess.splice.bytes_ba == 0:
-            sess.splice.close("the client never connected")
 
     async def _sweep_loop(self) -> None:
         """Remove expired ephemeral lines (ours missed by a timer, or a dead daemon's)."""
@@ -595,24 +515,6 @@ class Daemon:
         log.info("%s username/device_info for %d manager(s)",
                  "deleted" if self.config.hide else "shared", len(self.config.managers),
                  extra={"event": "shared"})
-
-
-async def _open_local(port: int) -> socket.socket:
-    """Connect to the local sshd on 127.0.0.1, then ::1 (it may listen on only one)."""
-    loop = asyncio.get_running_loop()
-    last: OSError | None = None
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except (OSError, asyncio.TimeoutError) as exc:
-            sock.close()
-            last = exc if isinstance(exc, OSError) else TimeoutError("timed out")
-    assert last is not None
-    raise last
 
 
 __all__ = ["AtConnectError", "Daemon", "DaemonError"]

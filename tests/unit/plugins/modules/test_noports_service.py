@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -58,6 +59,34 @@ def test_restart_gives_a_new_process(daemon, run_module):
     r = run_module(noports_service, args(daemon, state="restarted"))
     assert r["changed"] and r["actions"] == ["stop", "start"]
     assert r["pid"] != first and svc.read_pid(daemon["pid_file"]) == r["pid"]
+
+
+@pytest.mark.parametrize("kill_mode,helper_survives", [("group", False), ("process", True)])
+def test_kill_mode_decides_whether_the_daemons_group_is_signalled(tmp_path, run_module,
+                                                                   kill_mode, helper_survives):
+    """kill_mode=process (sshnpd's role, like systemd's KillMode=process) signals the daemon
+    alone: a helper left in its process group lives on; the default stops the whole group."""
+    script = tmp_path / "d.run"
+    helper_pid = tmp_path / "helper.pid"
+    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {helper_pid}\nexec sleep 300\n")
+    script.chmod(0o755)
+    paths = {"run_script": str(script), "pid_file": str(tmp_path / "d.pid"),
+             "log_file": str(tmp_path / "d.log")}
+    run_module(noports_service, args(paths))
+    deadline = time.monotonic() + 5
+    while not helper_pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    helper = int(helper_pid.read_text())
+    try:
+        r = run_module(noports_service, args(paths, state="stopped", kill_mode=kill_mode))
+        assert r["changed"] and svc.read_pid(paths["pid_file"]) is None
+        deadline = time.monotonic() + 5
+        while svc._alive(helper) and time.monotonic() < deadline and not helper_survives:
+            time.sleep(0.05)
+        assert svc._alive(helper) == helper_survives
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(helper, 9)
 
 
 def test_daemon_that_exits_at_once_fails_with_its_log(tmp_path, run_module):
