@@ -235,7 +235,13 @@ def _background(opts: NptOptions, progress: Progress) -> int:
             reported.append(True)
 
         async def child() -> int:
+            import signal
+
             from .npt_tunnel import bind_local
+            task = asyncio.current_task()
+            assert task is not None
+            # `kill <pid>` (an Ansible play's clean-up) ends the tunnel cleanly: pid file gone
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
             listener = bind_local(opts.local_port)
             try:
                 await _one_session(opts, listener, progress, ready)
@@ -249,6 +255,8 @@ def _background(opts: NptOptions, progress: Progress) -> int:
         except SshnpError as exc:
             progress.error(str(exc))
             code = exc.exit_code
+        except asyncio.CancelledError:  # SIGTERM
+            code = 0 if reported else EXIT_INTERRUPTED
         except BaseException as exc:  # pragma: no cover - bug path
             progress.error(f"unexpected error: {type(exc).__name__}: {exc}")
         finally:

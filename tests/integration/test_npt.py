@@ -1,0 +1,212 @@
+"""npt end to end in the "no open ports" topology (docs/npt.md).
+
+Every program is the real one: plane and srvd in the relay namespace; in the device
+namespace an HTTP server bound to the device's OWN 127.0.0.1 (unreachable from anywhere
+else) and sshnpd allowed to open only that port (``--permit-open localhost:<port>``); the
+client (``npt``, plain sockets, ``ansible-playbook``) in the root namespace. Without root the
+topology falls back to loopback and the same flows run.
+
+1. ``npt -x`` prints a local port; three TCP connections are open at once through that one
+   session (the first is answered last), each gets its own file, hash checked; the session
+   carries our AEAD; the background npt ends after ``-T`` without connections, and the
+   daemon logs one session with three connections.
+2. A target outside ``--permit-open`` is refused: the user reads the daemon's official
+   refusal and which --permit-open entry would allow it; nothing is connected.
+3. The same against a daemon that answers as official daemons do (``--test-official-reply``):
+   the AES-256-CTR path.
+4. Hostile: a client that writes garbage on its control stream loses its session (the daemon
+   names the bad control stream), and the next client is served.
+5. Ansible: docs/npt.md's pattern (tests/ansible/npt/npt_http.yml) with a real
+   ansible-playbook: open the tunnel in one task, ``uri`` and ``get_url`` from the controller,
+   close it in ``always``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.plane import free_port
+from tests.harness.world import CLIENT, RELAY, World, device_atsign, noports_world
+
+pytestmark = [pytest.mark.integration]
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[2]
+FILES = {f"f{i}.bin": os.urandom(200_000 + i) for i in range(3)}
+
+
+@pytest.fixture(scope="module")
+def npt_world(tmp_path_factory):
+    base = tmp_path_factory.mktemp("npt")
+    with noports_world(base, n_devices=1, daemons=False) as world:
+        dev = world.device(1)
+        www = base / "www"
+        www.mkdir()
+        for name, data in FILES.items():
+            (www / name).write_bytes(data)
+        (www / "hello.txt").write_text("hello from the device loopback\n")
+        port = 8080 if world.namespaced else free_port()
+        world.topo.spawn_in(dev.ns, [PY, "-m", "http.server", "--bind", "127.0.0.1",
+                                     str(port), "--directory", str(www)])
+        probe = ("import socket,sys\nsocket.create_connection(('127.0.0.1', int(sys.argv[1])),"
+                 " timeout=1).close()")
+        deadline = time.monotonic() + 20
+        while world.topo.python_in(dev.ns, probe, str(port)).returncode != 0:
+            assert time.monotonic() < deadline, "http.server did not start"
+            time.sleep(0.2)
+        world.start_sshnpd(1, extra=["--permit-open", f"localhost:{port}"])
+        world.start_sshnpd(1, key=2, name="official", extra=[
+            "--permit-open", f"localhost:{port}", "--test-official-reply"])
+        world.http_port = port  # type: ignore[attr-defined]
+        yield world
+
+
+def npt_argv(world: World, port: int, *extra: str, device: str = "dev1") -> list[str]:
+    return [PY, "-m", "noports.client.npt_cli", "-f", CLIENT, "-t", device_atsign(1),
+            "-d", device, "-r", RELAY, "-p", str(port), "-k", str(world.keyfile(CLIENT)),
+            "--root-domain", world.root, "--ca-file", world.ca, *extra]
+
+
+def npt_x(world: World, *extra: str, device: str = "dev1", timeout_s: str = "3s",
+          pid_file: Path | None = None) -> tuple[int, subprocess.CompletedProcess]:
+    argv = npt_argv(world, world.http_port, "-x", "-T", timeout_s, *extra, device=device)
+    if pid_file is not None:
+        argv += ["--pid-file", str(pid_file)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                         env=world.client_env())
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip()), res
+
+
+def http_get(sock: socket.socket, path: str) -> None:
+    sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: device\r\n\r\n".encode())
+
+
+def read_body(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _sep, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head[:200]
+    return body
+
+
+def wait_gone(pid_file: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_file.exists():
+        assert time.monotonic() < deadline, "the background npt did not end after -T"
+        time.sleep(0.2)
+
+
+def test_three_concurrent_connections_in_one_session(npt_world: World, tmp_path: Path) -> None:
+    pid_file = tmp_path / "npt.pid"
+    port, res = npt_x(npt_world, pid_file=pid_file)
+    assert "npt session ready (chacha20-poly1305-v1)" in res.stderr  # both ends ours: AEAD
+    assert pid_file.read_text().strip().isdigit()
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in FILES]
+    time.sleep(0.5)  # all three are open (and spliced on the device) before any request
+    names = list(FILES)
+    bodies = {}
+    for sock, name in reversed(list(zip(socks, names, strict=True))):  # first answered last
+        http_get(sock, name)
+        bodies[name] = read_body(sock)
+        sock.close()
+    for name, data in FILES.items():
+        assert hashlib.sha256(bodies[name]).hexdigest() == hashlib.sha256(data).hexdigest()
+    wait_gone(pid_file)  # -T 3s after the last connection: the tunnel is gone
+    daemon = npt_world.daemons[1]
+    daemon.wait_for(r"npt session \S+ ended \(no connection for 3s\): 3 connection\(s\), "
+                    r"0 failed", timeout=20)
+    assert len(re.findall(r"npt session \S+ for", "\n".join(daemon.lines))) == 1
+
+
+def test_a_target_outside_permit_open_is_refused(npt_world: World) -> None:
+    refused = npt_world.http_port + 1
+    res = subprocess.run(npt_argv(npt_world, refused, "-x"), capture_output=True, text=True,
+                         timeout=60, env=npt_world.client_env())
+    assert res.returncode == 7, res.stderr
+    assert f"refused: Daemon does not permit connections to localhost:{refused}" in res.stderr
+    assert f"start sshnpd on {device_atsign(1)} with --permit-open localhost:{refused}" \
+        in res.stderr
+    assert res.stdout == "" and "Traceback" not in res.stderr
+
+
+def test_official_style_daemon_aes_ctr(npt_world: World, tmp_path: Path) -> None:
+    pid_file = tmp_path / "npt.pid"
+    port, res = npt_x(npt_world, device="official", pid_file=pid_file, timeout_s="2s")
+    assert "npt session ready (aes-256-ctr)" in res.stderr
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        http_get(s, "f1.bin")
+        assert read_body(s) == FILES["f1.bin"]
+    wait_gone(pid_file)
+
+
+def test_garbage_on_the_control_stream_ends_only_that_session(npt_world: World) -> None:
+    from noports.client.npt_flow import NptTarget, open_npt_session
+    from noports.client.params import SessionParams, parse_root
+    w = npt_world
+    params = SessionParams(client_atsign=CLIENT, device_atsign=device_atsign(1),
+                           relays=[RELAY], device="dev1", key_file=w.keyfile(CLIENT),
+                           root=parse_root(w.root), ca_file=w.plane.ca_file,
+                           need_remote_user=False,
+                           cache_dir=w.client_home / ".atsign" / "sshnp")
+
+    async def attack() -> str:
+        s = await open_npt_session(params, NptTarget("localhost", w.http_port, 30.0))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(s.control, os.urandom(4096))  # not AEAD frames
+        try:
+            got = await asyncio.wait_for(loop.sock_recv(s.control, 10), 20)
+        finally:
+            s.close()
+        return s.session_id if got == b"" else "still open"
+
+    sid = asyncio.run(attack())
+    assert sid != "still open"  # the daemon closed the control pair
+    w.daemons[1].wait_for(rf"npt session {sid} ended \(bad control stream: ", timeout=20)
+    port, _res = npt_x(w, timeout_s="1s")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        http_get(s, "hello.txt")
+        assert read_body(s) == b"hello from the device loopback\n"
+
+
+@pytest.mark.skipif(not shutil.which("ansible-playbook")
+                    and not (Path(PY).parent / "ansible-playbook").exists(),
+                    reason="ansible-core not installed")
+def test_ansible_play_reaches_the_device_http_server(npt_world: World, tmp_path: Path) -> None:
+    from tests.harness.ansible import ansible_tool
+    w = npt_world
+    env = {k: v for k, v in w.client_env().items() if not k.startswith("ANSIBLE_")}
+    env.update({"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+                "PATH": f"{Path(PY).parent}:{env.get('PATH', '/usr/bin:/bin')}"})
+    pid_file = tmp_path / "npt.pid"
+    extra = {"npt_from": CLIENT, "npt_to": device_atsign(1), "npt_device": "dev1",
+             "npt_relay": RELAY, "npt_remote_port": w.http_port,
+             "npt_key_file": str(w.keyfile(CLIENT)), "npt_root_domain": w.root,
+             "npt_ca_file": w.ca, "npt_pid_file": str(pid_file),  # default: /tmp/npt-<device>.pid
+             "download_to": str(tmp_path / "f2.bin"), "ansible_python_interpreter": PY}
+    argv = [ansible_tool("ansible-playbook"), "-i", "localhost,", "-c", "local",
+            str(REPO / "tests" / "ansible" / "npt" / "npt_http.yml"),
+            *[a for k, v in extra.items() for a in ("-e", f"{k}={v}")]]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=180, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    assert "hello from the device loopback" in out
+    assert re.search(r"localhost\s*: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0", out)
+    assert (tmp_path / "f2.bin").read_bytes() == FILES["f2.bin"]
+    assert not pid_file.exists()  # closed by the play's always: block
+    pid = re.search(r"npt pid (\d+)", out)
+    assert pid is not None, out[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid.group(1)), 0)
