@@ -11,7 +11,8 @@ topology falls back to loopback and the same flows run.
    carries our AEAD; the background npt ends after ``-T`` without connections, and the
    daemon logs one session with three connections.
 2. A target outside ``--permit-open`` is refused: the user reads the daemon's official
-   refusal and which --permit-open entry would allow it; nothing is connected.
+   refusal and which --permit-open entry would allow it; nothing is connected. A permitted
+   target where nothing listens: the foreground npt names it, then ends after ``-T``.
 3. The same against a daemon that answers as official daemons do (``--test-official-reply``):
    the AES-256-CTR path.
 4. Hostile: a client that writes garbage on its control stream loses its session (the daemon
@@ -65,10 +66,12 @@ def npt_world(tmp_path_factory):
         while world.topo.python_in(dev.ns, probe, str(port)).returncode != 0:
             assert time.monotonic() < deadline, "http.server did not start"
             time.sleep(0.2)
-        world.start_sshnpd(1, extra=["--permit-open", f"localhost:{port}"])
+        dead = 8081 if world.namespaced else free_port()  # permitted, nothing listens
+        world.start_sshnpd(1, extra=["--permit-open", f"localhost:{port},localhost:{dead}"])
         world.start_sshnpd(1, key=2, name="official", extra=[
             "--permit-open", f"localhost:{port}", "--test-official-reply"])
         world.http_port = port  # type: ignore[attr-defined]
+        world.dead_port = dead  # type: ignore[attr-defined]
         yield world
 
 
@@ -132,7 +135,7 @@ def test_three_concurrent_connections_in_one_session(npt_world: World, tmp_path:
 
 
 def test_a_target_outside_permit_open_is_refused(npt_world: World) -> None:
-    refused = npt_world.http_port + 1
+    refused = 9  # in no --permit-open entry
     res = subprocess.run(npt_argv(npt_world, refused, "-x"), capture_output=True, text=True,
                          timeout=60, env=npt_world.client_env())
     assert res.returncode == 7, res.stderr
@@ -140,6 +143,40 @@ def test_a_target_outside_permit_open_is_refused(npt_world: World) -> None:
     assert f"start sshnpd on {device_atsign(1)} with --permit-open localhost:{refused}" \
         in res.stderr
     assert res.stdout == "" and "Traceback" not in res.stderr
+
+
+def test_a_permitted_target_that_is_down_is_named_in_the_foreground(
+        npt_world: World) -> None:
+    """Foreground npt: the connection is closed and the user reads why (the daemon says it
+    on the control stream); the session then ends by itself after -T."""
+    w = npt_world
+    proc = subprocess.Popen(npt_argv(w, w.dead_port, "-T", "1s"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=w.client_env())
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"npt is listening on localhost:(\d+)", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=20) as s:
+            s.settimeout(20)
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+            assert got == b""  # closed (or reset): nothing to reach
+        rest = proc.communicate(timeout=40)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(lines) + rest
+    assert proc.returncode == 0, err
+    assert (f"npt: warning: the device cannot connect localhost:{w.dead_port}: Connection "
+            "refused; is the service running on the device?") in err
+    assert "session ended: " in err  # by itself, after -T
 
 
 def test_official_style_daemon_aes_ctr(npt_world: World, tmp_path: Path) -> None:

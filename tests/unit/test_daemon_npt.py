@@ -23,9 +23,11 @@ from noports.npproto.nptcontrol import (
     NEVER_S,
     Connect,
     ControlParser,
+    DeviceError,
     Heartbeat,
     Unknown,
     connect_line,
+    error_line,
     parse_duration,
 )
 from noports.npproto.streamcipher import new_session_cipher
@@ -236,3 +238,11 @@ def test_official_flags() -> None:
 def test_bad_command_lines(argv: list[str], text: str) -> None:
     with pytest.raises(UsageError, match=text):
         parse_args(["-f", "@c", "-t", "@d", "-r", "@r", "-d", "pi", *argv])
+
+
+def test_device_error_lines_are_printable_and_bounded() -> None:
+    line = error_line("cannot connect localhost:80: refused\n\x1b[31m" + "x" * 1000)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and len(line) < 320
+    (msg,) = ControlParser().feed(line)
+    assert isinstance(msg, DeviceError)
+    assert msg.text.startswith("cannot connect localhost:80: refused??[31m")

@@ -19,7 +19,8 @@ import os
 import socket
 from typing import Any, Callable  # noqa: UP035 (3.8)
 
-from noports.npproto.nptcontrol import connect_line
+from noports.npproto.errors import IntegrityError, ProtocolError
+from noports.npproto.nptcontrol import ControlParser, DeviceError, connect_line
 from noports.npproto.streamcipher import IV_LEN, KEY_LEN, new_session_cipher
 from noports.relay.pump import cipher_transforms, connect_relay, pump_socket
 
@@ -83,14 +84,19 @@ class MultiTunnel:
             self.session.close()
 
     async def _read_control(self) -> None:
-        """The device never writes on the control stream; its end is the session's end."""
+        """What the device says (ours: why a connection failed); its end is the session's."""
         loop = asyncio.get_running_loop()
+        parser = ControlParser()
         try:
-            while await loop.sock_recv(self.session.control, 4096):
-                pass
+            while data := await loop.sock_recv(self.session.control, 4096):
+                for msg in parser.feed(self._control_cipher.decrypt(data)):
+                    if isinstance(msg, DeviceError):
+                        self.progress.warning(msg.text)
             self._end("the device closed the session")
         except OSError as exc:
             self._end(f"control connection lost: {exc.strerror or exc}")
+        except (IntegrityError, ProtocolError) as exc:
+            self._end(f"bad control stream from the device: {exc}")
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

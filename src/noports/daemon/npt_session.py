@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from typing import Any, Callable  # noqa: UP035 (3.8)
 
 from noports.npproto.errors import IntegrityError, ProtocolError
-from noports.npproto.nptcontrol import Connect, ControlParser, Heartbeat
+from noports.npproto.nptcontrol import Connect, ControlParser, Heartbeat, error_line
 from noports.npproto.streamcipher import new_session_cipher
 from noports.relay.pump import cipher_transforms, connect_relay
 from noports.relay.splice import Splice, splice_sockets
@@ -57,7 +58,10 @@ async def open_target(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) 
             return sock
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
-            last = exc if isinstance(exc, OSError) else TimeoutError("timed out")
+            if isinstance(exc, OSError) and exc.errno:  # asyncio's text names the address
+                last = OSError(exc.errno, os.strerror(exc.errno))
+            else:
+                last = TimeoutError(f"no answer within {timeout:g}s")
     raise last or OSError(f"cannot resolve {host}")
 
 
@@ -133,6 +137,8 @@ class NptSession:
             log.warning("npt session %s: refusing a connection: %d open (limit %d)",
                         p.session_id, len(self.splices), MAX_CONNECTIONS,
                         extra={"event": "npt_limit", **ctx})
+            await self._tell(f"connection refused by the device: {MAX_CONNECTIONS} "
+                             "connections are open in this session (its limit)")
             return
         try:
             target = await open_target(p.target_host, p.target_port)
@@ -142,6 +148,8 @@ class NptSession:
             log.warning("npt session %s: cannot connect %s:%d: %s", p.session_id,
                         p.target_host, p.target_port, exc.strerror or exc,
                         extra={"event": "npt_target_failed", **ctx})
+            await self._tell(f"the device cannot connect {p.target_host}:{p.target_port}: "
+                             f"{exc.strerror or exc}; is the service running on the device?")
             return
         to_relay = from_relay = None
         if msg.key is not None and msg.iv is not None:
@@ -155,6 +163,12 @@ class NptSession:
                                   on_close=self._spliced_closed)
         if not sp.closed:
             self.splices.add(sp)
+
+    async def _tell(self, text: str) -> None:
+        """Say why on the control stream (our client prints it; official ones log it)."""
+        with contextlib.suppress(OSError):
+            await asyncio.get_running_loop().sock_sendall(
+                self.control, self._cipher.encrypt(error_line(text)))
 
     def _spliced_closed(self, sp: Splice) -> None:
         self.splices.discard(sp)

@@ -8,7 +8,9 @@ stream, after each side's relay auth line and inside the session cipher:
 * ``connect:<base64 32-byte key>:<base64 16-byte IV>\\n`` - the client opened one more
   socket to the relay; the daemon opens its partner (relay port B, then the target) and
   both splice it with that fresh key (``connect:no:encrypt`` = plain bytes);
-* ``heartbeat:<n>\\n`` - newer Dart clients' keep-alive, nothing to do.
+* ``heartbeat:<n>\\n`` - newer Dart clients' keep-alive, nothing to do;
+* ``error:<text>\\n`` - ours, from the daemon: why a connection could not be made (the
+  target refused it...). The official client only logs what the daemon writes there.
 
 The C daemon handles each ``recv()`` of the control socket on its own, so a client must
 write each line in ONE write (:func:`connect_line` builds it). Clients before Dart 5.6.1 sent
@@ -51,13 +53,20 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class DeviceError:
+    """The daemon could not make a connection; ``text`` says why (printable ASCII)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Unknown:
     """A line we do not know (logged and ignored, as the official daemons do)."""
 
     text: str
 
 
-ControlMessage = Union[Connect, Heartbeat, Unknown]  # noqa: UP007 (3.8 runtime alias)
+ControlMessage = Union[Connect, Heartbeat, DeviceError, Unknown]  # noqa: UP007 (3.8 runtime alias)
 
 
 def connect_line(key: bytes | None, iv: bytes | None) -> bytes:
@@ -69,12 +78,23 @@ def connect_line(key: bytes | None, iv: bytes | None) -> bytes:
     return (b"connect:" + base64.b64encode(key) + b":" + base64.b64encode(iv) + b"\n")
 
 
+MAX_ERROR_TEXT = 300
+
+
+def error_line(text: str) -> bytes:
+    """``error:<text>\\n``, the text made printable ASCII and bounded (one write)."""
+    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:MAX_ERROR_TEXT]
+    return f"error:{clean}\n".encode("ascii")
+
+
 def parse_control_line(line: str) -> ControlMessage:
     """One control line (without its newline) -> a message; a bad ``connect`` raises."""
     text = line.strip()
     kind, _sep, rest = text.partition(":")
     if kind == "heartbeat":
         return Heartbeat(text[:64])
+    if kind == "error":
+        return DeviceError(rest[:MAX_ERROR_TEXT])
     if kind != "connect":
         return Unknown(text[:64])
     if rest == NO_ENCRYPT:
@@ -163,5 +183,5 @@ def parse_duration(text: str) -> float:
     return total
 
 
-__all__ = ["Connect", "ControlMessage", "ControlParser", "Heartbeat", "Unknown",
-           "connect_line", "parse_control_line", "parse_duration"]
+__all__ = ["Connect", "ControlMessage", "ControlParser", "DeviceError", "Heartbeat", "Unknown",
+           "connect_line", "error_line", "parse_control_line", "parse_duration"]
