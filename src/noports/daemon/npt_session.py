@@ -142,6 +142,9 @@ class NptSession:
             return
         try:
             target = await open_target(p.target_host, p.target_port)
+        except asyncio.CancelledError:  # the session ended meanwhile
+            relay.close()
+            raise
         except OSError as exc:
             relay.close()
             self.failed_total += 1
