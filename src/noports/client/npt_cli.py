@@ -250,6 +250,8 @@ def _background(opts: NptOptions, progress: Progress) -> int:
             return 0
 
         code = EXIT_FAILURE
+        from .flow import prestart_session_key
+        prestart_session_key()  # the per-session RSA key, while the control plane works
         try:
             code = asyncio.run(child())
         except SshnpError as exc:
@@ -299,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="npt %(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         if opts.exit_when_connected:
-            return _background(opts, progress)
+            return _background(opts, progress)  # forks first; the child makes the key
         import asyncio
+
+        from .flow import prestart_session_key
+        prestart_session_key()
         return asyncio.run(_foreground(opts, progress))
     except SshnpError as exc:
         progress.error(str(exc))
