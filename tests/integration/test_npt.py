@@ -14,7 +14,8 @@ topology falls back to loopback and the same flows run.
    refusal and which --permit-open entry would allow it; nothing is connected. A permitted
    target where nothing listens: the foreground npt names it, then ends after ``-T``.
 3. The same against a daemon that answers as official daemons do (``--test-official-reply``):
-   the AES-256-CTR path.
+   the AES-256-CTR path; a capture on the relay shows every ``connect:`` line travelling
+   whole on the control connection (the C daemon parses each read on its own).
 4. Hostile: a client that writes garbage on its control stream loses its session (the daemon
    names the bad control stream), and the next client is served.
 5. Ansible: docs/npt.md's pattern (tests/ansible/npt/npt_http.yml) with a real
@@ -25,11 +26,13 @@ topology falls back to loopback and the same flows run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -38,6 +41,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.plane import free_port
+from tests.harness.topology import capture
 from tests.harness.world import CLIENT, RELAY, World, device_atsign, noports_world
 
 pytestmark = [pytest.mark.integration]
@@ -179,14 +183,49 @@ def test_a_permitted_target_that_is_down_is_named_in_the_foreground(
     assert "session ended: " in err  # by itself, after -T
 
 
+def _segments(cap, src: str, dst: str) -> list[tuple[int, bytes]]:
+    """(source port, TCP payload) of each captured IPv4 segment from ``src`` to ``dst``."""
+    out = []
+    for frame in cap.packets():
+        ip = frame[14:] if cap.link_type() == 1 else frame[16:]
+        if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 6:
+            continue
+        if socket.inet_ntoa(ip[12:16]) != src or socket.inet_ntoa(ip[16:20]) != dst:
+            continue
+        tcp = ip[(ip[0] & 0xF) * 4:struct.unpack("!H", ip[2:4])[0]]
+        payload = tcp[(tcp[12] >> 4) * 4:]
+        if payload:
+            out.append((struct.unpack("!H", tcp[0:2])[0], payload))
+    return out
+
+
 def test_official_style_daemon_aes_ctr(npt_world: World, tmp_path: Path) -> None:
+    """The AES-CTR path, and (namespaces) the property the C daemon needs: on the control
+    connection every ``connect:`` line (78 bytes with AES-CTR) travels whole - no segment
+    after the auth line carries part of one."""
+    w = npt_world
     pid_file = tmp_path / "npt.pid"
-    port, res = npt_x(npt_world, device="official", pid_file=pid_file, timeout_s="2s")
-    assert "npt session ready (aes-256-ctr)" in res.stderr
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        http_get(s, "f1.bin")
-        assert read_body(s) == FILES["f1.bin"]
-    wait_gone(pid_file)
+    with contextlib.ExitStack() as stack:
+        cap = (stack.enter_context(capture(w.topo.relay_ns, w.topo.relay_iface))
+               if w.namespaced else None)
+        port, res = npt_x(w, device="official", pid_file=pid_file, timeout_s="2s")
+        assert "npt session ready (aes-256-ctr)" in res.stderr
+        for name in ("f1.bin", "hello.txt", "f0.bin"):
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                http_get(s, name)
+                assert read_body(s) == (FILES.get(name) or b"hello from the device loopback\n")
+        wait_gone(pid_file)
+    if cap is None:
+        return
+    segs = _segments(cap, w.topo.controller_address, w.topo.relay_address)
+    first: dict[int, bytes] = {}
+    for sport, payload in segs:
+        first.setdefault(sport, payload)
+    authed = [p for p, data in first.items() if data.startswith(b'{"payload":')]
+    control = authed[0]  # the control connection is dialled first
+    after = [data for sport, data in segs if sport == control][1:]
+    assert len(after) >= 1 and sum(len(d) for d in after) == 3 * 78, [len(d) for d in after]
+    assert all(len(d) % 78 == 0 for d in after), [len(d) for d in after]
 
 
 def test_garbage_on_the_control_stream_ends_only_that_session(npt_world: World) -> None:
