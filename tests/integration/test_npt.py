@@ -12,7 +12,8 @@ topology falls back to loopback and the same flows run.
    daemon logs one session with three connections.
 2. A target outside ``--permit-open`` is refused: the user reads the daemon's official
    refusal and which --permit-open entry would allow it; nothing is connected. A permitted
-   target where nothing listens: the foreground npt names it, then ends after ``-T``.
+   target where nothing listens: the foreground npt names it; the session ends after
+   ``-T`` and ``-K`` starts the next one on the same local port.
 3. The same against a daemon that answers as official daemons do (``--test-official-reply``):
    the AES-256-CTR path; a capture on the relay shows every ``connect:`` line travelling
    whole on the control connection (the C daemon parses each read on its own).
@@ -31,10 +32,12 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -85,7 +88,7 @@ def npt_argv(world: World, port: int, *extra: str, device: str = "dev1") -> list
             "--root-domain", world.root, "--ca-file", world.ca, *extra]
 
 
-def npt_x(world: World, *extra: str, device: str = "dev1", timeout_s: str = "3s",
+def npt_x(world: World, *extra: str, device: str = "dev1", timeout_s: str = "1s",
           pid_file: Path | None = None) -> tuple[int, subprocess.CompletedProcess]:
     argv = npt_argv(world, world.http_port, "-x", "-T", timeout_s, *extra, device=device)
     if pid_file is not None:
@@ -133,7 +136,7 @@ def test_three_concurrent_connections_in_one_session(npt_world: World, tmp_path:
         assert hashlib.sha256(bodies[name]).hexdigest() == hashlib.sha256(data).hexdigest()
     wait_gone(pid_file)  # -T 3s after the last connection: the tunnel is gone
     daemon = npt_world.daemons[1]
-    daemon.wait_for(r"npt session \S+ ended \(no connection for 3s\): 3 connection\(s\), "
+    daemon.wait_for(r"npt session \S+ ended \(no connection for 1s\): 3 connection\(s\), "
                     r"0 failed", timeout=60)
     assert len(re.findall(r"npt session \S+ for", "\n".join(daemon.lines))) == 1
 
@@ -151,36 +154,48 @@ def test_a_target_outside_permit_open_is_refused(npt_world: World) -> None:
 
 def test_a_permitted_target_that_is_down_is_named_in_the_foreground(
         npt_world: World) -> None:
-    """Foreground npt: the connection is closed and the user reads why (the daemon says it
-    on the control stream); the session then ends by itself after -T."""
+    """Foreground npt with -K: the connection is closed and the user reads why (the daemon
+    says it on the control stream); the session ends by itself after -T and -K starts the
+    next one on the same local port."""
     w = npt_world
-    proc = subprocess.Popen(npt_argv(w, w.dead_port, "-T", "1s"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=w.client_env())
-    try:
+    proc = subprocess.Popen(npt_argv(w, w.dead_port, "-K", "-T", "1s"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=w.client_env())
+    guard = threading.Timer(120, proc.kill)  # hang detection: the reads below block
+    guard.start()
+    lines: list[str] = []
+
+    def until(pattern: str) -> re.Match:
         assert proc.stderr is not None
-        lines = []
         for line in proc.stderr:
             lines.append(line)
-            m = re.search(r"npt is listening on localhost:(\d+)", line)
+            m = re.search(pattern, line)
             if m:
-                break
-        assert m, "".join(lines)
-        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=20) as s:
+                return m
+        raise AssertionError("".join(lines))
+
+    try:
+        port = int(until(r"npt is listening on localhost:(\d+)").group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             s.settimeout(20)
             try:
                 got = s.recv(100)
             except ConnectionResetError:
                 got = b""
             assert got == b""  # closed (or reset): nothing to reach
+        until(r"session ended: ")  # by itself, after -T
+        until(r"keep-alive: a new session in 5s")
+        assert int(until(r"npt is listening on localhost:(\d+)").group(1)) == port
+        proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=60)[1]
     finally:
+        guard.cancel()
         if proc.poll() is None:
             proc.kill()
     err = "".join(lines) + rest
-    assert proc.returncode == 0, err
     assert (f"npt: warning: the device cannot connect localhost:{w.dead_port}: Connection "
             "refused; is the service running on the device?") in err
-    assert "session ended: " in err  # by itself, after -T
+    assert proc.returncode == 130 and "npt: error: interrupted" in err, err
 
 
 def _segments(cap, src: str, dst: str) -> list[tuple[int, bytes]]:
@@ -208,7 +223,7 @@ def test_official_style_daemon_aes_ctr(npt_world: World, tmp_path: Path) -> None
     with contextlib.ExitStack() as stack:
         cap = (stack.enter_context(capture(w.topo.relay_ns, w.topo.relay_iface))
                if w.namespaced else None)
-        port, res = npt_x(w, device="official", pid_file=pid_file, timeout_s="2s")
+        port, res = npt_x(w, device="official", pid_file=pid_file, timeout_s="1s")
         assert "npt session ready (aes-256-ctr)" in res.stderr
         for name in ("f1.bin", "hello.txt", "f0.bin"):
             with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
