@@ -1,6 +1,7 @@
-"""npt without sockets: the daemon's decisions on an npt_request (permit-open, cipher, reply
-shape, replay), the control stream parser (hostile input) and the client's pieces (features,
-refusal hint, -T durations, command line)."""
+"""npt without sockets, device side: the daemon's decisions on an npt_request (permit-open,
+cipher, reply shape, replay) and the control stream parser (hostile input). Runs under
+Python 3.8 too (tests/integration/test_old_pythons.py); the client's pieces are in
+tests/unit/test_npt_client.py."""
 
 from __future__ import annotations
 
@@ -11,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from noports.client.errors import UsageError
-from noports.client.npt_cli import parse_args
-from noports.client.npt_flow import NptTarget, npt_required_features, refusal_hint
 from noports.daemon.config import build_config
 from noports.daemon.handler import DaemonHandler, Inbound, NptPlan, Reply, Request
 from noports.npproto import NptRequest, dart_iso_now, sign_envelope, verify_envelope
 from noports.npproto.errors import ProtocolError
 from noports.npproto.messages import CIPHER_AES_CTR, CIPHER_CHACHA20_POLY1305
 from noports.npproto.nptcontrol import (
-    NEVER_S,
     Connect,
     ControlParser,
     DeviceError,
@@ -28,7 +25,6 @@ from noports.npproto.nptcontrol import (
     Unknown,
     connect_line,
     error_line,
-    parse_duration,
 )
 from noports.npproto.streamcipher import new_session_cipher
 
@@ -188,56 +184,6 @@ def test_control_stream_through_both_ciphers() -> None:
         for key in (bytes(32), bytes([1]) * 32):
             got += p.feed(dev.decrypt(cli.encrypt(connect_line(key, IV))))
         assert got == [Connect(bytes(32), IV), Connect(bytes([1]) * 32, IV)]
-
-
-# --- client side ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("text", "secs"), [("30s", 30), ("1h", 3600), ("1h,14m,30s", 4470),
-                                            ("7d", 604800), ("90", 90), ("0", NEVER_S),
-                                            ("500ms", 0.5)])
-def test_durations(text: str, secs: float) -> None:
-    assert parse_duration(text) == secs
-
-
-@pytest.mark.parametrize("text", ["", "abc", "10x", "-5s", "1h;2m"])
-def test_bad_durations(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
-
-
-def test_required_features() -> None:
-    assert npt_required_features(NptTarget("localhost", 80)) == [
-        "srAuth", "srE2ee", "supportsPortChoice"]
-    assert "adjustableTimeout" in npt_required_features(NptTarget("localhost", 80, 60.0))
-
-
-def test_refusal_hint_names_permit_open() -> None:
-    opts = parse_args(["-f", "@c", "-t", "@d", "-r", "@r", "-d", "pi", "-p", "8080"])
-    hint = refusal_hint(opts.params, opts.target,
-                        "pi@d refused: Daemon does not permit connections to localhost:8080")
-    assert hint is not None and "--permit-open localhost:8080" in hint
-
-
-def test_official_flags() -> None:
-    o = parse_args(["-f", "@c", "-t", "@d", "-r", "@r1,@r2", "-d", "pi", "--rp", "80",
-                    "--rh", "10.0.0.5", "--lp", "8080", "-T", "1h,14m,30s", "--dpt", "5"])
-    assert o.params.relays == ["@r1", "@r2"] and o.params.device == "pi"
-    assert (o.target.host, o.target.port, o.target.timeout_s) == ("10.0.0.5", 80, 4470.0)
-    assert o.local_port == 8080 and o.params.daemon_timeout == 5.0
-    assert parse_args(["-f", "@c", "-t", "@d", "-r", "@r", "-d", "pi", "-p", "80", "-h",
-                       "box", "-K"]).target.timeout_s == 24 * 3600.0
-
-
-@pytest.mark.parametrize(("argv", "text"), [
-    (["-p", "80", "-x", "-K"], "mutually exclusive"),
-    (["-p", "80", "--no-et"], "always encrypted"),
-    (["-p", "0"], "not a TCP port"),
-    (["-p", "80", "-T", "soon"], "-T/--timeout"),
-    (["-p", "80", "--pid-file", "/tmp/x"], "only applies with -x"),
-])
-def test_bad_command_lines(argv: list[str], text: str) -> None:
-    with pytest.raises(UsageError, match=text):
-        parse_args(["-f", "@c", "-t", "@d", "-r", "@r", "-d", "pi", *argv])
 
 
 def test_device_error_lines_are_printable_and_bounded() -> None:
