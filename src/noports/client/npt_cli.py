@@ -73,17 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "through a socket rendezvous; see docs/npt.md.")
     a = ap.add_argument
     a("--help", action="help", help="show this help and exit")
-    a("-f", "--from", dest="from_", required=True, help="this client's atSign")
-    a("-t", "--to", required=True, help="the device daemon's atSign")
-    a("-r", "--srvd", action="append", required=True,
+    a("-f", "--from", dest="from_", metavar="ATSIGN", required=True, help="this client's atSign")
+    a("-t", "--to", metavar="ATSIGN", required=True, help="the device daemon's atSign")
+    a("-r", "--srvd", action="append", required=True, metavar="ATSIGN",
       help="the socket rendezvous (relay) atSign; comma separated or repeated: tried in order")
     a("-d", "--device", required=True, help="the device name")
     a("-p", "--remote-port", "--rp", dest="remote_port", type=int, required=True,
+      metavar="PORT",
       help="the port to reach on the device's side")
-    a("-h", "--remote-host", "--rh", dest="remote_host", default="localhost",
+    a("-h", "--remote-host", "--rh", dest="remote_host", default="localhost", metavar="HOST",
       help="the host to reach, as the device resolves it (default localhost); must be in "
       "the daemon's --permit-open list exactly as written")
-    a("-l", "--local-port", "--lp", dest="local_port", type=int, default=0,
+    a("-l", "--local-port", "--lp", dest="local_port", type=int, default=0, metavar="PORT",
       help="local port (on 127.0.0.1); 0 (default) asks the OS for a free one")
     a("-k", "--key-file", help="this client's .atKeys (default ~/.atsign/keys/"
       "<@from>_key.atKeys)")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("-K", "--keep-alive", dest="keep_alive", action="store_true",
       help="when a session ends, start a new one (after 5 s) on the same local port; "
       "without -T the timeout becomes 24h")
-    a("-T", "--timeout", default=None,
+    a("-T", "--timeout", default=None, metavar="DURATION",
       help="end the session after this long without a connection, e.g. 30s, 1h, "
       "1h,14m,30s, 7d; 0 = a year (default 30s; operative on the device)")
     a("--encrypt-rvd-traffic", "--et", dest="encrypt", action="store_true", default=True,
