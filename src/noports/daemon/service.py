@@ -414,6 +414,10 @@ class Daemon:
         if pk is None:
             return
         result = await to_thread(self.handler.on_npt_request, req, pk)
+        if isinstance(result, Reply) and result.value.startswith("Signature not verified"):
+            fresh = await self._client_public_key(req.sender, refresh=True)
+            if fresh is not None and fresh != pk:  # the client re-keyed: try once more
+                result = await to_thread(self.handler.on_npt_request, req, fresh)
         if isinstance(result, Ignore):
             self._ignore(result)
         elif isinstance(result, Reply):
