@@ -131,6 +131,14 @@ class NptSession:
                         p.relay_host, p.relay_port, exc, extra={"event": "npt_relay_failed",
                                                                  **ctx})
             return
+        if msg.key is None or msg.iv is None:  # connect:no:encrypt
+            relay.close()  # opened anyway: the relay pairs FIFO, the next one must match
+            self.failed_total += 1
+            log.warning("npt session %s: refusing an unencrypted connection", p.session_id,
+                        extra={"event": "npt_plain_refused", **ctx})
+            await self._tell("connection refused by the device: it carries npt connections "
+                             "encrypted only")
+            return
         if len(self.splices) >= MAX_CONNECTIONS:
             relay.close()  # its partner on the client side sees a closed connection
             self.failed_total += 1
@@ -154,10 +162,8 @@ class NptSession:
             await self._tell(f"the device cannot connect {p.target_host}:{p.target_port}: "
                              f"{exc.strerror or exc}; is the service running on the device?")
             return
-        to_relay = from_relay = None
-        if msg.key is not None and msg.iv is not None:
-            cipher = new_session_cipher(p.cipher_id, msg.key, msg.iv, is_client=False)
-            to_relay, from_relay = cipher_transforms(cipher)
+        cipher = new_session_cipher(p.cipher_id, msg.key, msg.iv, is_client=False)
+        to_relay, from_relay = cipher_transforms(cipher)
         self.connections_total += 1
         if self._idle is not None:
             self._idle.cancel()
