@@ -20,8 +20,8 @@ topology falls back to loopback and the same flows run.
 4. Hostile: a client that writes garbage on its control stream loses its session (the daemon
    names the bad control stream), and the next client is served.
 5. Ansible: docs/npt.md's pattern (tests/ansible/npt/npt_http.yml) with a real
-   ansible-playbook: open the tunnel in one task, ``uri`` and ``get_url`` from the controller,
-   close it in ``always``.
+   ansible-playbook: ``noports.sshnp.npt_tunnel`` opens the tunnel in one task (idempotent),
+   ``uri`` and ``get_url`` use it from the controller, ``always:`` closes it (idempotent).
 """
 
 from __future__ import annotations
@@ -279,7 +279,11 @@ def test_ansible_play_reaches_the_device_http_server(npt_world: World, tmp_path:
     from tests.harness.ansible import ansible_tool
     w = npt_world
     env = {k: v for k, v in w.client_env().items() if not k.startswith("ANSIBLE_")}
+    coll = tmp_path / "collections" / "ansible_collections" / "noports"
+    coll.mkdir(parents=True)
+    (coll / "sshnp").symlink_to(REPO)  # the collection from this checkout
     env.update({"ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+                "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections"),
                 "PATH": f"{Path(PY).parent}:{env.get('PATH', '/usr/bin:/bin')}"})
     pid_file = tmp_path / "npt.pid"
     extra = {"npt_from": CLIENT, "npt_to": device_atsign(1), "npt_device": "dev1",
