@@ -128,8 +128,8 @@ class NptSession:
         except OSError as exc:
             self.failed_total += 1
             log.warning("npt session %s: cannot reach the relay %s:%d: %s", p.session_id,
-                        p.relay_host, p.relay_port, exc, extra={"event": "npt_relay_failed",
-                                                                 **ctx})
+                        p.relay_host, p.relay_port, exc,
+                        extra={"event": "npt_relay_failed", **ctx})
             return
         if msg.key is None or msg.iv is None:  # connect:no:encrypt
             relay.close()  # opened anyway: the relay pairs FIFO, the next one must match
