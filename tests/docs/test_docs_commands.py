@@ -72,7 +72,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
 BIN = Path(sys.executable).parent
-PROGRAMS = ("noports", "atdirectory", "atserver", "srvd", "sshnpd", "sshnp")
+PROGRAMS = ("noports", "atdirectory", "atserver", "srvd", "sshnpd", "sshnp", "npt")
 COMMAND_LANGS = {"console", "bash", "sh", "shell"}
 
 # background programs: the line that says they are ready (stdout or stderr)

@@ -9,8 +9,9 @@
    cut at the limit and other clients are still served.
 2. ``sshnp`` against a daemon that answers as official daemons do (no ``hostKeys``, no
    ``npCipher``, ``ephemeralPrivateKey: null``): our sshnpd with its hidden, test-only
-   ``--official-reply`` switch. One test per output mode (exec with ``-u``, ``-x``,
-   ``--stdio``, fixed ``-l`` local port).
+   ``--official-reply`` switch. One test per output mode (exec with ``-u`` and without it,
+   ``-x``, ``--stdio``, fixed ``-l`` local port, ``--tunnel-mode ssh`` refused). npt against
+   the same kind of daemon (the AES-CTR path): tests/integration/test_npt.py.
 """
 
 from __future__ import annotations
@@ -245,3 +246,18 @@ def test_ssh_tunnel_mode_is_refused_with_the_way_out(official: OfficialReplyEnv)
     assert "sent no host keys to pin, so the outer SSH cannot verify the device" in res.stderr
     assert "use --tunnel-mode aes with this daemon" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_exec_without_user_uses_the_shared_username(official: OfficialReplyEnv,
+                                                    tmp_path: Path) -> None:
+    """Without -u, ssh starts only once the session exists, as the user the device shares
+    (official daemons share it too): no early ssh, so nothing to restart."""
+    argv = official.sshnp_args(*_tofu(tmp_path / "known_hosts"), "echo", "shared-$(whoami)")
+    i = argv.index("-u")
+    del argv[i:i + 2]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=40, env=official.env(),
+                         stdin=subprocess.DEVNULL)
+    _ok(res, official)
+    assert res.stdout.strip() == f"shared-{official.user}"
+    _official_progress(res.stderr)
+    assert "restarting ssh" not in res.stderr

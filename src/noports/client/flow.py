@@ -484,14 +484,8 @@ class _Flow:
             assert self.keygen is not None
             self.at(SecurityError, "generating the session key", step="session key")
             pub, priv = await self.keygen
-        req = SshRequest(
-            session_id=sid, host=rr.host, port=rr.port_b, direct=True,
-            authenticate_to_rvd=True, client_nonce=cnonce, rvd_nonce=rr.rvd_nonce,
-            encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
-            client_ephemeral_pk_type="rsa2048" if pub else None,
-            np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None,
-            extra=relays.session_request_extra(escr_key))
-        envelope = sign_envelope(req.to_dict(), self.keys.encrypt_private)
+        request_key, envelope = self.session_request(sid, rr, cnonce, pub,
+                                                     relays.session_request_extra(escr_key))
         auth_line: Any = sign_envelope(relay_auth_payload(sid, cnonce, rr.rvd_nonce),
                                        self.keys.encrypt_private).encode() + b"\n"
         if escr_key is not None:
@@ -505,8 +499,7 @@ class _Flow:
         relay_sock_task = self.spawn(self.dial_relay(relay, rr, auth_line))
         session_fut = self.router.expect_session(sid)
         self.at(AtServerError, f"sending the session request to {p.device_atsign}")
-        await self.notify(p.device_atsign, npkeys.ssh_request_key(
-            p.device_atsign, p.device, p.client_atsign), envelope, what="the session request")
+        await self.notify(p.device_atsign, request_key, envelope, what="the session request")
         self.mark("session_request_sent")
         self.progress(f"session request sent to {p.device}{p.device_atsign}")
 
@@ -526,6 +519,25 @@ class _Flow:
             raise
         self.mark("relay_connected")
         return await self.finish(sid, relay, rr, resp, relay_sock, priv)
+
+    def session_request(self, sid: str, rr: RelayResponse, cnonce: str, pub: str | None,
+                        extra: dict[str, Any] | None = None) -> tuple[str, str]:
+        """(full atKey, signed envelope) of the session request: K5 with M3 (npt: K5').
+        ``extra``: fields old peers ignore (ESCR's relay auth for a single-port relay)."""
+        p = self.p
+        req = SshRequest(
+            session_id=sid, host=rr.host, port=rr.port_b, direct=True,
+            authenticate_to_rvd=True, client_nonce=cnonce, rvd_nonce=rr.rvd_nonce,
+            encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
+            client_ephemeral_pk_type="rsa2048" if pub else None,
+            np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None,
+            extra=extra or {})
+        return (npkeys.ssh_request_key(p.device_atsign, p.device, p.client_atsign),
+                sign_envelope(req.to_dict(), self.keys.encrypt_private))
+
+    def check_features(self, info: DeviceInfo) -> None:
+        """Fail early if the device's ping answer lacks a feature this session needs."""
+        checks.check_features(self.p, info)
 
     async def dial_relay(self, relay: str, rr: RelayResponse, auth_line: Any) -> socket.socket:
         try:
@@ -556,7 +568,7 @@ class _Flow:
                 return session_fut.result()
             if hb in done and not checked:
                 checked = True
-                checks.check_features(p, hb.result())
+                self.check_features(hb.result())
         raise checks.device_timeout(p, pinged=hb.done())
 
     async def verify_response(self, sid: str, value: str) -> SessionResponse:
@@ -698,11 +710,13 @@ def _warm_paramiko() -> None:
 
 
 async def open_session(params: SessionParams, *, progress: Progress | None = None,
-                       client: Any = None, connect_relay: Any = None) -> Session:
+                       client: Any = None, connect_relay: Any = None,
+                       flow_class: Any = None) -> Any:
     """Run the control-plane handshake and return a ready :class:`Session`.
 
     ``client`` (an :class:`noports.atclient.aio.AtClient`-like object) and ``connect_relay``
-    are injectable for tests; by default a real client is made from ``params``. Raises an
+    are injectable for tests; by default a real client is made from ``params``.
+    ``flow_class`` (a ``_Flow`` subclass) makes another kind of session: npt_flow.py. Raises an
     :class:`~noports.client.errors.SshnpError` subclass for every expected failure.
     """
     progress = progress or NullProgress()
@@ -719,7 +733,7 @@ async def open_session(params: SessionParams, *, progress: Progress | None = Non
     if connect_relay is None:
         from noports.relay.pump import connect_relay as _cr
         connect_relay = _cr
-    flow = _Flow(params, progress, client, keys, connect_relay)
+    flow = (flow_class or _Flow)(params, progress, client, keys, connect_relay)
     limit = setup_limit(params)
     try:
         try:

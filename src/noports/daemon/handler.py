@@ -81,6 +81,8 @@ ERR_TUNNEL = "Failed to start up the daemon side of the srv socket tunnel : {err
 # ours, same form (a plain K6 string): the official daemon does not check freshness
 ERR_REFUSED = "Request refused: {why}"
 
+NPT_MIN_IDLE_S = 1.0
+NPT_MAX_IDLE_S = 365 * 24 * 3600.0  # the official "-T 0": a year
 ZONE_STEP_S = 15 * 60  # every time zone offset in use is a multiple of 15 minutes
 MAX_ZONE_OFFSET_S = 26 * 3600  # UTC-12 .. UTC+14
 
@@ -178,6 +180,33 @@ class SessionPlan:
     def __repr__(self) -> str:
         return (f"SessionPlan(session_id={self.session_id!r}, client={self.client!r}, "
                 f"relay={self.relay_host}:{self.relay_port}, cipher={self.cipher_id!r})")
+
+
+@dataclass
+class NptPlan:
+    """One npt session (multi mode): the control pair's secrets and the permitted target.
+
+    ``key``/``iv`` encrypt the control stream; each ``connect:`` line brings its own pair for
+    its connection. ``idle_timeout``: the session ends after this long without a connection
+    (the request's ``timeout``, operative on the daemon side as in the official daemon).
+    """
+
+    session_id: str
+    client: str
+    relay_host: str
+    relay_port: int
+    auth_line: bytes | None
+    cipher_id: str
+    key: bytes
+    iv: bytes
+    target_host: str
+    target_port: int
+    idle_timeout: float
+    response: Reply
+
+    def __repr__(self) -> str:
+        return (f"NptPlan(session_id={self.session_id!r}, client={self.client!r}, "
+                f"target={self.target_host}:{self.target_port}, cipher={self.cipher_id!r})")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -325,8 +354,8 @@ class DaemonHandler:
         """M6: what pings and the device_info record say about this daemon."""
         c = self.config
         features = {FEATURE_ACCEPTS_PUBLIC_KEYS: c.accept_public_keys, FEATURE_SR_AUTH: True,
-                    FEATURE_SR_E2EE: True, FEATURE_PORT_CHOICE: False,
-                    FEATURE_ADJUSTABLE_TIMEOUT: False}
+                    FEATURE_SR_E2EE: True, FEATURE_PORT_CHOICE: True,
+                    FEATURE_ADJUSTABLE_TIMEOUT: True}
         return DeviceInfo(devicename=c.device, device_group_name=c.device_group,
                           version=DAEMON_VERSION, core_package_version=CORE_PACKAGE_VERSION,
                           supported_features=features, allowed_services=list(c.permit_open))
@@ -460,8 +489,13 @@ class DaemonHandler:
 
     # -- npt_request (K5') ---------------------------------------------------------------------
 
-    def on_npt_request(self, req: Request, client_public_key: str) -> Reply | Ignore:
-        """npt is not implemented (ping says supportsPortChoice=false): answer why."""
+    def on_npt_request(self, req: Request, client_public_key: str) -> NptPlan | Reply | Ignore:
+        """Verify, check permit-open and plan one npt session (K5' -> K6).
+
+        Order as the official daemon: signature (an error reply naming it, as Dart's npt
+        path does), fields, then ours: freshness and replay; then permit-open (deny unless
+        ``--permit-open`` lists ``host:port``, ``*:port``, ``host:*`` or ``*:*``).
+        """
         try:
             payload = verify_envelope(req.value, client_public_key)
         except SignatureError as exc:
@@ -479,11 +513,50 @@ class DaemonHandler:
         refused = self._fresh(sid, nr.client_nonce, req.sender)
         if refused is not None:
             return refused
-        if not permitted(nr.requested_host, nr.requested_port, self.config.permit_open):
-            return self._error_reply(req.sender, sid, ERR_DAEMON_PERMIT.format(
-                target=f"{nr.requested_host}:{nr.requested_port}"))
-        return self._error_reply(req.sender, sid, ERR_TUNNEL.format(
-            err="npt sessions are not supported by this daemon"))
+        target = f"{nr.requested_host}:{nr.requested_port}"
+        if not nr.requested_host or not permitted(nr.requested_host, nr.requested_port,
+                                                  self.config.permit_open):
+            return self._error_reply(req.sender, sid, ERR_DAEMON_PERMIT.format(target=target))
+        if not nr.encrypt_rvd_traffic:
+            # ours: the device never carries an npt session in clear over the relay
+            return self._error_reply(req.sender, sid, ERR_TUNNEL.format(
+                err="this daemon requires encryptRvdTraffic (npt --encrypt-rvd-traffic)"))
+        official = self.config.official_reply
+        cipher_id = negotiate_cipher(None if official else nr.np_ciphers,
+                                     self.supported_ciphers)
+        key, iv = self._randbytes(KEY_LEN), self._randbytes(IV_LEN)
+        try:
+            assert nr.client_ephemeral_pk is not None  # from_dict checked it
+            aes_ct = crypto.rsa_encrypt(nr.client_ephemeral_pk,
+                                        base64.b64encode(key).decode("ascii"))
+            iv_ct = crypto.rsa_encrypt(nr.client_ephemeral_pk,
+                                       base64.b64encode(iv).decode("ascii"))
+        except (crypto.CryptoError, ValueError, TypeError) as exc:
+            return self._error_reply(req.sender, sid, ERR_TUNNEL.format(
+                err=f"unusable clientEphemeralPK ({type(exc).__name__})"))
+        auth_line = None
+        if nr.authenticate_to_rvd:
+            assert nr.client_nonce is not None and nr.rvd_nonce is not None
+            auth_line = relay_auth_line(sid, nr.client_nonce, nr.rvd_nonce, self._signing_key)
+        # Dart's npt response has no ephemeralPrivateKey; the C daemon's has it null
+        resp = SessionResponse(session_id=sid, status="connected", session_aes_key=aes_ct,
+                               session_iv=iv_ct,
+                               np_cipher=cipher_id if nr.np_ciphers and not official else None,
+                               omit_ephemeral_private_key=not official)
+        key_name = _name(session_response_key(req.sender, sid, self.config.device,
+                                              self.config.atsign))
+        idle = min(max(nr.timeout_ms / 1000.0, NPT_MIN_IDLE_S), NPT_MAX_IDLE_S)
+        return NptPlan(
+            session_id=sid, client=req.sender, relay_host=nr.rvd_host,
+            relay_port=nr.rvd_port, auth_line=auth_line, cipher_id=cipher_id, key=key, iv=iv,
+            target_host=nr.requested_host, target_port=nr.requested_port, idle_timeout=idle,
+            response=Reply(req.sender, key_name, sign_envelope(resp.to_dict(),
+                                                               self._signing_key),
+                           session_id=sid))
+
+    def npt_failed(self, plan: NptPlan, err: str) -> Reply:
+        """The official reply when the relay cannot be reached for an npt session."""
+        return self._error_reply(plan.client, plan.session_id, ERR_TUNNEL.format(err=err))
 
 
 def _peek_session_id(value: str) -> str | None:
@@ -497,8 +570,8 @@ def _peek_session_id(value: str) -> str | None:
 
 
 __all__ = [
-    "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Fresh", "Ignore", "Inbound", "Reply",
-    "Request", "SessionPlan", "ShareRecord", "check_request_time", "permitted",
+    "CIPHER_AES_CTR", "AddClientKey", "DaemonHandler", "Fresh", "Ignore", "Inbound",
+    "NptPlan", "Reply", "Request", "SessionPlan", "ShareRecord", "check_request_time", "permitted",
 ]
 
 

@@ -48,6 +48,7 @@ from .handler import (
     DaemonHandler,
     Ignore,
     Inbound,
+    NptPlan,
     Reply,
     Request,
     SessionPlan,
@@ -126,6 +127,7 @@ class Daemon:
         self._pk_cache: dict[str, tuple[str, float]] = {}
         self._sem = asyncio.Semaphore(max(4, config.max_sessions))
         self._stop: asyncio.Event | None = None
+        self._npt: dict[str, Any] = {}  # sid -> npt_session.NptSession
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -213,6 +215,10 @@ class Daemon:
         """Let the session host go (its sessions continue), close the atServer connections."""
         log.info("shutting down: %d session(s) open", len(self.host.live),
                  extra={"event": "shutdown"})
+        # npt sessions still run in this process (only ssh sessions have the session host):
+        # they end with the daemon
+        for npt in list(self._npt.values()):
+            npt.close("daemon shutting down")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -370,14 +376,7 @@ class Daemon:
         elif req.kind == "ssh_request":
             await self._ssh_request(req)
         elif req.kind == "npt_request":
-            pk = await self._client_public_key(req.sender)
-            if pk is None:
-                return
-            result = await to_thread(self.handler.on_npt_request, req, pk)
-            if isinstance(result, Ignore):
-                self._ignore(result)
-            else:
-                await self._send(result)
+            await self._npt_request(req)
 
     async def _send(self, reply: Reply) -> None:
         assert self.client is not None
@@ -447,6 +446,62 @@ class Daemon:
             await self._send(result)
         else:
             await self._start_session(result)
+
+    # -- npt sessions (the runtime is npt_session.py) -----------------------------------------
+
+    async def _npt_request(self, req: Request) -> None:
+        pk = await self._client_public_key(req.sender)
+        if pk is None:
+            return
+        result = await to_thread(self.handler.on_npt_request, req, pk)
+        if isinstance(result, Reply) and result.value.startswith("Signature not verified"):
+            fresh = await self._client_public_key(req.sender, refresh=True)
+            if fresh is not None and fresh != pk:  # the client re-keyed: try once more
+                result = await to_thread(self.handler.on_npt_request, req, fresh)
+        if isinstance(result, Ignore):
+            self._ignore(result)
+        elif isinstance(result, Reply):
+            log.warning("refusing npt session %s from %s: %s", result.session_id, req.sender,
+                        result.value, extra={"event": "session_refused", "sender": req.sender,
+                                             "session": result.session_id})
+            await self._send(result)
+        else:
+            await self._start_npt(result)
+
+    async def _start_npt(self, plan: NptPlan) -> None:
+        from noports.relay.pump import connect_relay  # relay code loads with the first session
+
+        from .npt_session import CONNECT_TIMEOUT_S as NPT_CONNECT_S
+        from .npt_session import NptSession
+        ctx = {"sender": plan.client, "session": plan.session_id}
+        if self.host.busy + len(self._npt) >= self.config.max_sessions:
+            await self._send(self.handler.npt_failed(plan, "too many sessions"))
+            return
+        try:
+            control = await connect_relay(plan.relay_host, plan.relay_port, plan.auth_line,
+                                          timeout=NPT_CONNECT_S)
+        except OSError as exc:
+            err = (f"cannot connect to the socket rendezvous {plan.relay_host}:"
+                   f"{plan.relay_port}: {exc.strerror or exc}")
+            log.warning("npt session %s failed: %s", plan.session_id, err,
+                        extra={"event": "session_failed", **ctx})
+            await self._send(self.handler.npt_failed(plan, err))
+            return
+
+        def ended(sess: NptSession, reason: str) -> None:
+            self._npt.pop(plan.session_id, None)
+            log.info("npt session %s ended (%s): %d connection(s), %d failed",
+                     plan.session_id, reason, sess.connections_total, sess.failed_total,
+                     extra={"event": "session_ended", "session": plan.session_id})
+
+        sess = NptSession(plan, control, ended)
+        self._npt[plan.session_id] = sess
+        sess.start()
+        log.info("npt session %s for %s: target %s:%d, relay %s:%d, cipher %s",
+                 plan.session_id, plan.client, plan.target_host, plan.target_port,
+                 plan.relay_host, plan.relay_port, plan.cipher_id,
+                 extra={"event": "session_started", **ctx})
+        await self._send(plan.response)
 
     # -- sessions -------------------------------------------------------------------------------
 
