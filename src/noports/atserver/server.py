@@ -241,6 +241,7 @@ class AtServer:
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + host.config.auth_timeout_s
         peer = writer.get_extra_info("peername")
+        proven = False  # told the admission (never evicted once authenticated)
         try:
             writer.write(b"@")
             await writer.drain()
@@ -261,6 +262,8 @@ class AtServer:
                 session.feed(chunk)
                 while (item := session.next_line()) is not None:
                     reply = item if isinstance(item, Reply) else await session.handle(item)
+                    if not proven and (session.authenticated or session.pol_atsign):
+                        proven = netlimits.mark_proven(writer) or True
                     if reply.text:
                         await self._send(writer, reply.text)
                     if reply.close:

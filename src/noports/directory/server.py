@@ -20,6 +20,7 @@ from noports.netlimits import (
     aclose_writer,
     linger_close,
     make_idle_tls_cheap,
+    mark_proven,
     start_guarded_server,
 )
 
@@ -94,7 +95,8 @@ class DirectoryServer:
         self.admission = Admission(self.config.max_connections,
                                    self.config.max_connections_per_ip,
                                    total_name="--max-connections",
-                                   per_source_name="--max-connections-per-ip")
+                                   per_source_name="--max-connections-per-ip",
+                                   unproven="not yet answered")
         self.releaser = MemoryReleaser()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,7 +114,8 @@ class DirectoryServer:
         self._server = await start_guarded_server(
             self._handle, self.config.host, self.config.port, ssl=self.ssl_context,
             admission=self.admission, handshake_timeout=self.config.handshake_timeout,
-            refusal=refusal_for, releaser=self.releaser, reuse_address=True)
+            refusal=refusal_for, eviction=error_reply, releaser=self.releaser,
+            reuse_address=True)
 
     async def stop(self) -> None:
         """Stop accepting, then cancel open connections (idle clients never end on their own).
@@ -130,9 +133,10 @@ class DirectoryServer:
             if pending:
                 await asyncio.wait(pending, timeout=self.config.shutdown_grace)
         log.info("atdirectory stopped; connections at peak: %d open, %d from one source "
-                 "(limits --max-connections %d, --max-connections-per-ip %d)",
-                 self.admission.peak_total, self.admission.peak_per_source,
-                 self.config.max_connections, self.config.max_connections_per_ip)
+                 "(limits --max-connections %d, --max-connections-per-ip %d); %d evicted to "
+                 "make room", self.admission.peak_total, self.admission.peak_per_source,
+                 self.config.max_connections, self.config.max_connections_per_ip,
+                 self.admission.evictions)
 
     async def _lookup(self, atsign: str) -> str | None:
         """The address, or None: a name that is no atSign is answered like an unknown one."""
@@ -172,7 +176,10 @@ class DirectoryServer:
             # a deadline runs from the moment the session's state last changed: waiting for a
             # (next) request line, or idle after an answer
             state, since = (session.expecting_line, session.lookups), loop.time()
+            proven = False  # answered once: a client, never evicted to make room
             while not session.closed:
+                if not proven and session.lookups:
+                    proven = mark_proven(writer) or True
                 if (session.expecting_line, session.lookups) != state:
                     state, since = (session.expecting_line, session.lookups), loop.time()
                 deadline = self._deadline(session, since)
