@@ -576,6 +576,31 @@ def mark_proven(writer: asyncio.StreamWriter) -> bool:
     return True
 
 
+class RateLimitedLog:
+    """At most one log line per ``interval`` seconds, with the count of lines left out.
+
+    Why: a flood of hostile connections ends in a flood of closes; a line per close costs
+    the event loop (and the disk) more than the close itself.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._at = -float("inf")
+        self._left_out = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._at < self.interval:
+            self._left_out += 1
+            return
+        if self._left_out:
+            msg += f" (and {self._left_out} more such lines left out)"
+        self.logger.log(level, msg, *args)
+        self._at = now
+        self._left_out = 0
+
+
 class _Guard:
     """State shared by the gates of one listening server."""
 
@@ -677,12 +702,13 @@ async def aclose_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> N
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
     except asyncio.CancelledError:
+        writer.transport.abort()
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)
         if cancelling is None or cancelling():
             raise
-    except Exception:  # noqa: S110 - closing is best effort
-        pass
+    except Exception:  # closing is best effort; a peer that never answers the TLS close
+        writer.transport.abort()  # would keep the socket for asyncio's 30 s shutdown timeout
 
 
 async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -709,6 +735,7 @@ async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await aclose_writer(writer)
 
 
-__all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser", "Verdict",
+__all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser", "RateLimitedLog",
+           "Verdict",
            "aclose_writer", "linger_close", "make_idle_tls_cheap", "mark_proven",
            "release_memory", "source_of", "start_guarded_server"]

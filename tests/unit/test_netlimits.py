@@ -14,6 +14,7 @@ from noports.keys.ca import client_context, ensure_plane_tls, server_context
 from noports.netlimits import (
     Admission,
     MemoryReleaser,
+    RateLimitedLog,
     Verdict,
     make_idle_tls_cheap,
     release_memory,
@@ -114,6 +115,20 @@ def test_eviction_can_be_turned_off() -> None:
     assert adm.open("a", "1.1.1.1").refusal is None
     assert adm.open("b", "2.2.2.2").refusal == ("server busy: 1 connections open, "
                                                 "limit --max-connections 1")
+
+
+def test_rate_limited_log_counts_what_it_leaves_out(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    limited = RateLimitedLog(logging.getLogger("t.flood"), interval=3600)
+    with caplog.at_level(logging.INFO, logger="t.flood"):
+        for i in range(5):
+            limited.log(logging.INFO, "closing connection from %s", i)
+        limited.interval = 0
+        limited.log(logging.INFO, "closing connection from %s", 9)
+    assert [r.getMessage() for r in caplog.records] == [
+        "closing connection from 0",
+        "closing connection from 9 (and 4 more such lines left out)"]
 
 
 def test_memory_releaser_trims_once_after_a_burst_has_paused() -> None:
