@@ -89,7 +89,8 @@ def limiting_resource(res: LoadResult, used: dict[str, float], wall: float) -> s
     failures = res.failures()
     if failures:
         msg, count = failures.most_common(1)[0]
-        return f"{count} failures, most often: {msg}"
+        return (f"{sum(failures.values())} failures (what the users read, above), most often "
+                f"({count}): {msg}; clients got {100 * used[CLIENTS] / wall:.0f}% of one CPU")
     cpus = os.cpu_count() or 1
     total = sum(used.values())
     name, sec = max(((n, s) for n, s in used.items() if n != CLIENTS
