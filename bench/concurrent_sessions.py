@@ -40,6 +40,7 @@ from pathlib import Path
 from tests.harness.fleet import Fleet, cpu_s, fleet
 from tests.integration.test_load_sessions import (
     DIRECTORY_FLAGS,
+    LoadResult,
     directory_flags,
     report,
     run_plain_ssh,
@@ -60,19 +61,47 @@ def components(f: Fleet) -> dict[str, list[int]]:
     return groups
 
 
-def cpu_table(f: Fleet, before: dict[str, float], children_before: float,
-              wall: float) -> str:
+def cpu_usage(f: Fleet, before: dict[str, float], children_before: float
+              ) -> dict[str, float]:
+    """CPU seconds each component used since ``snapshot``; clients under their own key."""
+    used = {name: sum(cpu_s(p) for p in pids) - before[name]
+            for name, pids in components(f).items()}
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used[CLIENTS] = kids.ru_utime + kids.ru_stime - children_before
+    return used
+
+
+CLIENTS = "clients (sshnp/ssh processes, reaped)"
+
+
+def cpu_table(used: dict[str, float], wall: float) -> str:
     """CPU seconds each component used during a case, and as a share of one CPU over the
     wall time: a single-process server near 100% is the limiting resource."""
     lines = [f"  {'component':<40}{'CPU s':>8}{'% of 1 CPU':>12}"]
-    for name, pids in components(f).items():
-        used = sum(cpu_s(p) for p in pids) - before[name]
-        lines.append(f"  {name:<40}{used:>8.1f}{100 * used / wall:>11.0f}%")
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    used = kids.ru_utime + kids.ru_stime - children_before
-    lines.append(f"  {'clients (sshnp/ssh processes, reaped)':<40}{used:>8.1f}"
-                 f"{100 * used / wall:>11.0f}%")
+    for name, sec in used.items():
+        lines.append(f"  {name:<40}{sec:>8.1f}{100 * sec / wall:>11.0f}%")
     return "\n".join(lines)
+
+
+def limiting_resource(res: LoadResult, used: dict[str, float], wall: float) -> str:
+    """One line naming what limited the case: the refusing part when sessions failed (the
+    user's message names it), else the busiest one-process server, else the CPUs."""
+    failures = res.failures()
+    if failures:
+        msg, count = failures.most_common(1)[0]
+        return (f"{sum(failures.values())} failures (what the users read, above), most often "
+                f"({count}): {msg}; clients got {100 * used[CLIENTS] / wall:.0f}% of one CPU")
+    cpus = os.cpu_count() or 1
+    total = sum(used.values())
+    name, sec = max(((n, s) for n, s in used.items() if n != CLIENTS
+                     and not n.startswith("sshnpd")), key=lambda x: x[1], default=("-", 0.0))
+    if sec / wall > 0.8:
+        return f"{name}: {100 * sec / wall:.0f}% of one CPU (a one-process server saturated)"
+    load = os.getloadavg()[0]
+    return (f"CPU: the case used {total:.0f} CPU s in {wall:.0f} s on {cpus} CPUs "
+            f"({100 * total / (wall * cpus):.0f}% of the machine; load average {load:.1f}), "
+            f"{100 * used[CLIENTS] / max(total, 1e-9):.0f}% of it the clients; busiest "
+            f"server {name} at {100 * sec / wall:.0f}% of one CPU")
 
 
 def snapshot(f: Fleet) -> tuple[dict[str, float], float]:
@@ -108,11 +137,11 @@ def main() -> int:
         cpu = []
         before = snapshot(f)
         results = [run_sshnp(f, args.n, timeout=args.timeout)]
-        cpu.append(("sshnp", cpu_table(f, *before, results[-1].wall)))
+        cpu.append(("sshnp", cpu_usage(f, *before)))
         if not args.no_baseline:
             before = snapshot(f)
             results.append(run_plain_ssh(f, args.n, timeout=args.timeout))
-            cpu.append(("ssh", cpu_table(f, *before, results[-1].wall)))
+            cpu.append(("ssh", cpu_usage(f, *before)))
         srvd = f.srvd[f.relays[0]]
         refused = [ln for ln in srvd.lines if "refused" in ln]
         print(report(results, args.n))
@@ -120,10 +149,11 @@ def main() -> int:
               f"{len(refused)} refusals logged")
         for ln in refused[:3]:
             print("  " + ln[-200:])
-        for case, table in cpu:
-            print(f"CPU during the {case} case (limiting resource: a one-process server "
-                  "near 100%, or the clients starving the machine):")
-            print(table)
+        for (case, used), res in zip(cpu, results, strict=True):
+            print(f"CPU during the {case} case:")
+            print(cpu_table(used, res.wall))
+        for (case, used), res in zip(cpu, results, strict=True):
+            print(f"limiting resource ({case}): {limiting_resource(res, used, res.wall)}")
     return 0
 
 

@@ -33,8 +33,10 @@ import os
 import socket
 import ssl
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ REFUSAL_LOG_INTERVAL = 1.0
 #: How long a closing side keeps reading (and discarding) after its last words, so the peer's
 #: in-flight bytes do not meet a closed socket, whose RST would discard the unread error line.
 LINGER_SECONDS = 1.0
+#: How long an evicted connection gets to flush its error line before the socket is cut.
+EVICTED_CLOSE_GRACE = 1.0
 
 ClientCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 #: What ``refusal(reason)`` returns: bytes written in one write, a sequence of chunks written
@@ -81,31 +85,65 @@ def source_of(peername: Any) -> str | None:
     return str(addr)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What :meth:`Admission.open` decided for a new connection.
+
+    ``refusal`` set: refused, nothing counted (the text names the limit and its value).
+    Otherwise admitted; ``evict`` is then ``None``, or the key of an older unproven
+    connection whose slot the new one took: the caller closes it, telling it ``eviction``.
+    """
+
+    refusal: str | None = None
+    evict: Hashable | None = None
+    eviction: str | None = None
+
+
 class Admission:
     """Counts open connections in total and per source; pure, no sockets, no clock.
 
     ``total_name`` and ``per_source_name`` are how the operator sets the limits (CLI flags), so
     the refusal text tells the peer and the log which knob was hit.
+
+    Connections counted with :meth:`open` (by a key) start *unproven*: not yet authenticated
+    (atServer) or not yet answered (atDirectory). When the total is full, a new connection
+    takes the slot of the oldest unproven one instead of being refused (OpenSSH's
+    MaxStartups idea: whoever holds slots without proving anything pays, not the next
+    client); :meth:`proven` exempts a connection for good. The per-source limit is checked
+    first and never evicts. A new connection itself can be evicted only after ``max_total``
+    newer unproven connections arrived, time enough to authenticate.
     """
 
     def __init__(self, max_total: int, max_per_source: int, *,
                  total_name: str = "--max-connections",
-                 per_source_name: str = "--max-connections-per-ip") -> None:
+                 per_source_name: str = "--max-connections-per-ip",
+                 unproven: str = "not yet authenticated", evict: bool = True) -> None:
         if max_total < 1 or max_per_source < 1:
             raise ValueError("connection limits must be at least 1")
         self.max_total = max_total
         self.max_per_source = max_per_source
         self.total_name = total_name
         self.per_source_name = per_source_name
+        self.unproven_name = unproven
+        self.evict_when_full = evict
         self._total = 0
         self._per_source: Counter[str] = Counter()
+        self._keys: dict[Hashable, str | None] = {}
+        #: Unproven connections, oldest first (insertion order): the eviction candidates.
+        self._unproven: OrderedDict[Hashable, None] = OrderedDict()
         #: Highest number of connections ever open at once, in total and from one source.
         self.peak_total = 0
         self.peak_per_source = 0
+        #: Connections closed to make room for a new one, since start.
+        self.evictions = 0
 
     @property
     def open_total(self) -> int:
         return self._total
+
+    @property
+    def open_unproven(self) -> int:
+        return len(self._unproven)
 
     def open_from(self, source: str | None) -> int:
         return self._per_source.get(source, 0) if source is not None else 0
@@ -114,19 +152,34 @@ class Admission:
         """Number of sources with at least one open connection (memory is bounded by it)."""
         return len(self._per_source)
 
-    def admit(self, source: str | None) -> str | None:
-        """Count one new connection, or return why not (nothing is counted then)."""
-        if self._total >= self.max_total:
-            return (f"server busy: {self._total} connections open, "
-                    f"limit {self.total_name} {self.max_total}")
+    def _busy(self) -> str:
+        return (f"server busy: {self._total} connections open, "
+                f"limit {self.total_name} {self.max_total}")
+
+    def _per_source_full(self, source: str | None) -> str | None:
         if source is not None and self._per_source[source] >= self.max_per_source:
             return (f"too many connections from {source}: "
                     f"limit {self.per_source_name} {self.max_per_source}")
+        return None
+
+    def _count(self, source: str | None) -> None:
         self._total += 1
         self.peak_total = max(self.peak_total, self._total)
         if source is not None:
             self._per_source[source] += 1
             self.peak_per_source = max(self.peak_per_source, self._per_source[source])
+
+    def admit(self, source: str | None) -> str | None:
+        """Count one new connection, or return why not (nothing is counted then).
+
+        Untracked: such a connection is never evicted; release it with :meth:`release`.
+        """
+        if self._total >= self.max_total:
+            return self._busy()
+        reason = self._per_source_full(source)
+        if reason is not None:
+            return reason
+        self._count(source)
         return None
 
     def release(self, source: str | None) -> None:
@@ -136,6 +189,43 @@ class Admission:
             self._per_source[source] -= 1
             if self._per_source[source] <= 0:
                 del self._per_source[source]
+
+    def open(self, key: Hashable, source: str | None) -> Verdict:
+        """Count connection ``key`` (unproven), evicting the oldest unproven one when full."""
+        if key in self._keys:
+            raise ValueError("connection key already open")
+        reason = self._per_source_full(source)
+        if reason is not None:
+            return Verdict(refusal=reason)
+        victim: Hashable | None = None
+        eviction = None
+        if self._total >= self.max_total:
+            if not (self.evict_when_full and self._unproven):
+                return Verdict(refusal=self._busy())
+            eviction = (f"{self._busy()}; the oldest connection {self.unproven_name} "
+                        "is closed to make room")
+            victim = next(iter(self._unproven))
+            self.close(victim)
+            self.evictions += 1
+        self._count(source)
+        self._keys[key] = source
+        self._unproven[key] = None
+        return Verdict(evict=victim, eviction=eviction)
+
+    def proven(self, key: Hashable) -> None:
+        """Connection ``key`` authenticated (or was answered): never evict it."""
+        self._unproven.pop(key, None)
+
+    def is_open(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def close(self, key: Hashable) -> None:
+        """Forget connection ``key`` (idempotent: an evicted key is already forgotten)."""
+        if key not in self._keys:
+            return
+        source = self._keys.pop(key)
+        self._unproven.pop(key, None)
+        self.release(source)
 
 
 # --------------------------------------------------------------------------- memory
@@ -257,7 +347,10 @@ class _Gate(asyncio.Protocol):
         self.early: list[bytes] = []
         self.early_eof = False
         self.lost = False
+        self.evicted = False
         self.task: asyncio.Task[None] | None = None
+        self.tls: asyncio.Transport | None = None
+        self._first_byte: asyncio.Future[None] | None = None
 
     # -- raw phase
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,14 +363,49 @@ class _Gate(asyncio.Protocol):
         # re-registers, pause unregisters and cancels any read already queued).
         asyncio.get_running_loop().call_soon(self._repause)
         self.source = source_of(transport.get_extra_info("peername"))
-        reason = self.guard.admission.admit(self.source)
+        verdict = self.guard.admission.open(self, self.source)
         loop = asyncio.get_running_loop()
-        if reason is None:
+        if verdict.refusal is None:
             self.admitted = True
             self.task = loop.create_task(self._upgrade())
+            if isinstance(verdict.evict, _Gate):
+                self.guard.log_refusal(verdict.evict.source, verdict.eviction or "", "evicting")
+                verdict.evict.evict(verdict.eviction or "")
         else:
-            self.guard.log_refusal(self.source, reason)
-            self.task = loop.create_task(self._refuse(reason))
+            self.guard.log_refusal(self.source, verdict.refusal)
+            self.task = loop.create_task(self._refuse(verdict.refusal))
+
+    def evict(self, reason: str) -> None:
+        """Close this connection to make room for a newer one (its slot is already reused).
+
+        After TLS the peer reads ``reason`` in the server's error line (``eviction``, else
+        ``refusal``); before, there is no channel for words and the socket is just closed.
+        """
+        self.evicted = True
+        if self.admitted:  # the Admission already forgot it; this counts the close
+            self.admitted = False
+            self.guard.closed(self)
+        self._wake_first_byte()
+        tls = self.tls
+        guard = self.guard
+        words = guard.eviction or guard.refusal
+        message = words(reason) if (tls is not None and words is not None) else None
+        if tls is None or tls.is_closing() or message is None:
+            self.raw.abort()
+            return
+        for chunk in [message] if isinstance(message, bytes) else message:
+            tls.write(chunk)
+        tls.close()  # flushes the line, then close_notify
+        # a peer that never reads would keep the socket through the TLS shutdown timeout
+        asyncio.get_running_loop().call_later(EVICTED_CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self.lost:
+            self.raw.abort()
+
+    def _wake_first_byte(self) -> None:
+        if self._first_byte is not None and not self._first_byte.done():
+            self._first_byte.set_result(None)
 
     def _repause(self) -> None:
         if not self.raw.is_closing() and self.inner is None:
@@ -297,7 +425,7 @@ class _Gate(asyncio.Protocol):
             dup = socket.socket(fileno=os.dup(self.raw.get_extra_info("socket").fileno()))
         except (AttributeError, OSError, ValueError):
             return True  # cannot wait cheaply here: let the handshake do the waiting
-        ready = loop.create_future()
+        ready = self._first_byte = loop.create_future()
         try:
             dup.setblocking(False)
             loop.add_reader(dup.fileno(), lambda: ready.done() or ready.set_result(None))
@@ -306,12 +434,15 @@ class _Gate(asyncio.Protocol):
             return True
         try:
             await asyncio.wait_for(ready, timeout)
+            if self.lost or self.evicted:
+                return False  # closed or evicted meanwhile
             return dup.recv(1, socket.MSG_PEEK) != b""
         except BlockingIOError:
             return True  # spurious wake-up: the handshake will wait
         except (asyncio.TimeoutError, OSError):
             return False
         finally:
+            self._first_byte = None
             loop.remove_reader(dup.fileno())
             dup.close()
 
@@ -319,6 +450,8 @@ class _Gate(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         start = loop.time()
         if not await self._wait_first_byte(timeout) or self.lost:
+            if self.lost:
+                return None
             log.debug("no TLS from %s (closed, or nothing within %gs)", self.source, timeout)
             self.raw.abort()
             return None
@@ -340,6 +473,11 @@ class _Gate(asyncio.Protocol):
             tls = await self._handshake(self.guard.handshake_timeout)
             if tls is None or self.lost:
                 return
+            if self.evicted:  # during the handshake
+                tls.abort()
+                return
+            self.tls = tls
+            _GATES[tls] = self
             reader = asyncio.StreamReader(limit=self.guard.limit)
             self.inner = asyncio.StreamReaderProtocol(reader, self.guard.callback)
             self.inner.connection_made(tls)
@@ -397,6 +535,10 @@ class _Gate(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
+        self._wake_first_byte()
+        if self.tls is not None:
+            _GATES.pop(self.tls, None)
+            self.tls = None
         if exc is not None and not isinstance(exc, Exception):
             # seen under load: a CancelledError as the reason; handed on, it would cancel the
             # handler's wait_closed() and so the handler itself
@@ -414,7 +556,49 @@ class _Gate(asyncio.Protocol):
     def _release(self) -> None:
         if self.admitted:
             self.admitted = False
-            self.guard.closed(self.source)
+            self.guard.closed(self)
+
+
+#: The gate of each TLS transport handed to a handler, so the handler can say "proven".
+_GATES: weakref.WeakKeyDictionary[asyncio.BaseTransport, _Gate] = weakref.WeakKeyDictionary()
+
+
+def mark_proven(writer: asyncio.StreamWriter) -> bool:
+    """Tell the connection's admission that it authenticated (or was answered).
+
+    A proven connection is never evicted to make room (see :class:`Admission`). Returns
+    False for a writer that does not come from :func:`start_guarded_server`.
+    """
+    gate = _GATES.get(writer.transport)
+    if gate is None or not gate.admitted:
+        return False
+    gate.guard.admission.proven(gate)
+    return True
+
+
+class RateLimitedLog:
+    """At most one log line per ``interval`` seconds, with the count of lines left out.
+
+    Why: a flood of hostile connections ends in a flood of closes; a line per close costs
+    the event loop (and the disk) more than the close itself.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._at = -float("inf")
+        self._left_out = 0
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._at < self.interval:
+            self._left_out += 1
+            return
+        if self._left_out:
+            msg += f" (and {self._left_out} more such lines left out)"
+        self.logger.log(level, msg, *args)
+        self._at = now
+        self._left_out = 0
 
 
 class _Guard:
@@ -423,13 +607,15 @@ class _Guard:
     def __init__(self, callback: ClientCallback, ssl_context: ssl.SSLContext,
                  admission: Admission, handshake_timeout: float, limit: int,
                  refusal: Callable[[str], Refusal] | None,
-                 releaser: MemoryReleaser | None, max_refusals: int) -> None:
+                 releaser: MemoryReleaser | None, max_refusals: int,
+                 eviction: Callable[[str], Refusal] | None = None) -> None:
         self.callback = callback
         self.ssl = ssl_context
         self.admission = admission
         self.handshake_timeout = handshake_timeout
         self.limit = limit
         self.refusal = refusal
+        self.eviction = eviction
         self.releaser = releaser
         self.max_refusals = max_refusals
         self.refusing = 0
@@ -437,20 +623,20 @@ class _Guard:
         self._refusal_log_at = -float("inf")
         self._refusals_unlogged = 0
 
-    def log_refusal(self, source: str | None, reason: str) -> None:
+    def log_refusal(self, source: str | None, reason: str, what: str = "refusing") -> None:
         """One warning per second at most, with the count of refusals not logged since."""
         now = time.monotonic()
         if now - self._refusal_log_at < REFUSAL_LOG_INTERVAL:
             self._refusals_unlogged += 1
             return
-        more = (f" (and {self._refusals_unlogged} more refusals since the last such line)"
-                if self._refusals_unlogged else "")
-        log.warning("refusing connection from %s: %s%s", source, reason, more)
+        more = (f" (and {self._refusals_unlogged} more refusals or evictions since the last "
+                "such line)" if self._refusals_unlogged else "")
+        log.warning("%s connection from %s: %s%s", what, source, reason, more)
         self._refusal_log_at = now
         self._refusals_unlogged = 0
 
-    def closed(self, source: str | None) -> None:
-        self.admission.release(source)
+    def closed(self, gate: _Gate) -> None:
+        self.admission.close(gate)
         if self.releaser is None:
             return
         loop = asyncio.get_running_loop()
@@ -477,6 +663,7 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
                                port: int, *, ssl: ssl.SSLContext, admission: Admission,
                                handshake_timeout: float = 10.0,
                                refusal: Callable[[str], Refusal] | None = None,
+                               eviction: Callable[[str], Refusal] | None = None,
                                releaser: MemoryReleaser | None = None,
                                limit: int = 2 ** 16, backlog: int = 1024,
                                max_refusals: int = MAX_REFUSALS_IN_FLIGHT,
@@ -487,8 +674,12 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
     * ``handshake_timeout`` (seconds) bounds the TLS handshake; a peer that never sends a
       ClientHello holds its slot at most that long.
     * ``refusal(reason)`` returns what a refused peer is sent over TLS before the close: bytes,
-      or a sequence of chunks each sent as its own write (``None``: close without a word). At most ``max_refusals`` such handshakes run at once;
-      beyond that refused sockets are closed at once.
+      or a sequence of chunks each sent as its own write (``None``: close without a word). At
+      most ``max_refusals`` such handshakes run at once; beyond that refused sockets are
+      closed at once.
+    * When the total is full, a new connection evicts the oldest one the handler has not
+      called :func:`mark_proven` for (:class:`Admission`); after TLS the evicted peer is sent
+      ``eviction(reason)`` (default: ``refusal(reason)``) before the close.
     * ``releaser`` (optional) trims the heap after many closes.
     * ``limit`` is the StreamReader buffer limit, as in ``start_server``; other keyword
       arguments go to ``loop.create_server`` (``reuse_address`` and the like).
@@ -496,7 +687,7 @@ async def start_guarded_server(client_connected_cb: ClientCallback, host: str | 
     if handshake_timeout <= 0:
         raise ValueError("handshake_timeout must be > 0")
     guard = _Guard(client_connected_cb, ssl, admission, handshake_timeout, limit, refusal,
-                   releaser, max_refusals)
+                   releaser, max_refusals, eviction)
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: _Gate(guard), host, port, backlog=backlog,
                                     **kwargs)
@@ -511,12 +702,13 @@ async def aclose_writer(writer: asyncio.StreamWriter, timeout: float = 1.0) -> N
     try:
         await asyncio.wait_for(writer.wait_closed(), timeout)
     except asyncio.CancelledError:
+        writer.transport.abort()
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)
         if cancelling is None or cancelling():
             raise
-    except Exception:  # noqa: S110 - closing is best effort
-        pass
+    except Exception:  # closing is best effort; a peer that never answers the TLS close
+        writer.transport.abort()  # would keep the socket for asyncio's 30 s shutdown timeout
 
 
 async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -543,6 +735,7 @@ async def linger_close(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     await aclose_writer(writer)
 
 
-__all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser",
-           "aclose_writer", "linger_close", "make_idle_tls_cheap", "release_memory", "source_of",
-           "start_guarded_server"]
+__all__ = ["ASYNCIO_SSL_BUFFER", "CHEAP_SSL_BUFFER", "Admission", "MemoryReleaser", "RateLimitedLog",
+           "Verdict",
+           "aclose_writer", "linger_close", "make_idle_tls_cheap", "mark_proven",
+           "release_memory", "source_of", "start_guarded_server"]

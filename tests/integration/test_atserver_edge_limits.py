@@ -160,3 +160,72 @@ def test_auth_timeout_closes_a_used_public_connection_without_a_stray_line(serve
     fresh = SourceClient(port, plane.cafile, "127.0.0.3")  # the client reconnects and is served
     assert fresh.cmd("lookup:signing_publickey@ann").startswith("data:")
     fresh.close()
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    """A second server whose deadlines are long: connections leave only when evicted."""
+    plane = Plane(tmp_path_factory.mktemp("evict"))
+    plane.add("p2", "@bea")
+    s = plane.start("p2", ["@bea"], ["--max-connections", "8", "--max-connections-per-ip",
+                                     "4", "--tls-handshake-timeout", "60",
+                                     "--auth-timeout", "60"])
+    yield plane, s["ports"]["@bea"]
+    plane.stop_all()
+
+
+def login_bea(plane: Plane, port: int, source: str) -> SourceClient:
+    c = SourceClient(port, plane.cafile, source)
+    ch = c.data("from:@bea")
+    assert c.data("cram:" + crypto.cram_digest(plane.secrets["@bea"], ch)) == "success"
+    return c
+
+
+def test_full_server_evicts_oldest_unauthenticated_never_authenticated(roomy):
+    """OpenSSH MaxStartups style: at --max-connections a new connection takes the slot of
+    the oldest one that has not authenticated; authenticated ones are never closed."""
+    plane, port = roomy
+    busy = ("server busy: 8 connections open, limit --max-connections 8")
+    evicted_line = (f"error:AT0012-Inbound connection limit exceeded: {busy}; the oldest "
+                    "connection not yet authenticated is closed to make room")
+    ann = login_bea(plane, port, "127.0.0.2")  # authenticated first: the oldest of all
+    raw = socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.3", 0))
+    time.sleep(0.2)  # accepted before the TLS idlers, so it is the oldest unauthenticated
+    idle = [SourceClient(port, plane.cafile, src)
+            for src in ["127.0.0.3"] * 3 + ["127.0.0.4"] * 3]  # 8 open in total
+    held = [ann]
+    try:
+        # the attacker's own per-source limit still comes first (no eviction for it)
+        assert refusal(plane, port, "127.0.0.3").startswith(
+            "error:AT0012-Inbound connection limit exceeded: too many connections from "
+            "127.0.0.3: limit --max-connections-per-ip 4")
+        time.sleep(netlimits.REFUSAL_LOG_INTERVAL + 0.2)  # so the eviction is logged too
+        # a legitimate client connects, authenticates and is served: the raw socket made room
+        first = login_bea(plane, port, "127.0.0.5")
+        held.append(first)
+        assert first.data("noop:0") == "ok"
+        raw.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert raw.recv(100) == b""  # no TLS yet: closed without a word
+        # the next one evicts the oldest idle TLS connection, which is told why
+        second = login_bea(plane, port, "127.0.0.5")
+        held.append(second)
+        assert idle[0].readline(timeout=10) == evicted_line
+        assert ann.data("noop:0") == "ok" and second.data("noop:0") == "ok"
+        # fill every slot with authenticated connections: the idle ones go, oldest first
+        for src in ["127.0.0.2"] * 3 + ["127.0.0.5"] * 2:
+            held.append(login_bea(plane, port, src))
+        for c in idle[1:]:
+            assert c.readline(timeout=10) == evicted_line
+        # now nothing is evictable: a new connection is refused, naming the limit
+        time.sleep(netlimits.REFUSAL_LOG_INTERVAL + 0.2)
+        assert refusal(plane, port, "127.0.0.6") == (
+            f"error:AT0012-Inbound connection limit exceeded: {busy}\n")
+        assert len(held) == 8 and all(c.data("noop:0") == "ok" for c in held)
+        log = plane.root / "p2.log"
+        _wait_line(log, r"refusing connection from 127\.0\.0\.6: server busy")
+        _wait_line(log, r"evicting connection from 127\.0\.0\.3: server busy")
+    finally:
+        raw.close()
+        for c in held + idle:
+            c.close()

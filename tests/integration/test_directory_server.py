@@ -325,8 +325,11 @@ def refused_text(port: int, ca: Path, source: str) -> bytes:
 
 
 def test_refused_clients_are_told_which_limit_and_raw_tcp_counts(tmp_path: Path) -> None:
+    """Raw TCP counts; a full server evicts the oldest connection never answered (MaxStartups
+    style), never one that was answered; refusals and evictions name the limit."""
     d = start_directory(tmp_path / "state", "--max-connections-per-ip", "20",
                         "--max-connections", "40", "--handshake-timeout", "6")
+    held: list[RootClient] = []
     try:
         assert d.cli("register", "erin", "erin.example:1").returncode == 0
         # 20 raw TCP sockets that never start TLS take every slot of 127.0.0.1 ...
@@ -335,11 +338,35 @@ def test_refused_clients_are_told_which_limit_and_raw_tcp_counts(tmp_path: Path)
         assert refused_text(d.port, d.ca, "127.0.0.1") == (
             b"@error:too many connections from 127.0.0.1: "
             b"limit --max-connections-per-ip 20\r\n@")
-        # ... and 20 more from 127.0.0.2 fill the total: a third address is told so
-        hogs += raw_connections(d.port, 20, "127.0.0.2")
+        # ... an idle TLS client that never asks, then 19 answered clients fill the total
+        idle = RootClient(d.port, d.ca, source="127.0.0.2")
+        for _ in range(19):
+            held.append(RootClient(d.port, d.ca, source="127.0.0.2"))
+            assert held[-1].ask(b"erin\n") == b"erin.example:1\r\n@"
         time.sleep(0.3)
-        assert refused_text(d.port, d.ca, "127.0.0.3") == (
+        # a third address is served anyway: it takes the slot of the oldest raw socket
+        c = RootClient(d.port, d.ca, source="127.0.0.3")
+        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
+        held.append(c)
+        assert wait_until(lambda: hogs[0].recv(1) == b"", 10)  # no TLS: closed, no words
+        # the handshake deadline (6 s) frees the other silent sockets' slots
+        assert wait_until(lambda: hogs[1].recv(1) == b"", 10)
+        for s in hogs:
+            s.close()
+        for _ in range(19):
+            held.append(RootClient(d.port, d.ca, source="127.0.0.4"))
+            assert held[-1].ask(b"erin\n") == b"erin.example:1\r\n@"
+        # 40 open: a new one takes the slot of the idle TLS client, which is told why
+        c = RootClient(d.port, d.ca, source="127.0.0.3")
+        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
+        held.append(c)
+        assert idle.read_until_closed() == (
+            b"error:server busy: 40 connections open, limit --max-connections 40; the oldest "
+            b"connection not yet answered is closed to make room\r\n@")
+        # every open connection was answered: nothing to evict, a new one is refused
+        assert refused_text(d.port, d.ca, "127.0.0.5") == (
             b"@error:server busy: 40 connections open, limit --max-connections 40\r\n@")
+        assert all(h.ask(b"erin\n") == b"erin.example:1\r\n@" for h in held)
         # the project's client names the limit to its user
         from noports.atclient import AtClientError, find_secondary
         with pytest.raises(AtClientError, match="limit --max-connections 40"):
@@ -350,16 +377,11 @@ def test_refused_clients_are_told_which_limit_and_raw_tcp_counts(tmp_path: Path)
         with pytest.raises(AtClientError, match="refused the lookup of @erin: server busy"):
             asyncio.run(lookup_secondary(("127.0.0.1", d.port), "@erin", client_context(d.ca),
                                          use_cache=False))
-        # the handshake deadline (6 s) frees the slots of the silent sockets
-        assert wait_until(lambda: hogs[0].recv(1) == b"", 10)
-        c = RootClient(d.port, d.ca)
-        assert c.ask(b"erin\n") == b"erin.example:1\r\n@"
-        c.close()
-        for s in hogs:
-            s.close()
         log = d.log.read_text()
         assert "refusing connection from 127.0.0.1: too many connections" in log
     finally:
+        for h in held:
+            h.close()
         d.stop()
 
 

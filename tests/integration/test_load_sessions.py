@@ -14,9 +14,20 @@ shards, one srvd, 20 sshnpd, OpenSSH sshd per device, sshnp per session). The cl
 timeouts are raised and the clients run at nice 19 (CLIENT_NICE) so that the verdict is
 about limits, not about how fast 200 processes start on a shared 2-CPU machine; setup times
 are for bench/concurrent_sessions.py, which uses the client's default timeouts and prints
-them next to plain ssh. ``NP_LOAD_SESSIONS`` sets the size (200 is the issue's figure; CI runs 50). Cost: 200
-Python client processes need ~150 CPU seconds, so on 2 idle CPUs this test takes at least
-~75 s plus ~20 s of fleet setup.
+them next to plain ssh. ``NP_LOAD_SESSIONS`` sets the size (200 is the issue's figure; CI
+runs 50). Cost: 200 Python client processes need ~150-175 CPU seconds, so on 2 idle CPUs the
+200 run takes ~200 s against ~60 s for 50: more than the suite's budget allows, hence 50 in CI.
+
+Why a 200 run failed now and then on the shared 2-CPU box (4 of 200 in one run): the clients
+run at nice 19, and when other tests run at nice 0 beside them they get a few percent of the
+CPUs (one run: 190 CPU s in 12.9 min, p50 of 160 s per session in another). A session then
+outlives deadlines the servers keep however slow a client is, and the failure messages
+match two of them: srvd's 30 s to pair after allocating the ports (the official relay's
+value; the device reached a port already closed: ``cannot connect to the socket rendezvous
+... Connect call failed``), and the atServer's 60 s to authenticate (the client's connection
+was closed under it: ``Broken pipe``). Not a limit being hit: starvation. On
+failure the test prints the server-side lines that say which deadline fired (``diagnose``),
+and ``NP_LOAD_KEEP_LOGS=DIR`` keeps every server log.
 
 Also the helpers bench/concurrent_sessions.py uses (it imports this module by its package path).
 """
@@ -24,9 +35,11 @@ Also the helpers bench/concurrent_sessions.py uses (it imports this module by it
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shlex
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -107,17 +120,40 @@ over 60 s, sessions unpaired after 30 s), not of any limit. In a deployment the 
 is another machine; niceness restores that here. Both cases (sshnp, ssh) get the same."""
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _client_preexec() -> None:
+    """In each client process before exec: lower its priority, and have the kernel kill it
+    if the test process dies (a killed or timed-out run must not leave N clients behind)."""
+    os.nice(CLIENT_NICE)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _run_all(argvs: Sequence[list[str]], devices: Sequence[int], env: dict[str, str],
              timeout: float, case: str) -> LoadResult:
     """Start every argv at once (at CLIENT_NICE); collect rc/stdout/stderr (bounded by
-    ``timeout``)."""
+    ``timeout``). Whatever happens, no client outlives the call."""
     res = LoadResult(case)
-    procs = []
+    procs: list[tuple[float, subprocess.Popen[str]]] = []
+    try:
+        return _collect_all(argvs, devices, env, timeout, res, procs)
+    finally:
+        for _started, p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _collect_all(argvs: Sequence[list[str]], devices: Sequence[int], env: dict[str, str],
+                 timeout: float, res: LoadResult,
+                 procs: list[tuple[float, subprocess.Popen[str]]]) -> LoadResult:
     t0 = time.monotonic()
     for argv in argvs:
         procs.append((time.monotonic(), subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env=env, text=True, preexec_fn=lambda: os.nice(CLIENT_NICE))))  # noqa: PLW1509
+            env=env, text=True, preexec_fn=_client_preexec)))  # noqa: PLW1509
     deadline = t0 + timeout
 
     def collect(k: int) -> Outcome:
@@ -134,8 +170,11 @@ def _run_all(argvs: Sequence[list[str]], devices: Sequence[int], env: dict[str, 
         return Outcome(k, devices[k], ok, ended - started,
                        "" if ok else f"rc={p.returncode}: {_last_error(err)}")
 
-    with ThreadPoolExecutor(len(procs) or 1) as pool:
+    pool = ThreadPoolExecutor(len(procs) or 1)
+    try:
         res.outcomes = list(pool.map(collect, range(len(procs))))
+    finally:  # on an exception (a test timeout), the caller kills the clients at once
+        pool.shutdown(wait=False)
     res.wall = time.monotonic() - t0
     return res
 
@@ -210,12 +249,56 @@ def report(results: Sequence[LoadResult], n: int) -> str:
     return "\n".join(lines)
 
 
+def server_logs(f: Fleet) -> dict[str, list[str]]:
+    """Every server process's stderr so far, by name (for failure reports)."""
+    logs: dict[str, list[str]] = {}
+    d = f.plane.plane.directory
+    if d is not None:
+        logs["atdirectory"] = list(d.proc.lines)
+    for name, srv in f.shards.items():
+        logs[f"atserver-{name}"] = list(srv.proc.lines)
+    for relay, proc in f.srvd.items():
+        logs[f"srvd-{relay}"] = list(proc.lines)
+    for i, proc in f.daemons.items():
+        logs[f"sshnpd-dev{i}"] = list(proc.lines)
+    return logs
+
+
+SUSPECT = re.compile(r"WARNING|ERROR|Traceback|refus|evict|closing connection|not authenticated"
+                     r"|timed out|timeout|reconnect|expired|never paired|failed", re.IGNORECASE)
+
+
+def diagnose(res: LoadResult, logs: dict[str, list[str]], keep: Path | None = None) -> str:
+    """The server-side lines that explain failures: what each failed device's daemon, the
+    relay and the atServers logged as a warning, a refusal or a timeout. ``keep``: also write
+    every log there (NP_LOAD_KEEP_LOGS=dir)."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        for name, lines in logs.items():
+            (keep / f"{name}.log").write_text("\n".join(lines) + "\n")
+    failed = sorted({o.device for o in res.outcomes if not o.ok})
+    out = []
+    for name, lines in logs.items():
+        wanted = name.startswith(("atserver", "srvd", "atdirectory")) or any(
+            name == f"sshnpd-dev{d}" for d in failed)
+        hits = [ln for ln in lines if wanted and SUSPECT.search(ln)]
+        if hits:
+            out.append(f"--- {name}: {len(hits)} suspect lines, last ones:")
+            out += [ln[-300:] for ln in hits[-12:]]
+    return "\n".join(out)
+
+
+@pytest.mark.timeout(max(300, 150 + 3 * SESSIONS))
 def test_200_concurrent_sshnp_sessions_through_one_srvd(tmp_path: Path) -> None:
     with directory_flags(*DIRECTORY_FLAGS), \
             fleet(tmp_path, DEVICES, n_shards=3, n_relays=1) as f:
         res = run_sshnp(f, SESSIONS, timeout=600, relay_timeout=120, flags=PATIENT)
         srvd = "\n".join(f.srvd[f.relays[0]].lines)
         opened = f.srvd_sessions(f.relays[0])
+        logs = server_logs(f)
+    keep = os.environ.get("NP_LOAD_KEEP_LOGS")
+    if res.successes != SESSIONS:
+        print(diagnose(res, logs, Path(keep) if keep else None))
     print("\n" + report([res], SESSIONS))  # figures, shown with -s
     assert res.successes == SESSIONS, report([res], SESSIONS) + "\n" + srvd[-3000:]
     assert opened >= SESSIONS

@@ -14,6 +14,8 @@ from noports.keys.ca import client_context, ensure_plane_tls, server_context
 from noports.netlimits import (
     Admission,
     MemoryReleaser,
+    RateLimitedLog,
+    Verdict,
     make_idle_tls_cheap,
     release_memory,
     source_of,
@@ -67,6 +69,66 @@ def test_admission_release_forgets_sources_and_never_goes_negative() -> None:
     assert adm.sources() == 0 and adm.open_total == 0
     with pytest.raises(ValueError):
         Admission(0, 1)
+
+
+def test_full_total_evicts_the_oldest_unproven_connection() -> None:
+    adm = Admission(3, 3)
+    assert adm.open("a1", "10.0.0.1") == Verdict()
+    assert adm.open("a2", "10.0.0.1") == Verdict()
+    assert adm.open("legit", "10.0.0.2") == Verdict()
+    adm.proven("legit")  # authenticated: never a candidate
+    v = adm.open("a3", "10.0.0.3")
+    assert v.refusal is None and v.evict == "a1"
+    assert v.eviction == ("server busy: 3 connections open, limit --max-connections 3; the "
+                          "oldest connection not yet authenticated is closed to make room")
+    assert adm.open_total == 3 and not adm.is_open("a1") and adm.evictions == 1
+    assert adm.open_from("10.0.0.1") == 1
+    assert adm.open("a4", None).evict == "a2"  # oldest first
+    assert adm.open("a5", None).evict == "a3"
+    adm.close("a1")  # the evicted socket's own close later: already forgotten, no double count
+    assert adm.open_total == 3 and adm.is_open("legit")
+    adm.proven("a4")
+    adm.proven("a5")
+    v = adm.open("a6", "10.0.0.9")  # only proven connections left: refused, nothing counted
+    assert v.refusal == "server busy: 3 connections open, limit --max-connections 3"
+    assert v.evict is None and not adm.is_open("a6") and adm.open_total == 3
+    for key in ("legit", "a4", "a5"):
+        adm.close(key)
+    assert adm.open_total == 0 and adm.sources() == 0 and adm.open_unproven == 0
+
+
+def test_per_source_limit_applies_before_eviction_and_never_evicts() -> None:
+    adm = Admission(2, 1, unproven="not yet answered")
+    assert adm.open("x", "1.1.1.1").evict is None
+    assert adm.open("y", "2.2.2.2").evict is None
+    v = adm.open("z", "1.1.1.1")  # full, but the source is at its own limit: refused
+    assert v == Verdict(refusal="too many connections from 1.1.1.1: "
+                                "limit --max-connections-per-ip 1")
+    v = adm.open("w", "3.3.3.3")
+    assert v.evict == "x" and "oldest connection not yet answered" in (v.eviction or "")
+    with pytest.raises(ValueError):
+        adm.open("w", "3.3.3.3")  # one key, one slot
+
+
+def test_eviction_can_be_turned_off() -> None:
+    adm = Admission(1, 1, evict=False)
+    assert adm.open("a", "1.1.1.1").refusal is None
+    assert adm.open("b", "2.2.2.2").refusal == ("server busy: 1 connections open, "
+                                                "limit --max-connections 1")
+
+
+def test_rate_limited_log_counts_what_it_leaves_out(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    limited = RateLimitedLog(logging.getLogger("t.flood"), interval=3600)
+    with caplog.at_level(logging.INFO, logger="t.flood"):
+        for i in range(5):
+            limited.log(logging.INFO, "closing connection from %s", i)
+        limited.interval = 0
+        limited.log(logging.INFO, "closing connection from %s", 9)
+    assert [r.getMessage() for r in caplog.records] == [
+        "closing connection from 0",
+        "closing connection from 9 (and 4 more such lines left out)"]
 
 
 def test_memory_releaser_trims_once_after_a_burst_has_paused() -> None:

@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="max bytes of one command before cram/pkam/pol (default 8192)")
     lim.add_argument("--max-connections", type=_positive_int, default=2048, metavar="N",
                      help="open connections in total, counted from TCP accept before TLS; "
-                          "more are refused with AT0012 (default 2048)")
+                          "when full, a new connection closes the oldest one not yet "
+                          "authenticated (told AT0012 and the limit), and is refused with "
+                          "AT0012 only if every open one is authenticated (default 2048)")
     lim.add_argument("--max-connections-per-ip", type=_positive_int, default=1024, metavar="N",
                      help="open connections per source address (IPv6: per /64; default 1024)")
     lim.add_argument("--tls-handshake-timeout", type=_positive_float, default=10.0,

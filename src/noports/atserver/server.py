@@ -86,6 +86,7 @@ class AtServer:
         cfg = opts.config
         self.admission = netlimits.Admission(cfg.max_connections, cfg.max_connections_per_ip)
         self.releaser = netlimits.MemoryReleaser()
+        self._close_log = netlimits.RateLimitedLog(log)  # one line/s when a flood times out
 
     # --- callbacks for s2s ----------------------------------------------------------------
 
@@ -241,6 +242,7 @@ class AtServer:
         loop = asyncio.get_running_loop()
         auth_deadline = loop.time() + host.config.auth_timeout_s
         peer = writer.get_extra_info("peername")
+        proven = False  # told the admission (never evicted once authenticated)
         try:
             writer.write(b"@")
             await writer.drain()
@@ -251,9 +253,10 @@ class AtServer:
                 try:
                     chunk = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
                 except asyncio.TimeoutError:
-                    log.info("closing connection from %s to %s: not authenticated within "
-                             "%g s (--auth-timeout), %d requests made", peer, host.atsign,
-                             host.config.auth_timeout_s, session.requests)
+                    self._close_log.log(
+                        logging.INFO, "closing connection from %s to %s: not authenticated "
+                        "within %g s (--auth-timeout), %d requests made", peer, host.atsign,
+                        host.config.auth_timeout_s, session.requests)
                     await self._send(writer, session.auth_timed_out().text)
                     return
                 if not chunk:
@@ -261,6 +264,8 @@ class AtServer:
                 session.feed(chunk)
                 while (item := session.next_line()) is not None:
                     reply = item if isinstance(item, Reply) else await session.handle(item)
+                    if not proven and (session.authenticated or session.pol_atsign):
+                        proven = netlimits.mark_proven(writer) or True
                     if reply.text:
                         await self._send(writer, reply.text)
                     if reply.close:

@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gets one 'error:<what>: limit <flag> <value>' line before the close)")
     lim.add_argument("--max-connections", type=_positive_int, default=c.max_connections,
                      metavar="N",
-                     help=f"open connections in total (default: {c.max_connections})")
+                     help="open connections in total; when full, a new connection closes the "
+                          "oldest one never answered (told 'server busy' and the limit), and "
+                          "is refused only if every open one was answered "
+                          f"(default: {c.max_connections})")
     lim.add_argument("--max-connections-per-ip", type=_positive_int,
                      default=c.max_connections_per_ip, metavar="N",
                      help="open connections from one IPv4 address or IPv6 /64 (default: "

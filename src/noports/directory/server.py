@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from noports.netlimits import (
     Admission,
     MemoryReleaser,
+    RateLimitedLog,
     aclose_writer,
     linger_close,
     make_idle_tls_cheap,
+    mark_proven,
     start_guarded_server,
 )
 
@@ -94,8 +96,10 @@ class DirectoryServer:
         self.admission = Admission(self.config.max_connections,
                                    self.config.max_connections_per_ip,
                                    total_name="--max-connections",
-                                   per_source_name="--max-connections-per-ip")
+                                   per_source_name="--max-connections-per-ip",
+                                   unproven="not yet answered")
         self.releaser = MemoryReleaser()
+        self._close_log = RateLimitedLog(log)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._store_blocks = bool(getattr(store, "may_block", True))
@@ -112,7 +116,8 @@ class DirectoryServer:
         self._server = await start_guarded_server(
             self._handle, self.config.host, self.config.port, ssl=self.ssl_context,
             admission=self.admission, handshake_timeout=self.config.handshake_timeout,
-            refusal=refusal_for, releaser=self.releaser, reuse_address=True)
+            refusal=refusal_for, eviction=error_reply, releaser=self.releaser,
+            reuse_address=True)
 
     async def stop(self) -> None:
         """Stop accepting, then cancel open connections (idle clients never end on their own).
@@ -130,9 +135,10 @@ class DirectoryServer:
             if pending:
                 await asyncio.wait(pending, timeout=self.config.shutdown_grace)
         log.info("atdirectory stopped; connections at peak: %d open, %d from one source "
-                 "(limits --max-connections %d, --max-connections-per-ip %d)",
-                 self.admission.peak_total, self.admission.peak_per_source,
-                 self.config.max_connections, self.config.max_connections_per_ip)
+                 "(limits --max-connections %d, --max-connections-per-ip %d); %d evicted to "
+                 "make room", self.admission.peak_total, self.admission.peak_per_source,
+                 self.config.max_connections, self.config.max_connections_per_ip,
+                 self.admission.evictions)
 
     async def _lookup(self, atsign: str) -> str | None:
         """The address, or None: a name that is no atSign is answered like an unknown one."""
@@ -172,7 +178,11 @@ class DirectoryServer:
             # a deadline runs from the moment the session's state last changed: waiting for a
             # (next) request line, or idle after an answer
             state, since = (session.expecting_line, session.lookups), loop.time()
+            proven = False  # answered once: a client, never evicted to make room
+            received = False
             while not session.closed:
+                if not proven and session.lookups:
+                    proven = mark_proven(writer) or True
                 if (session.expecting_line, session.lookups) != state:
                     state, since = (session.expecting_line, session.lookups), loop.time()
                 deadline = self._deadline(session, since)
@@ -184,14 +194,15 @@ class DirectoryServer:
                                                       max(0.0, deadline[0] - loop.time()))
                 except asyncio.TimeoutError:
                     assert deadline is not None
-                    log.info("closing connection from %s: %s", peer, deadline[1])
                     await self._run(session, session.expire(deadline[1]), writer)
                     break
+                received = received or bool(data)
                 actions = session.receive(data) if data else session.eof()
                 await self._run(session, actions, writer)
-            if session.closed and session.errored:
+            if session.closed and session.errored and received:
                 # the peer may still be sending (the rest of a long line): an immediate close
-                # would answer with an RST, which drops the error line on the peer's side
+                # would answer with an RST, which drops the error line on the peer's side.
+                # A peer that never sent a byte (idle past the deadline) gets no linger.
                 await linger_close(reader, writer)
         except (ConnectionError, ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
             log.debug("connection from %s ended: %s", peer, exc or type(exc).__name__)
@@ -225,8 +236,11 @@ class DirectoryServer:
                     continue
                 queue = session.resolved(address) + queue
             elif isinstance(action, Close):
-                level = logging.DEBUG if action.reason in ("@exit", "peer closed") else logging.INFO
-                log.log(level, "closing connection from %s: %s", session.peer, action.reason)
+                if action.reason in ("@exit", "peer closed"):
+                    log.debug("closing connection from %s: %s", session.peer, action.reason)
+                else:  # a flood of hostile peers must not cost a log line each
+                    self._close_log.log(logging.INFO, "closing connection from %s: %s",
+                                        session.peer, action.reason)
                 return
 
 
