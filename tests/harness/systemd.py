@@ -300,7 +300,8 @@ class SystemdDevice:
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:
         """Kill the namespace's PID 1 (so all of it), then remove our cgroup directories."""
-        if self.pid1 is not None:
+        # while unshare (its parent) lives, PID 1 is not reaped, so its pid is not reused
+        if self.pid1 is not None and self.popen is not None and self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid1, signal.SIGKILL)
         if self.popen is not None:
