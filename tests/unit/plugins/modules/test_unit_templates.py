@@ -45,6 +45,14 @@ def cases(prefix: Path):
         "sshnpd_config_file": "/etc/noports/sshnpd.conf",
         "_sshnpd_authorized_keys": "/home/pi/.ssh/authorized_keys",
         "_sshnpd_keys_dir": "/home/pi/.atsign/keys"}
+    official = [str(prefix / "bin" / "sshnpd"), "-a", "@garage_pi", "-m", "@alice,@bob", "-d",
+                "garage", "-k", "/root/.atsign/keys/@garage_pi_key.atKeys", "--root-domain",
+                "root.atsign.org", "--permit-open", "localhost:22", "--local-sshd-port", "22",
+                "--ssh-algorithm", "ssh-ed25519"]
+    yield "sshnpd", "sshnpd-official", {
+        "_sshnpd_atsign": "@garage_pi", "sshnpd_device": "garage", "_sshnpd_user": "root",
+        "_sshnpd_group": "root", "_sshnpd_official_home": "/root",
+        "_sshnpd_keys_dir": "/root/.atsign/keys", "_sshnpd_official_argv": official}
     argv = [str(prefix / "bin" / "srvd"), "-a", "@relay", "-k", "/k/@relay_key.atKeys",
             "--root-domain", "plane.example:6464", "--ip", "203.0.113.5", "--manager=@alice"]
     for privileged in (False, True):  # srvd_single_port on 443: CAP_NET_BIND_SERVICE
