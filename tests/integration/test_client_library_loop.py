@@ -1,6 +1,6 @@
 """The sshnp library (``open_session`` + ``serve_socket``) used many times in ONE event loop.
 
-Regression of issue 9 point 9: a session whose ``serve_socket`` was cancelled (or was still
+Issue 9 point 9 (20 sessions one after another, then 20 at once) and its regression: a session whose ``serve_socket`` was cancelled (or was still
 running) left its pump's asyncio transports alive on the relay socket; ``session.close()``
 then closed that socket behind them, and the next connection of the loop that got the same fd number failed with
 ``RuntimeError: File descriptor 13 is used by transport ...``. Everything here is real: the
@@ -19,6 +19,7 @@ import pytest
 from tests.harness.world import World, noports_world, run_inprocess
 
 pytestmark = pytest.mark.integration
+N = 20  # the issue's figure: 20 sessions one after another, then 20 at once
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def test_sessions_one_after_another_and_concurrently_in_one_loop(world: World) -
         return out
 
     async def main() -> None:
-        for _ in range(3):  # each ends with serve cancelled + session.close()
+        for _ in range(N):  # each ends with serve cancelled + session.close()
             tag = uuid.uuid4().hex[:8]
             assert tag in await one(tag)
-        tags = [uuid.uuid4().hex[:8] for _ in range(3)]
+        tags = [uuid.uuid4().hex[:8] for _ in range(N)]
         outs = await asyncio.gather(*(one(t) for t in tags))
         for t, out in zip(tags, outs, strict=True):
             assert t in out
