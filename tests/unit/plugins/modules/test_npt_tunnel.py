@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from ansible_collections.noports.sshnp.plugins.modules import npt_tunnel
@@ -16,6 +18,10 @@ def fake_npt():
     """A process whose command line looks like the npt client's (python -m ...npt_cli)."""
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                           "noports.client.npt_cli"])
+    deadline = time.monotonic() + 30  # until exec() has run, /proc shows the forking pytest
+    while b"npt_cli" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the fake npt never started"
+        time.sleep(0.01)
     yield p
     p.kill()
     p.wait()
