@@ -182,6 +182,14 @@ def test_device_key_runs_sshnpd_and_revocation_ends_everything(world, tmp_path):
         rc = ssh.wait(timeout=60)
         t_sess = time.monotonic() - t0
         assert rc != 0
+        # sshnpd says once what happened and what to do, then stops hammering the atServer
+        # (the old reconnect loop retried every 2-4 s: 3+ refusals in this window)
+        daemon.wait_for(r'noports enroll request.*"event": "revoked"', timeout=60)
+        time.sleep(max(0.0, t0 + 12 - time.monotonic()))
+        refused = [ln for ln in daemon.lines if "monitor failed" in ln and "is revoked" in ln]
+        assert len(refused) == 1, "\n".join(refused)
+        assert sum('"event": "revoked"' in ln for ln in daemon.lines) == 1
+        assert daemon.popen.poll() is None  # still running: it retries every 5 min
         FIGURES.append(f"revocation figures: device connection closed {t_conn:.2f} s, ssh "
                        f"session ended {t_sess:.1f} s after `noports enroll revoke`")
         # the operator's own keys still work
