@@ -497,7 +497,8 @@ class Daemon:
             key=plan.key, iv=plan.iv, public_line=plan.ephemeral.public_line,
             authorized_keys=str(self.authorized_keys.path),
             local_sshd_port=c.local_sshd_port, permissions=c.ephemeral_permissions,
-            owner=self.owner, key_ttl=c.ephemeral_key_ttl)
+            owner=self.owner, key_ttl=c.ephemeral_key_ttl,
+            key_d2c=plan.d2c[0] if plan.d2c else None, iv_d2c=plan.d2c[1] if plan.d2c else None)
         err = await self.host.start(order)
         if err:
             await self._send(self.handler.tunnel_failed(plan, err))
