@@ -499,6 +499,9 @@ class Daemon:
             local_sshd_port=c.local_sshd_port, permissions=c.ephemeral_permissions,
             owner=self.owner, key_ttl=c.ephemeral_key_ttl,
             key_d2c=plan.d2c[0] if plan.d2c else None, iv_d2c=plan.d2c[1] if plan.d2c else None)
+        if plan.d2c is not None:
+            log.info("session %s: twin keys (a separate AES-CTR key per direction)", sid,
+                     extra={"event": "twin_keys", "session": sid, "sender": plan.client})
         err = await self.host.start(order)
         if err:
             await self._send(self.handler.tunnel_failed(plan, err))
