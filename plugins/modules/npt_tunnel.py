@@ -234,6 +234,16 @@ def start(module, p):
     return port, _read_int(p["pid_file"])
 
 
+def _running(pid):
+    """True while ``pid`` exists and has not ended (a zombie waits only for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 def stop(pid, p):
     try:
         os.kill(pid, signal.SIGTERM)
@@ -241,7 +251,8 @@ def stop(pid, p):
         return
     deadline = time.monotonic() + p["stop_timeout"]
     while time.monotonic() < deadline:
-        if npt_pid(p["pid_file"]) != pid:
+        # its pid file goes first, then the process: wait for both (a zombie has ended)
+        if npt_pid(p["pid_file"]) != pid and not _running(pid):
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):

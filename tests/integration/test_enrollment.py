@@ -182,6 +182,14 @@ def test_device_key_runs_sshnpd_and_revocation_ends_everything(world, tmp_path):
         rc = ssh.wait(timeout=60)
         t_sess = time.monotonic() - t0
         assert rc != 0
+        # sshnpd says once what happened and what to do, then stops hammering the atServer
+        # (the old reconnect loop retried every 2-4 s: 3+ refusals in this window)
+        daemon.wait_for(r'noports enroll request.*"event": "revoked"', timeout=60)
+        time.sleep(max(0.0, t0 + 12 - time.monotonic()))
+        refused = [ln for ln in daemon.lines if "monitor failed" in ln and "is revoked" in ln]
+        assert len(refused) == 1, "\n".join(refused)
+        assert sum('"event": "revoked"' in ln for ln in daemon.lines) == 1
+        assert daemon.popen.poll() is None  # still running: it retries every 5 min
         FIGURES.append(f"revocation figures: device connection closed {t_conn:.2f} s, ssh "
                        f"session ended {t_sess:.1f} s after `noports enroll revoke`")
         # the operator's own keys still work
@@ -396,6 +404,7 @@ def test_sshnpd_role_enrolls_a_device_with_a_code_and_revocation_locks_it_out(wo
         assert not _grep_tree(droot, needles) and not _grep_tree(dev.home, needles)
         assert not [k for k, v in needles.items() if v in out]
         # revoke with the module: the daemon's key no longer authenticates
+        mark = log_file.stat().st_size  # the daemon logs the refusal once, maybe at once
         (tmp_path / "revoke.yml").write_text(REVOKE_PLAYBOOK)
         res = subprocess.run([ansible_tool("ansible-playbook"), "-i",
                               str(tmp_path / "inventory.yml"), str(tmp_path / "revoke.yml")],
@@ -407,8 +416,7 @@ def test_sshnpd_role_enrolls_a_device_with_a_code_and_revocation_locks_it_out(wo
             conn.authenticate_pkam(DEV, keys.pkam_private, keys.enrollment_id)
         conn.close()
         deadline = time.monotonic() + 60  # hang bound: the daemon's monitor is refused
-        mark = log_file.stat().st_size
-        while "is revoked" not in log_file.read_text()[mark:]:
+        while '"event": "revoked"' not in log_file.read_text()[mark:]:
             assert time.monotonic() < deadline, log_file.read_text()[-3000:]
             time.sleep(0.2)
     finally:

@@ -198,6 +198,9 @@ def test_exec_with_user_restarts_ssh_unpinned(official: OfficialReplyEnv, tmp_pa
     _official_progress(res.stderr)
     assert "device sent no host keys: restarting ssh without pinning" in res.stderr
     assert _trusted(kh, official)  # accepted on first use under the HostKeyAlias
+    # sshnp offered twin keys and the daemon answered as today's official daemons do
+    # (aesKeyC2D/ivC2D + aesKeyD2C/ivD2C): the session above ran with a key per direction
+    assert any("twin keys" in ln for ln in official.daemon.lines), official.daemon.lines[-20:]
 
 
 def test_exec_with_user_on_a_fixed_local_port(official: OfficialReplyEnv,

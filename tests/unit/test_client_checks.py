@@ -301,10 +301,22 @@ def aes_response(pub: str, cipher: str | None = None, *, key_len: int = 32) -> S
 
 def test_session_secrets(session_key: Any) -> None:
     pub, priv = session_key
-    key, iv, cipher = checks.session_secrets(params(), aes_response(pub), priv)
-    assert (len(key), len(iv), cipher) == (32, 16, "aes-256-ctr")
+    key, iv, cipher, d2c = checks.session_secrets(params(), aes_response(pub), priv)
+    assert (len(key), len(iv), cipher, d2c) == (32, 16, "aes-256-ctr", None)
     assert checks.session_secrets(params(), aes_response(pub, "chacha20-poly1305-v1"),
                                   priv)[2] == "chacha20-poly1305-v1"
+
+
+def test_session_secrets_twin_keys(session_key: Any) -> None:
+    """An official twin-key answer: aesKeyC2D/ivC2D instead of sessionAESKey/IV, plus D2C."""
+    pub, priv = session_key
+    secrets = [os.urandom(32), os.urandom(16), os.urandom(32), os.urandom(16)]
+    enc = [crypto.rsa_encrypt(pub, base64.b64encode(b).decode()) for b in secrets]
+    resp = SessionResponse(session_id="x", extra={"aesKeyC2D": enc[0], "ivC2D": enc[1],
+                                                  "aesKeyD2C": enc[2], "ivD2C": enc[3]})
+    resp = SessionResponse.from_dict(resp.to_dict())  # sessionAESKey/IV: null on the wire
+    key, iv, _cipher, d2c = checks.session_secrets(params(), resp, priv)
+    assert [key, iv, *d2c] == secrets
 
 
 def test_session_secrets_refusals(session_key: Any) -> None:

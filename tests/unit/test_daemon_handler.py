@@ -34,7 +34,7 @@ from noports.npproto import (
     verify_envelope,
     verify_relay_auth,
 )
-from noports.npproto.streamcipher import new_session_cipher
+from noports.npproto.streamcipher import CtrStream, new_session_cipher
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "npproto"
 KEYS = json.loads((FIX / "test_keys.json").read_text())
@@ -62,13 +62,13 @@ def note(kind: str, value: str | None = "ping", sender: str = "@client", **kw) -
 
 def ssh_request(sid: str = SID, *, sign_with: str = CPRIV, encrypt: bool = True,
                 auth: bool = True, ciphers: list[str] | None = None,
-                nonce: str | None = None) -> str:
+                nonce: str | None = None, twin: bool = False) -> str:
     req = SshRequest(session_id=sid, host="127.0.0.1", port=40001, authenticate_to_rvd=auth,
                      client_nonce=nonce or dart_iso_now(), rvd_nonce=dart_iso_now(),
                      encrypt_rvd_traffic=encrypt,
                      client_ephemeral_pk=CPUB if encrypt else None,
                      client_ephemeral_pk_type="rsa2048" if encrypt else None,
-                     np_ciphers=ciphers)
+                     np_ciphers=ciphers, extra={"twinKeys": True} if twin else {})
     return sign_envelope(req.to_dict(), sign_with)
 
 
@@ -219,6 +219,40 @@ def test_cipher_negotiation(offer, expected):
     d = new_session_cipher(plan.cipher_id, plan.key, plan.iv, is_client=False)
     c = new_session_cipher(plan.cipher_id, plan.key, plan.iv, is_client=True)
     assert c.decrypt(d.encrypt(b"SSH-2.0-OpenSSH_9.2\r\n")) == b"SSH-2.0-OpenSSH_9.2\r\n"
+
+
+def test_twin_keys_offered_each_direction_its_own_key():
+    """Official twin keys: aesKeyC2D/ivC2D + aesKeyD2C/ivD2C answer, a key per direction."""
+    h = DaemonHandler(cfg(), DPRIV)
+    plan = h.on_ssh_request(routed(h, note("ssh_request", ssh_request(twin=True))), CPUB)
+    assert isinstance(plan, SessionPlan) and plan.cipher_id == CIPHER_AES_CTR
+    payload = verify_envelope(plan.response.value, DPUB)
+    assert payload["sessionAESKey"] is None and payload["sessionIV"] is None
+    secrets = [base64.b64decode(crypto.rsa_decrypt(CPRIV, payload[f]))
+               for f in ("aesKeyC2D", "ivC2D", "aesKeyD2C", "ivD2C")]
+    assert secrets == [plan.key, plan.iv, *plan.d2c]
+    assert plan.d2c[0] != plan.key and plan.d2c[1] != plan.iv
+    c = new_session_cipher(CIPHER_AES_CTR, secrets[0], secrets[1], is_client=True,
+                           d2c=(secrets[2], secrets[3]))
+    d = new_session_cipher(CIPHER_AES_CTR, plan.key, plan.iv, is_client=False, d2c=plan.d2c)
+    up, down = b"SSH-2.0-client\r\n", b"SSH-2.0-server\r\n"
+    up_ct, down_ct = c.encrypt(up), d.encrypt(down)
+    assert d.decrypt(up_ct) == up and c.decrypt(down_ct) == down
+    assert up_ct == CtrStream(plan.key, plan.iv).process(up)  # client->daemon: C2D
+    assert down_ct == CtrStream(*plan.d2c).process(down)  # daemon->client: D2C
+    assert down_ct != CtrStream(plan.key, plan.iv).process(down)
+
+
+@pytest.mark.parametrize("twin,ciphers", [(False, None), (True, [CIPHER_CHACHA20_POLY1305])])
+def test_no_twin_offer_or_aead_keeps_one_key(twin, ciphers):
+    """Without the offer (old clients), or with our AEAD chosen, one key as before."""
+    h = handler()
+    plan = h.on_ssh_request(routed(h, note("ssh_request", ssh_request(
+        twin=twin, ciphers=ciphers))), CPUB)
+    assert isinstance(plan, SessionPlan) and plan.d2c is None
+    payload = verify_envelope(plan.response.value, DPUB)
+    assert payload["sessionAESKey"] and payload["sessionIV"]
+    assert not {"aesKeyC2D", "ivC2D", "aesKeyD2C", "ivD2C"} & set(payload)
 
 
 def test_unencrypted_request_plain_session_without_cipher():

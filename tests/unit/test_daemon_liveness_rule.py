@@ -170,3 +170,40 @@ def test_role_unit_uses_the_watchdog():
     assert "\nType=notify\n" in unit and "\nNotifyAccess=main\n" in unit
     sec = int(unit.split("\nWatchdogSec=", 1)[1].split("\n", 1)[0])
     assert sec >= 90  # above the slowest probe (lookup + TLS + from + pkam + noop)
+
+
+# --- a revoked enrollment (AT0027) is permanent until an operator acts -------------------------
+
+def test_revoked_refusal_waits_the_long_interval_not_the_backoff():
+    from noports.daemon.liveness import REVOKED_RETRY_S, RevocationGate, backoff_delay
+
+    g = RevocationGate()
+    assert g.may_try(0.0)
+    assert g.refused("AT0027", 100.0) == REVOKED_RETRY_S
+    assert 60 * backoff_delay(99) <= REVOKED_RETRY_S  # far above the 2-4 s reconnect cap
+    assert g.first_refusal  # the one error is logged now ...
+    assert not g.may_try(100.0 + REVOKED_RETRY_S - 1)  # the probe does not log in meanwhile
+    assert g.may_try(100.0 + REVOKED_RETRY_S)
+    assert g.refused("AT0027", 400.0) == REVOKED_RETRY_S
+    assert not g.first_refusal and g.revoked_since == 100.0  # ... and not again
+    assert g.cleared()  # re-approved: back to normal, and the next revocation logs again
+    assert g.may_try(401.0) and not g.cleared()
+    assert g.refused("AT0027", 500.0) and g.first_refusal
+
+
+def test_other_refusals_keep_their_behaviour():
+    from noports.daemon.liveness import RevocationGate
+
+    g = RevocationGate()
+    for code in ("AT0401", "AT0026", "AT0025", ""):
+        assert g.refused(code, 1.0) is None
+    assert g.revoked_since is None and g.may_try(1.0)
+
+
+def test_revoked_message_names_the_revocation_and_the_fix():
+    from noports.daemon.liveness import REVOKED_RETRY_S, revoked_message
+
+    m = revoked_message("@fleet", "e-123", "AT0027: enrollment_id: e-123 is revoked")
+    assert "enrollment e-123 of @fleet is revoked" in m
+    assert "noports enroll request @fleet" in m and "restart sshnpd" in m
+    assert f"every {REVOKED_RETRY_S:.0f} s" in m

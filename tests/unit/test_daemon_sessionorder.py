@@ -88,3 +88,27 @@ def test_host_events_round_trip_and_validate() -> None:
                      ({"event": "exploded"}, "unknown host event")):
         with pytest.raises(OrderError, match=why):
             HostEvent.from_line(json.dumps(bad).encode())
+
+
+def test_twin_key_order_round_trips_and_old_orders_stay_valid():
+    import json as _json
+
+    from noports.daemon.sessionorder import OrderError, SessionOrder
+
+    base = dict(session_id="3c21ce1b-19b5-4754-8d6a-0605d311bc37", client="@c",
+                relay_host="127.0.0.1", relay_port=4000, auth_line=None,
+                cipher_id="aes-256-ctr", key=b"k" * 32, iv=b"i" * 16,
+                public_line="ssh-ed25519 AAAA x", authorized_keys="/tmp/ak",
+                local_sshd_port=22, permissions="", owner="@d/pi", key_ttl=15.0)
+    twin = SessionOrder(**base, key_d2c=b"K" * 32, iv_d2c=b"I" * 16)
+    back = SessionOrder.from_line(twin.to_line())
+    assert (back.key, back.iv, back.key_d2c, back.iv_d2c) == (b"k" * 32, b"i" * 16,
+                                                              b"K" * 32, b"I" * 16)
+    old = SessionOrder(**base).to_line()  # what a daemon before twin keys writes
+    assert b"key_d2c" not in old
+    back = SessionOrder.from_line(old)
+    assert back.key_d2c is None and back.iv_d2c is None and back.key == b"k" * 32
+    half = _json.loads(twin.to_line())
+    del half["iv_d2c"]
+    with pytest.raises(OrderError, match="go together"):
+        SessionOrder.from_line(_json.dumps(half).encode())

@@ -200,3 +200,24 @@ def test_new_session_cipher_factory():
     assert d.decrypt(c.encrypt(b"hi")) == b"hi"
     with pytest.raises(ProtocolError, match="unknown session cipher"):
         new_session_cipher("rot13", key, iv, is_client=True)
+
+
+def test_twin_key_fields_hostile_or_partial_fall_back_to_one_key():
+    """Only a JSON true is an offer; a D2C key without its IV (or not a string) is ignored,
+    so a bad answer cannot split the directions half-way."""
+    from noports.npproto import twinkeys
+
+    assert twinkeys.offered({"twinKeys": True})
+    for v in ("true", 1, [True], None, {}):
+        assert not twinkeys.offered({"twinKeys": v})
+    assert not twinkeys.offered({})
+    assert twinkeys.response_secrets("K", "I", {"aesKeyD2C": "k2"}) == ("K", "I", None, None)
+    assert twinkeys.response_secrets("K", "I", {"aesKeyD2C": 5, "ivD2C": "i2"}) == \
+        ("K", "I", None, None)
+    assert twinkeys.response_secrets(None, None, {"aesKeyC2D": "K", "ivC2D": "I",
+                                                  "aesKeyD2C": "k", "ivD2C": "i"}) == \
+        ("K", "I", "k", "i")
+    c2d, d2c = (b"a" * 32, b"b" * 16), (b"c" * 32, b"d" * 16)
+    assert twinkeys.ctr_directions(c2d, d2c, is_client=True) == (c2d, d2c)
+    assert twinkeys.ctr_directions(c2d, d2c, is_client=False) == (d2c, c2d)
+    assert twinkeys.ctr_directions(c2d, None, is_client=False) == (c2d, c2d)

@@ -29,7 +29,7 @@ import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -659,7 +659,9 @@ class AtClient:
     def monitor(self, regex: str | None = ".*", since_ms: int | None = None, *,
                 self_notifications: bool = False, heartbeat_s: float = 30.0,
                 heartbeat_timeout_s: float = 10.0, backoff_base_s: float = 0.25,
-                backoff_max_s: float = 30.0, queue_size: int = 1024) -> Monitor:
+                backoff_max_s: float = 30.0, queue_size: int = 1024,
+                on_refused: Callable[[AtProtocolError], float | None] | None = None
+                ) -> Monitor:
         """Notifications matching `regex`, on a separate connection; see `Monitor`.
 
         `since_ms=None` starts from now (NoPorts daemons do not want old requests); with an
@@ -670,7 +672,7 @@ class AtClient:
         m = Monitor(self, regex, since_ms, self_notifications=self_notifications,
                     heartbeat_s=heartbeat_s, heartbeat_timeout_s=heartbeat_timeout_s,
                     backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-                    queue_size=queue_size)
+                    queue_size=queue_size, on_refused=on_refused)
         self._monitors.add(m)
         return m
 
@@ -691,12 +693,15 @@ class Monitor:
     dead when nothing comes back within `heartbeat_timeout_s`; then it reconnects with
     jittered exponential backoff and asks for a replay from the last seen ``epochMillis``.
     Cancelling a consumer waiting in ``__anext__`` does not hurt the monitor; `aclose()` (or
-    ``async with``, or `AtClient.close`) stops it.
+    ``async with``, or `AtClient.close`) stops it. `on_refused` sees each error reply after
+    the first start (a revoked key...) and may return a longer delay than the back-off.
     """
 
     def __init__(self, client: AtClient, regex: str | None, since_ms: int | None, *,
                  self_notifications: bool, heartbeat_s: float, heartbeat_timeout_s: float,
-                 backoff_base_s: float, backoff_max_s: float, queue_size: int) -> None:
+                 backoff_base_s: float, backoff_max_s: float, queue_size: int,
+                 on_refused: Callable[[AtProtocolError], float | None] | None = None
+                 ) -> None:
         self.client = client
         self.regex = regex
         self.self_notifications = self_notifications
@@ -704,6 +709,7 @@ class Monitor:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.on_refused = on_refused
         self._floor = since_ms  # never replay at or before this
         self._cursor: int | None = since_ms  # newest epochMillis (server clock) seen
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
@@ -810,6 +816,7 @@ class Monitor:
         try:
             while not self._closed:
                 started = time.monotonic()
+                override: float | None = None
                 try:
                     await self._session(fresh=not first)
                 except asyncio.CancelledError:
@@ -822,6 +829,8 @@ class Monitor:
                     # device's operator needs to read
                     log.warning("%s: monitor failed (%s: %s); reconnecting",
                                 self.client.atsign, type(exc).__name__, exc)
+                    if self.on_refused is not None and isinstance(exc, AtProtocolError):
+                        override = self.on_refused(exc)
                 except (AtClientError, OSError, ssl.SSLError) as exc:
                     log.warning("%s: monitor connection lost (%s)", self.client.atsign,
                                 type(exc).__name__)
@@ -837,7 +846,7 @@ class Monitor:
                     first = False
                 if time.monotonic() - started > 10.0:
                     attempt = 0  # it ran fine for a while: start the backoff afresh
-                delay = self._backoff(attempt)
+                delay = self._backoff(attempt) if override is None else override
                 attempt += 1
                 log.info("%s: monitor reconnecting in %.2fs", self.client.atsign, delay)
                 await asyncio.sleep(delay)

@@ -213,23 +213,31 @@ def rsa_decrypt(key: Any, ciphertext_b64: str) -> str:
     return key.decrypt(base64.b64decode(ciphertext_b64), padding.PKCS1v15()).decode("utf-8")
 
 
-def session_secrets(p: SessionParams, resp: SessionResponse,
-                    session_priv: Any) -> tuple[bytes, bytes, str]:
-    """AES mode: (key, iv, cipher id) from the device's answer, decrypted with our session
-    key; the cipher must be one we offered (no downgrade to something we did not ask for)."""
+def session_secrets(p: SessionParams, resp: SessionResponse, session_priv: Any
+                    ) -> tuple[bytes, bytes, str, tuple[bytes, bytes] | None]:
+    """AES mode: (key, iv, cipher id, daemon-to-client key and IV or None) from the device's
+    answer, decrypted with our session key; the cipher must be one we offered (no downgrade
+    to something we did not ask for). Twin keys: ``aesKeyC2D``... (npproto/twinkeys.py)."""
+    from noports.npproto import twinkeys
     from noports.npproto.streamcipher import decode_session_secrets
-    if not resp.session_aes_key or not resp.session_iv or session_priv is None:
+    key_ct, iv_ct, d2c_key_ct, d2c_iv_ct = twinkeys.response_secrets(
+        resp.session_aes_key, resp.session_iv, resp.extra)
+    if not key_ct or not iv_ct or session_priv is None:
         raise SecurityError("the device sent no session key although encryption was "
                             "requested")
+    d2c = None
     try:
-        key, iv = decode_session_secrets(rsa_decrypt(session_priv, resp.session_aes_key),
-                                         rsa_decrypt(session_priv, resp.session_iv))
+        key, iv = decode_session_secrets(rsa_decrypt(session_priv, key_ct),
+                                         rsa_decrypt(session_priv, iv_ct))
+        if d2c_key_ct is not None and d2c_iv_ct is not None:
+            d2c = decode_session_secrets(rsa_decrypt(session_priv, d2c_key_ct),
+                                         rsa_decrypt(session_priv, d2c_iv_ct))
     except (ValueError, ProtocolError, UnicodeDecodeError) as exc:
         raise SecurityError(f"cannot decrypt the session key: {exc}") from None
     cipher_id = resp.np_cipher or CIPHER_AES_CTR
     if cipher_id not in p.ciphers:
         raise SecurityError(f"the device chose cipher {cipher_id!r}, which was not offered")
-    return key, iv, cipher_id
+    return key, iv, cipher_id, d2c
 
 
 def check_ssh_mode(p: SessionParams, resp: SessionResponse, host_keys: list[str]) -> None:

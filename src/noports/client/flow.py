@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from noports.npproto import keys as npkeys
+from noports.npproto import twinkeys
 from noports.npproto.envelope import dart_iso, relay_auth_payload, sign_envelope
 from noports.npproto.errors import ProtocolError
 from noports.npproto.escr import escr_auth_for
@@ -531,7 +532,9 @@ class _Flow:
             encrypt_rvd_traffic=p.tunnel_mode == "aes", client_ephemeral_pk=pub,
             client_ephemeral_pk_type="rsa2048" if pub else None,
             np_ciphers=list(p.ciphers) if p.tunnel_mode == "aes" else None,
-            extra=extra or {})
+            extra=dict(extra or {}))
+        if p.tunnel_mode == "aes":  # a key per direction if the daemon agrees (AES-CTR)
+            req.extra[twinkeys.OFFER] = True
         return (npkeys.ssh_request_key(p.device_atsign, p.device, p.client_atsign),
                 sign_envelope(req.to_dict(), self.keys.encrypt_private))
 
@@ -637,8 +640,8 @@ class _Flow:
         from noports.npproto.streamcipher import new_session_cipher
 
         from .tunnel import AesTunnel
-        key, iv, cipher_id = checks.session_secrets(self.p, resp, session_priv)
-        cipher = new_session_cipher(cipher_id, key, iv, is_client=True)
+        key, iv, cipher_id, d2c = checks.session_secrets(self.p, resp, session_priv)
+        cipher = new_session_cipher(cipher_id, key, iv, is_client=True, d2c=d2c)
         return AesTunnel(relay_sock, cipher), cipher_id
 
     async def ssh_tunnel(self, resp: SessionResponse, relay_sock: socket.socket, user: str,

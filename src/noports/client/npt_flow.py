@@ -135,7 +135,7 @@ class NptFlow(_Flow):
                      relay_sock: socket.socket, session_priv: Any) -> NptSession:
         p = self.p
         try:
-            key, iv, cipher_id = checks.session_secrets(p, resp, session_priv)
+            key, iv, cipher_id, _d2c = checks.session_secrets(p, resp, session_priv)  # npt offers no twin keys
         except BaseException:
             relay_sock.close()
             raise

@@ -27,7 +27,7 @@ from typing import Any
 
 from noports import crypto
 from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
-from noports.npproto import escr
+from noports.npproto import escr, twinkeys
 from noports.npproto.dartjson import dart_json_decode
 from noports.npproto.envelope import (
     parse_dart_iso,
@@ -176,6 +176,7 @@ class SessionPlan:
     iv: bytes | None
     ephemeral: EphemeralKey
     response: Reply
+    d2c: tuple[bytes, bytes] | None = None  # twin keys: the daemon-to-client key and IV
 
     def __repr__(self) -> str:
         return (f"SessionPlan(session_id={self.session_id!r}, client={self.client!r}, "
@@ -464,6 +465,9 @@ class DaemonHandler:
             except (crypto.CryptoError, ValueError, TypeError) as exc:
                 return self._error_reply(sender, sid, ERR_TUNNEL.format(
                     err=f"unusable clientEphemeralPK ({type(exc).__name__})"))
+        d2c, twin = None, None
+        if cipher_id == CIPHER_AES_CTR and twinkeys.offered(sr.extra):
+            d2c, twin = self._twin_keys(sr.client_ephemeral_pk, aes_ct, iv_ct)
         auth_line = None
         if sr.authenticate_to_rvd:
             assert sr.client_nonce is not None and sr.rvd_nonce is not None
@@ -479,13 +483,30 @@ class DaemonHandler:
             np_cipher=cipher_id)
         if official:  # no hostKeys, no npCipher (AES-256-CTR), ephemeralPrivateKey: null
             resp.host_keys = resp.np_cipher = resp.ephemeral_private_key = None
+        if twin is not None:  # official names: aesKeyC2D/ivC2D replace sessionAESKey/IV
+            resp.session_aes_key = resp.session_iv = None
+            resp.extra.update(twin)
         key_name = _name(session_response_key(sender, sid, self.config.device,
                                               self.config.atsign))
         envelope = sign_envelope(resp.to_dict(), self._signing_key)
         return SessionPlan(
             session_id=sid, client=sender, relay_host=sr.host, relay_port=sr.port,
             auth_line=auth_line, cipher_id=cipher_id, key=key, iv=iv, ephemeral=eph,
-            response=Reply(sender, key_name, envelope, session_id=sid))
+            response=Reply(sender, key_name, envelope, session_id=sid), d2c=d2c)
+
+    def _twin_keys(self, client_pk: str | None, c2d_key_ct: str | None, c2d_iv_ct: str | None
+                   ) -> tuple[tuple[bytes, bytes] | None, dict[str, str] | None]:
+        """The client offered twin keys: a second key and IV for daemon-to-client, and the
+        response fields; (None, None) keeps the single key when it cannot be encrypted."""
+        if client_pk is None or c2d_key_ct is None or c2d_iv_ct is None:
+            return None, None
+        key, iv = self._randbytes(KEY_LEN), self._randbytes(IV_LEN)
+        try:
+            k_ct = crypto.rsa_encrypt(client_pk, base64.b64encode(key).decode("ascii"))
+            iv_ct = crypto.rsa_encrypt(client_pk, base64.b64encode(iv).decode("ascii"))
+        except (crypto.CryptoError, ValueError, TypeError):
+            return None, None
+        return (key, iv), twinkeys.response_fields(c2d_key_ct, c2d_iv_ct, k_ct, iv_ct)
 
     # -- npt_request (K5') ---------------------------------------------------------------------
 

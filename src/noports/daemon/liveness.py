@@ -35,6 +35,11 @@ MONITOR_HEARTBEAT_TIMEOUT_S = 5.0
 #: reconnect back-off: base * 2^attempt, capped, times a jitter factor in [0.5, 1]
 RECONNECT_BACKOFF_BASE_S = 0.25
 RECONNECT_BACKOFF_MAX_S = 4.0
+#: a revoked enrollment (AT0027) does not come back by itself: log in again only this often
+#: (still retrying, so a device the operator reinstates returns without a visit)
+REVOKED_RETRY_S = 300.0
+#: atServer refusals that are permanent until an operator acts
+REVOKED_CODES = frozenset({"AT0027"})
 #: how often the daemon samples itself when systemd asks for no watchdog
 CHECK_INTERVAL_S = 10.0
 #: a probe (``noop:0`` on the command connection, a worker-thread round trip) must end in this
@@ -47,6 +52,57 @@ def backoff_delay(attempt: int, base: float = RECONNECT_BACKOFF_BASE_S,
                   cap: float = RECONNECT_BACKOFF_MAX_S, jitter: float = 1.0) -> float:
     """Delay before reconnect ``attempt`` (0-based); ``jitter`` is the factor in [0.5, 1]."""
     return min(cap, base * 2 ** min(attempt, 20)) * min(1.0, max(0.5, jitter))
+
+
+def revoked_message(atsign: str, enrollment_id: str | None, detail: str) -> str:
+    """The one error a revoked device logs: what happened and what the operator does."""
+    eid = f" {enrollment_id}" if enrollment_id else ""
+    return (f"the enrollment{eid} of {atsign} is revoked ({detail}): the atServer refuses "
+            f"this device's key. Re-enroll the device (`noports enroll request {atsign} "
+            f"--device NAME ...`, approved by the operator) and restart sshnpd with the new "
+            f"keys; until then sshnpd tries to log in once every {REVOKED_RETRY_S:.0f} s")
+
+
+class RevocationGate:
+    """Whether our key was refused as revoked, and when a login may be tried again.
+
+    Why: without this the monitor's reconnect loop (2-4 s back-off cap) and the liveness
+    probe keep logging in with a key the atServer will refuse until an operator acts. Pure:
+    the service edge passes the clock and the refusal's error code.
+    """
+
+    def __init__(self, retry_s: float = REVOKED_RETRY_S) -> None:
+        self.retry_s = retry_s
+        self.revoked_since: float | None = None
+        self.refusals = 0  # revocation refusals in this episode
+        self._last_try: float | None = None
+
+    def refused(self, code: str, now: float) -> float | None:
+        """A login was refused with ``code``: the delay before the next try, or None when
+        the refusal is not a revocation (the caller's ordinary back-off applies)."""
+        if code not in REVOKED_CODES:
+            return None
+        if self.revoked_since is None:
+            self.revoked_since = now
+        self.refusals += 1
+        self._last_try = now
+        return self.retry_s
+
+    @property
+    def first_refusal(self) -> bool:
+        """The last refusal started this revocation episode (log the error once)."""
+        return self.refusals == 1
+
+    def may_try(self, now: float) -> bool:
+        """A login may be tried now (not revoked, or the retry interval has passed)."""
+        return self._last_try is None or now - self._last_try >= self.retry_s
+
+    def cleared(self) -> bool:
+        """A login succeeded: the enrollment is valid again. True when it had been revoked."""
+        was = self.revoked_since is not None
+        self.revoked_since = self._last_try = None
+        self.refusals = 0
+        return was
 
 
 @dataclass(frozen=True)
@@ -153,5 +209,6 @@ def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = No
     return int(usec) / 1e6 / 2
 
 
-__all__ = ["LivenessRule", "Sample", "Verdict", "backoff_delay", "notify_socket_address",
-           "sd_notify", "watchdog_interval"]
+__all__ = ["REVOKED_RETRY_S", "LivenessRule", "RevocationGate", "Sample", "Verdict",
+           "backoff_delay", "notify_socket_address", "revoked_message", "sd_notify",
+           "watchdog_interval"]

@@ -61,8 +61,10 @@ from .liveness import (
     RECONNECT_BACKOFF_BASE_S,
     RECONNECT_BACKOFF_MAX_S,
     LivenessRule,
+    RevocationGate,
     Sample,
     backoff_delay,
+    revoked_message,
     sd_notify,
     watchdog_interval,
 )
@@ -124,6 +126,7 @@ class Daemon:
         self.host.on_lost = self._host_lost
         self._host_spawn: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.revocation = RevocationGate()  # our key refused as revoked: log in rarely
         self._pk_cache: dict[str, tuple[str, float]] = {}
         self._sem = asyncio.Semaphore(max(4, config.max_sessions))
         self._stop: asyncio.Event | None = None
@@ -179,7 +182,8 @@ class Daemon:
         monitor = client.monitor(
             daemon_subscription_regex(c.device), heartbeat_s=beat,
             heartbeat_timeout_s=min(MONITOR_HEARTBEAT_TIMEOUT_S, max(1.0, beat / 2)),
-            backoff_base_s=RECONNECT_BACKOFF_BASE_S, backoff_max_s=RECONNECT_BACKOFF_MAX_S)
+            backoff_base_s=RECONNECT_BACKOFF_BASE_S, backoff_max_s=RECONNECT_BACKOFF_MAX_S,
+            on_refused=self._refused)
         consumer = asyncio.create_task(self._consume(monitor), name="sshnpd consume")
         sharer = asyncio.create_task(self._share_loop(), name="sshnpd share")
         sweeper = asyncio.create_task(self._sweep_loop(), name="sshnpd sweep")
@@ -264,9 +268,15 @@ class Daemon:
         attempt = 0
         while self._stop is None or not self._stop.is_set():
             try:
-                return await self._client_factory(c.atsign, self.keys, c.root, self.ssl_ctx)
+                client = await self._client_factory(c.atsign, self.keys, c.root, self.ssl_ctx)
+                self.revocation.cleared()
+                return client
             except AtProtocolError as exc:
-                raise DaemonError(f"cannot authenticate {c.atsign}: {exc}") from None
+                delay = self._refused(exc)
+                if delay is None:
+                    raise DaemonError(f"cannot authenticate {c.atsign}: {exc}") from None
+                if watchdog_interval():
+                    sd_notify("WATCHDOG=1")
             except (AtClientError, OSError, ssl.SSLError) as exc:
                 delay = backoff_delay(attempt, jitter=random.uniform(0.5, 1.0))
                 attempt += 1
@@ -274,12 +284,22 @@ class Daemon:
                             c.atsign, exc, delay, extra={"event": "connect_retry"})
                 if watchdog_interval():  # each attempt ended within its timeouts: alive
                     sd_notify("WATCHDOG=1")
-                if self._stop is None:
-                    await asyncio.sleep(delay)
-                else:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
         return None
+
+    def _refused(self, exc: AtProtocolError) -> float | None:
+        """The atServer refused our login: a revoked key waits long (one error logged per
+        revocation); other refusals keep their caller's behaviour (None)."""
+        delay = self.revocation.refused(exc.code, time.monotonic())
+        if delay is not None and self.revocation.first_refusal:
+            log.error("%s", revoked_message(self.config.atsign, self.keys.enrollment_id,
+                                            str(exc)), extra={"event": "revoked"})
+            sd_notify(f"STATUS=enrollment revoked; retrying every {delay:.0f}s")
+        return delay
 
     # -- liveness -------------------------------------------------------------------------------
 
@@ -310,8 +330,13 @@ class Daemon:
         task = getattr(monitor, "_task", None)
         ready = getattr(monitor, "_ready", None)
         probe = "ok"
+        if bool(ready is not None and ready.is_set()) and self.revocation.cleared():
+            log.info("%s logged in again: its enrollment is valid again", self.config.atsign,
+                     extra={"event": "reinstated"})
         try:
             assert self.client is not None
+            if not self.revocation.may_try(time.monotonic()):
+                raise AtClientError("enrollment revoked: not logging in before the retry")
             # every step has its own timeout (lookup, TLS, from, pkam, noop); only a probe
             # outliving all of them, plus a command ahead of it, counts as hung
             bound = 6 * self.client.timeout + PROBE_TIMEOUT_S
@@ -319,6 +344,9 @@ class Daemon:
                                    bound)
         except asyncio.TimeoutError:
             probe = "hung"
+        except AtProtocolError as exc:
+            self._refused(exc)
+            probe = "network"  # refused, not wedged: restarting would not help
         except (AtClientError, OSError, ssl.SSLError):
             probe = "network"
         try:
@@ -524,7 +552,11 @@ class Daemon:
             key=plan.key, iv=plan.iv, public_line=plan.ephemeral.public_line,
             authorized_keys=str(self.authorized_keys.path),
             local_sshd_port=c.local_sshd_port, permissions=c.ephemeral_permissions,
-            owner=self.owner, key_ttl=c.ephemeral_key_ttl)
+            owner=self.owner, key_ttl=c.ephemeral_key_ttl,
+            key_d2c=plan.d2c[0] if plan.d2c else None, iv_d2c=plan.d2c[1] if plan.d2c else None)
+        if plan.d2c is not None:
+            log.info("session %s: twin keys (a separate AES-CTR key per direction)", sid,
+                     extra={"event": "twin_keys", "session": sid, "sender": plan.client})
         err = await self.host.start(order)
         if err:
             await self._send(self.handler.tunnel_failed(plan, err))

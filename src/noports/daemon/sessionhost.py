@@ -139,7 +139,8 @@ class SessionHost:
         to_relay = from_relay = None
         if o.cipher_id is not None:
             assert o.key is not None and o.iv is not None
-            cipher = new_session_cipher(o.cipher_id, o.key, o.iv, is_client=False)
+            d2c = None if o.key_d2c is None or o.iv_d2c is None else (o.key_d2c, o.iv_d2c)
+            cipher = new_session_cipher(o.cipher_id, o.key, o.iv, is_client=False, d2c=d2c)
 
             def decrypt(data: bytes) -> bytes:
                 try:

@@ -53,6 +53,10 @@ class SessionOrder:
     permissions: str
     owner: str
     key_ttl: float
+    # twin keys (AES-CTR): the daemon-to-client key and IV; absent in older orders, where
+    # key/iv serve both directions
+    key_d2c: Optional[bytes] = None  # noqa: UP045
+    iv_d2c: Optional[bytes] = None  # noqa: UP045
 
     def __repr__(self) -> str:
         return (f"SessionOrder(session_id={self.session_id!r}, client={self.client!r}, "
@@ -74,6 +78,9 @@ class SessionOrder:
             if isinstance(raw, EscrAuth):
                 raw = None
             d[name] = None if raw is None else base64.b64encode(raw).decode("ascii")
+        if self.key_d2c is not None and self.iv_d2c is not None:
+            d["key_d2c"] = base64.b64encode(self.key_d2c).decode("ascii")
+            d["iv_d2c"] = base64.b64encode(self.iv_d2c).decode("ascii")
         return json.dumps(d, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
@@ -82,7 +89,11 @@ class SessionOrder:
         if d.get("op") != "start":
             raise OrderError(f"unknown order {d.get('op')!r}")
         try:
+            key_d2c, iv_d2c = _b64(d, "key_d2c"), _b64(d, "iv_d2c")
+            if (key_d2c is None) != (iv_d2c is None):
+                raise ValueError("key_d2c and iv_d2c go together")
             return cls(
+                key_d2c=key_d2c, iv_d2c=iv_d2c,
                 session_id=validate_session_id(_str(d, "session_id")),
                 client=_str(d, "client"), relay_host=_str(d, "relay_host"),
                 relay_port=_port(d, "relay_port"),

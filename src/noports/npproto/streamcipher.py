@@ -212,11 +212,13 @@ class SessionCipher(Protocol):
 
 
 class CtrDuplex:
-    """The official two-way setup: one CtrStream per direction, same key and IV for both."""
+    """The official two-way setup: one CtrStream per direction, same key and IV for both
+    unless twin keys give the incoming direction its own (``in_key``/``in_iv``)."""
 
-    def __init__(self, key: bytes, iv: bytes) -> None:
+    def __init__(self, key: bytes, iv: bytes, in_key: bytes | None = None,
+                 in_iv: bytes | None = None) -> None:
         self._out = CtrStream(key, iv)
-        self._in = CtrStream(key, iv)
+        self._in = CtrStream(key if in_key is None else in_key, iv if in_iv is None else in_iv)
 
     def encrypt(self, data: bytes) -> bytes:
         return self._out.process(data)
@@ -231,10 +233,16 @@ class CtrDuplex:
         return None  # CTR cannot detect truncation
 
 
-def new_session_cipher(cipher_id: str, key: bytes, iv: bytes, *, is_client: bool) -> SessionCipher:
-    """Build the negotiated cipher (``npCipher`` of M5; absent = :data:`CIPHER_AES_CTR`)."""
+def new_session_cipher(cipher_id: str, key: bytes, iv: bytes, *, is_client: bool,
+                       d2c: tuple[bytes, bytes] | None = None) -> SessionCipher:
+    """Build the negotiated cipher (``npCipher`` of M5; absent = :data:`CIPHER_AES_CTR`).
+
+    ``key``/``iv`` are the client-to-daemon secrets; ``d2c`` the daemon-to-client ones when
+    twin keys were agreed (AES-CTR only: the AEAD cipher derives its own per direction)."""
     if cipher_id == CIPHER_AES_CTR:
-        return CtrDuplex(key, iv)
+        from .twinkeys import ctr_directions
+        (ok, oiv), (ik, iiv) = ctr_directions((key, iv), d2c, is_client=is_client)
+        return CtrDuplex(ok, oiv, ik, iiv)
     if cipher_id == CIPHER_CHACHA20_POLY1305:
         return AeadStream(key, iv, is_client=is_client)
     raise ProtocolError(f"unknown session cipher {cipher_id!r}")
