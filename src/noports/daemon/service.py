@@ -496,9 +496,12 @@ class Daemon:
             return
         for t in sess.timers:  # the key-expiry timer is separate: it must still run
             t.cancel()
-        log.info("session %s ended (%s): %d bytes to the client, %d from it", sid,
-                 sp.close_reason, sp.bytes_ab, sp.bytes_ba,
-                 extra={"event": "session_ended", "session": sid})
+        # "clean": both ends sent and checked their end-of-stream frames; "aborted: ...":
+        # a real cut (relay or client gone mid-stream), worth a warning
+        level = logging.WARNING if sp.close_reason.startswith("aborted") else logging.INFO
+        log.log(level, "session %s ended (%s): %d bytes to the client, %d from it", sid,
+                sp.close_reason, sp.bytes_ab, sp.bytes_ba,
+                extra={"event": "session_ended", "session": sid})
 
     async def _fail_session(self, sess: _Session, err: str) -> None:
         sid = sess.plan.session_id
