@@ -456,6 +456,13 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
         # winding down (asyncio.run cancels and awaits what is left) must not hang either
         watchdog.arm_exit(code if code is not None else EXIT_TUNNEL)
         serving.cancel()
+        if serving.done() and not serving.cancelled() and serving.exception() is not None:
+            # the tunnel failed under ssh (relay lost): ssh says "closed", we say why
+            exc = serving.exception()
+            if isinstance(exc, SshnpError):
+                progress.error(str(exc))
+            else:
+                log.debug("tunnel ended with %r", exc)
         session.close()
 
 

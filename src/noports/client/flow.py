@@ -668,6 +668,12 @@ class _Flow:
                 t.exception()
         if self.keygen is not None and not self.keygen.done():
             self.keygen.cancel()
+        # answers nobody waits for any more (the monitor failing sets them all): retrieved
+        for fut in (*self.router.relay_answers.values(), *self.router.session_answers.values()):
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            else:
+                fut.cancel()
 
 
 _PRESTARTED: list[Any] = []
