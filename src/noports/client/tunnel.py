@@ -154,15 +154,23 @@ class SshTunnel:
         self.alias = alias
         self.peer = "the relay"
         self.closed = False
+        self.on_failure: Callable[[str], None] | None = None  # as AesTunnel's
+        self._early: TunnelError | None = None
+
+    def _lost(self) -> TunnelError | None:
+        """The outer SSH died under a channel (relay or device gone): the error, else None."""
+        if self.closed or self.transport.is_active():
+            return None
+        exc = self.transport.get_exception()
+        why = f" ({str(exc) or type(exc).__name__})" if exc else ""
+        return TunnelError(f"relay connection lost: the outer SSH through {self.peer} "
+                           f"ended{why}", hint="srvd or the device's sshnpd stopped "
+                           "mid-session; check both")
 
     def _check(self) -> None:
-        """The outer SSH died under a channel (relay or device gone): say so."""
-        if not self.closed and not self.transport.is_active():
-            exc = self.transport.get_exception()
-            raise TunnelError(f"relay connection lost: the outer SSH through {self.peer} "
-                              f"ended{f' ({exc})' if exc else ''}",
-                              hint="srvd or the device's sshnpd stopped mid-session; "
-                              "check both")
+        err = self._early or self._lost()
+        if err is not None:
+            raise err
 
     @classmethod
     def connect(cls, sock: socket.socket, user: str, private_key: str, host_keys: list[str],
@@ -255,6 +263,12 @@ class SshTunnel:
                 view = view[n:]
 
         def out_eof() -> None:
+            # report before closing stdout: ssh (and the Ansible plugin) then finds the line
+            err = self._lost()
+            if err is not None and self.on_failure is not None:
+                self.on_failure(str(err))
+                err.reported = True
+                self._early = err
             with contextlib.suppress(OSError):
                 os.close(stdout_fd)
 

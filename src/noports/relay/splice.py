@@ -418,7 +418,9 @@ class ProtocolSplice(Splice):
         if not self.closed:
             if exc is not None:
                 self._fail_with(end.name, exc)
-            self.close(f"connection lost: {exc}" if exc else "connection closed")
+            # a real cut (a reset, or a close before the EOF): "aborted", as the owner's log says
+            self.close(f"aborted: connection lost: {exc}" if exc
+                       else "aborted: connection closed")
         self._end_gone()
 
     def _consumer_gone(self, end: _SockEnd) -> None:
