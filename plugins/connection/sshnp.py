@@ -598,8 +598,8 @@ class Connection(SshConnection):
         if hold <= 0 or any(to_bytes(a) == b"-O" for a in cmd):
             return None
         control = _control_path(cmd)
-        if control is None or os.path.exists(control):
-            return None  # a live master (or an unknown one) carries the command
+        if control is None or "%" in control or os.path.exists(control):
+            return None  # a live master (or one we cannot see: ssh's %-tokens) may carry it
         try:
             ident = self.sshnp_identity()
             path = self.client_log_path(ident)
