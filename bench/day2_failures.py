@@ -96,7 +96,7 @@ def async_case(env: Env, base: Path, async_s: int, poll: int) -> float:
     play = Play(env, base / "ansible", Path(tempfile.mkdtemp(prefix="np15b-", dir="/tmp")))
     mark = len(env.daemon.lines)
     killed: list[float] = []
-    kill_relay_later(env, mark, 3.0, killed)
+    kill_relay_later(env, mark, 1.0, killed, after=base / "ansible" / "async")
     try:
         play.run("async", "box", [{"ansible.builtin.command": "sleep 600", "async": async_s,
                                    "poll": poll}], timeout=async_s * 3 + 120)

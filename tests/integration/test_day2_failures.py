@@ -276,6 +276,7 @@ class Play:
             "ansible_sshnp_root_domain": env.root, "ansible_sshnp_ca_file": env.ca,
             "ansible_sshnp_keys_file": str(env.keyfile(CLIENT)),
             "ansible_sshnp_known_hosts_file": str(base / "kh"),
+            "ansible_async_dir": str(base / "async"),  # its job file: the job is running
             # a short ControlPersist: its expiry is one of the normal ends checked
             "ansible_ssh_args": "-o ControlMaster=auto -o ControlPersist=3s"}
         self.inventory = base / "inventory.json"
@@ -314,9 +315,14 @@ def unreachable_msg(text: str, host: str) -> str:
     raise AssertionError(f"{host} was not UNREACHABLE:\n{text[-4000:]}")
 
 
-def kill_relay_later(env: Env, mark: int, delay: float, when: list[float]) -> threading.Thread:
+def kill_relay_later(env: Env, mark: int, delay: float, when: list[float],
+                     after: Path | None = None) -> threading.Thread:
+    """Kill srvd ``delay`` s after the next session started (and ``after`` exists)."""
     def work() -> None:
         wait_session_started(env, mark, timeout=90)
+        deadline = time.monotonic() + 90
+        while after is not None and not any(after.glob("*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
         time.sleep(delay)
         env.relay.kill9()
         when.append(time.monotonic())
@@ -356,10 +362,10 @@ def test_ansible_day2(env: Env, short_dir: Path, tmp_path: Path) -> None:
     assert msg.split(" [device ")[0] in RELAY_LOST, msg
     assert "Data could not be sent" not in msg
 
-    # srvd killed during async/poll: every poll retry after the cut fails at once
+    # srvd killed during async/poll (once the job runs): each poll retry fails at once
     mark = len(env.daemon.lines)
     killed = []
-    kill_relay_later(env, mark, 3.0, killed)
+    kill_relay_later(env, mark, 1.0, killed, after=tmp_path / "async")
     try:
         text, recap, took = play.run("async", "box", [{
             "ansible.builtin.command": "sleep 60", "async": 20, "poll": 2}])
