@@ -217,7 +217,8 @@ options:
       - Only within the same Ansible run, and only while no tunnel (ControlMaster) is up for the host.
       - Why - Ansible keeps retrying some failures (C(async)/C(poll) retries every poll interval until the
         task's C(async) time is used up; C(wait_for_connection), C(reboot)); a dead relay would make every
-        retry wait the whole relay timeout. The first attempt after the hold makes a real rendezvous again.
+        retry wait the whole relay timeout. The first attempt after the hold makes a real rendezvous again;
+        after a relay failure in this run (within 10 minutes) it waits 5 s for the relay instead of O(relay_timeout).
     type: float
     default: 30
     vars:
@@ -302,6 +303,11 @@ _CLIENT_RELAY_TIMEOUT = 20.0
 _CLIENT_DAEMON_TIMEOUT = 15.0
 _CLIENT_CONNECT_TIMEOUT = 10.0
 _FALLBACK_CONTROL_PERSIST = "60s"
+#: after a relay failure in this run, retries wait this long for a relay (not 20 s) ...
+RETRY_RELAY_TIMEOUT_S = 5.0
+#: ... for this long after the failure
+RETRY_WINDOW_S = 600.0
+_RELAY_FAILURE = re.compile(r"^(?:relay: |tunnel: relay connection lost)")
 #: ``sh -c`` script: $1 is the log file, the rest is the client's argv
 _REDIRECT_STDERR = 'f=$1; shift; exec "$@" 2>"$f"'
 
@@ -485,8 +491,18 @@ class Connection(SshConnection):
             argv += ["--tunnel-mode", str(mode)]
             if mode == "ssh" and ident.remote_user:
                 argv += ["-u", ident.remote_user]
-        for opt in ("relay_timeout", "daemon_timeout", "connect_timeout"):
-            value = self._opt(opt)
+        timeouts = {opt: self._opt(opt) for opt in
+                    ("relay_timeout", "daemon_timeout", "connect_timeout")}
+        recent = self.failure_in_this_run(ident, RETRY_WINDOW_S)
+        if recent is not None and _RELAY_FAILURE.match(recent[0]):
+            # the relay failed minutes ago in this run (async/poll, wait_for_connection
+            # retries): a live relay answers in well under a second, a dead one would make
+            # each retry wait the whole relay timeout
+            configured = timeouts["relay_timeout"]
+            timeouts["relay_timeout"] = min(
+                float(configured) if configured not in (None, "") else _CLIENT_RELAY_TIMEOUT,
+                RETRY_RELAY_TIMEOUT_S)
+        for opt, value in timeouts.items():
             if value not in (None, ""):
                 argv += ["--" + opt.replace("_", "-"), f"{float(value):g}"]
         if ident.port is not None:
@@ -586,6 +602,26 @@ class Connection(SshConnection):
                 raise AnsibleConnectionFailure(message)
         return rc, b_out, b_err
 
+    def failure_in_this_run(self, ident: SshnpIdentity, within: float
+                            ) -> tuple[str, float] | None:
+        """(the client's error, its age in s) if this host's last client run failed less
+        than ``within`` s ago during this Ansible run, else None."""
+        try:
+            path = self.client_log_path(ident)
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return None
+        age = time.time() - mtime
+        run_start = _run_started()
+        if not 0 <= age < within or run_start is None or mtime < run_start:
+            return None
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                step = client_failure(fh.read(65536))
+        except OSError:
+            return None
+        return (step, age) if step else None
+
     def held_failure(self, cmd: list[bytes]) -> str | None:
         """The failure to repeat at once instead of a new rendezvous (see ``failure_hold``):
         the client log of this host says the last tunnel failed (its ``sshnp: error:``
@@ -602,21 +638,12 @@ class Connection(SshConnection):
             return None  # a live master (or one we cannot see: ssh's %-tokens) may carry it
         try:
             ident = self.sshnp_identity()
-            path = self.client_log_path(ident)
-            mtime = os.stat(path).st_mtime
-        except (OSError, AnsibleError):
+        except AnsibleError:
             return None
-        age = time.time() - mtime
-        run_start = _run_started()
-        if not 0 <= age < hold or run_start is None or mtime < run_start:
+        found = self.failure_in_this_run(ident, hold)
+        if found is None:
             return None
-        try:
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                step = client_failure(fh.read(65536))
-        except OSError:
-            return None
-        if not step:
-            return None
+        step, age = found
         display.vvv(f"SSH: sshnp: the tunnel failed {age:.1f}s ago; not retried before "
                     f"failure_hold ({hold:g}s)", host=self.host)
         return (f"sshnp: {step} [{ident.describe()}] (failed {age:.0f}s ago in this run; a "

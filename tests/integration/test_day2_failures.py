@@ -94,6 +94,8 @@ def session_ends(env: Env, mark: int, n: int, timeout: float = 20) -> list[str]:
                 for ln in env.daemon.lines[mark:] if " ended (" in ln]
         if len(ends) >= n or time.monotonic() > deadline:
             assert len(ends) >= n, "\n".join(env.daemon.lines[mark:][-30:])
+            if not all(e == "clean" for e in ends[:n]):  # what the failing test will need
+                print("\n".join(env.daemon.lines[mark:][-30:]))
             return ends
 
 

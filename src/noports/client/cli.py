@@ -544,7 +544,7 @@ def _print_main(opts: CliOptions, progress: Progress) -> int:
 
 
 #: after ssh's SIGHUP, how long the tunnel may take to finish its clean end
-HUP_GRACE_S = 5.0
+HUP_GRACE_S = 10.0
 
 
 async def _stdio_main(params: SessionParams, progress: Progress) -> int:

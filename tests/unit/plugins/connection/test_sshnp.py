@@ -473,3 +473,17 @@ def test_control_path_and_run_start_helpers():
     assert plugin._control_path([b"ssh", b"host"]) is None
     started = plugin._run_started()  # this process's parent: started before us
     assert started is None or started <= time.time()
+
+
+@pytest.mark.parametrize("log_text,expected", [
+    ("sshnp: error: tunnel: relay connection lost: the stream from relay @rv_eu ended\n", "5"),
+    ("sshnp: error: relay: relay @rv_eu did not answer within 20s\n", "5"),
+    ("sshnp: error: device: @alice_device did not answer within 15s\n", None),
+])
+def test_retry_after_a_relay_failure_waits_less_for_the_relay(monkeypatch, log_text, expected):
+    """After the hold, a retry through a dead relay costs 5 s, not the whole relay timeout."""
+    import time
+    conn, _calls = _held_setup(monkeypatch, run_started=time.time() - 60, log_text=log_text)
+    argv = client_argv(opts_of(build(conn, "true"))["proxycommand"])
+    got = argv[argv.index("--relay-timeout") + 1] if "--relay-timeout" in argv else None
+    assert got == expected
