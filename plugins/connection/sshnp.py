@@ -210,6 +210,24 @@ options:
     ini:
       - section: sshnp_connection
         key: extra_args
+  failure_hold:
+    description:
+      - Seconds for which a host whose tunnel failed (the client named the failed step) fails again at once,
+        with the same message, instead of making a new rendezvous; V(0) turns it off.
+      - Only within the same Ansible run, and only while no tunnel (ControlMaster) is up for the host.
+      - Why - Ansible keeps retrying some failures (C(async)/C(poll) retries every poll interval until the
+        task's C(async) time is used up; C(wait_for_connection), C(reboot)); a dead relay would make every
+        retry wait the whole relay timeout. The first attempt after the hold makes a real rendezvous again;
+        after a relay failure in this run (within 10 minutes) it waits 5 s for the relay instead of O(relay_timeout).
+    type: float
+    default: 30
+    vars:
+      - name: ansible_sshnp_failure_hold
+    env:
+      - name: ANSIBLE_SSHNP_FAILURE_HOLD
+    ini:
+      - section: sshnp_connection
+        key: failure_hold
   client_verbosity:
     description:
       - V(0) runs the client with C(-q) (errors only). V(1) keeps its progress lines, V(2) and more add C(-v) flags.
@@ -285,6 +303,11 @@ _CLIENT_RELAY_TIMEOUT = 20.0
 _CLIENT_DAEMON_TIMEOUT = 15.0
 _CLIENT_CONNECT_TIMEOUT = 10.0
 _FALLBACK_CONTROL_PERSIST = "60s"
+#: after a relay failure in this run, retries wait this long for a relay (not 20 s) ...
+RETRY_RELAY_TIMEOUT_S = 5.0
+#: ... for this long after the failure
+RETRY_WINDOW_S = 600.0
+_RELAY_FAILURE = re.compile(r"^(?:relay: |tunnel: relay connection lost)")
 #: ``sh -c`` script: $1 is the log file, the rest is the client's argv
 _REDIRECT_STDERR = 'f=$1; shift; exec "$@" 2>"$f"'
 
@@ -328,6 +351,37 @@ def client_failure(stderr: bytes | str) -> str | None:
     ssh's), or None when the client reported nothing."""
     found = _CLIENT_ERROR.findall(to_text(stderr, errors="surrogate_or_replace"))
     return found[-1] if found else None
+
+
+def _control_path(cmd: list[bytes]) -> str | None:
+    """The ``ControlPath`` ssh will use (the first ``-o ControlPath=`` wins), or None."""
+    for i, arg in enumerate(cmd):
+        text = to_text(arg, errors="surrogate_or_replace")
+        if text == "-o" and i + 1 < len(cmd):
+            text = to_text(cmd[i + 1], errors="surrogate_or_replace")
+        elif text.startswith("-o"):
+            text = text[2:]
+        else:
+            continue
+        key, sep, value = text.partition("=")
+        if sep and key.strip().lower() == "controlpath":
+            value = value.strip().strip('"')
+            return None if value.lower() == "none" else value
+    return None
+
+
+def _run_started() -> float | None:
+    """When this Ansible run began: the start time of the process that forked this worker
+    (ansible-playbook, ansible, ansible-runner's), from /proc; None where there is none."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 (starttime), counted after "pid (comm)"
+        with open("/proc/stat", encoding="ascii") as fh:
+            btime = next(int(ln.split()[1]) for ln in fh if ln.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def client_warnings(text: bytes | str) -> list[str]:
@@ -437,8 +491,18 @@ class Connection(SshConnection):
             argv += ["--tunnel-mode", str(mode)]
             if mode == "ssh" and ident.remote_user:
                 argv += ["-u", ident.remote_user]
-        for opt in ("relay_timeout", "daemon_timeout", "connect_timeout"):
-            value = self._opt(opt)
+        timeouts = {opt: self._opt(opt) for opt in
+                    ("relay_timeout", "daemon_timeout", "connect_timeout")}
+        recent = self.failure_in_this_run(ident, RETRY_WINDOW_S)
+        if recent is not None and _RELAY_FAILURE.match(recent[0]):
+            # the relay failed minutes ago in this run (async/poll, wait_for_connection
+            # retries): a live relay answers in well under a second, a dead one would make
+            # each retry wait the whole relay timeout
+            configured = timeouts["relay_timeout"]
+            timeouts["relay_timeout"] = min(
+                float(configured) if configured not in (None, "") else _CLIENT_RELAY_TIMEOUT,
+                RETRY_RELAY_TIMEOUT_S)
+        for opt, value in timeouts.items():
             if value not in (None, ""):
                 argv += ["--" + opt.replace("_", "-"), f"{float(value):g}"]
         if ident.port is not None:
@@ -516,6 +580,9 @@ class Connection(SshConnection):
 
     def _bare_run(self, cmd: list[bytes], in_data: bytes | None, sudoable: bool = True,
                   checkrc: bool = True) -> tuple[int, bytes, bytes]:
+        held = self.held_failure(cmd)
+        if held:
+            raise AnsibleConnectionFailure(held)
         started = time.time()
         try:
             rc, b_out, b_err = super()._bare_run(cmd, in_data, sudoable=sudoable,
@@ -526,7 +593,7 @@ class Connection(SshConnection):
             # sent" on exit 255 before returning: name the tunnel's failed step instead.
             message = self.failure_message(to_text(exc), self.client_log_since(started))
             if message:
-                raise AnsibleConnectionFailure(message) from exc
+                raise AnsibleConnectionFailure(message) from None  # not ssh.py's generic text
             raise
         self.surface_client_warnings()
         if rc == 255:
@@ -534,6 +601,53 @@ class Connection(SshConnection):
             if message:
                 raise AnsibleConnectionFailure(message)
         return rc, b_out, b_err
+
+    def failure_in_this_run(self, ident: SshnpIdentity, within: float
+                            ) -> tuple[str, float] | None:
+        """(the client's error, its age in s) if this host's last client run failed less
+        than ``within`` s ago during this Ansible run, else None."""
+        try:
+            path = self.client_log_path(ident)
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return None
+        age = time.time() - mtime
+        run_start = _run_started()
+        if not 0 <= age < within or run_start is None or mtime < run_start:
+            return None
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                step = client_failure(fh.read(65536))
+        except OSError:
+            return None
+        return (step, age) if step else None
+
+    def held_failure(self, cmd: list[bytes]) -> str | None:
+        """The failure to repeat at once instead of a new rendezvous (see ``failure_hold``):
+        the client log of this host says the last tunnel failed (its ``sshnp: error:``
+        line) less than ``failure_hold`` seconds ago, during this Ansible run, and no
+        ControlMaster is up. Else None."""
+        try:
+            hold = float(self._opt("failure_hold") or 0)
+        except (TypeError, ValueError):
+            hold = 0.0
+        if hold <= 0 or any(to_bytes(a) == b"-O" for a in cmd):
+            return None
+        control = _control_path(cmd)
+        if control is None or "%" in control or os.path.exists(control):
+            return None  # a live master (or one we cannot see: ssh's %-tokens) may carry it
+        try:
+            ident = self.sshnp_identity()
+        except AnsibleError:
+            return None
+        found = self.failure_in_this_run(ident, hold)
+        if found is None:
+            return None
+        step, age = found
+        display.vvv(f"SSH: sshnp: the tunnel failed {age:.1f}s ago; not retried before "
+                    f"failure_hold ({hold:g}s)", host=self.host)
+        return (f"sshnp: {step} [{ident.describe()}] (failed {age:.0f}s ago in this run; a "
+                f"new rendezvous is tried {hold:g}s after the failure: failure_hold)")
 
     def surface_client_warnings(self) -> list[str]:
         """Show the client's warnings (host key rotation) as Ansible warnings, once per client

@@ -487,3 +487,50 @@ def test_stalled_lookup_ends_within_the_setup_limit_naming_the_step(tmp_path: Pa
     assert ei.value.exit_code == 4
     assert str(ei.value).startswith("atServer: fetching the public key of @dev: no progress "
                                      f"within the set-up limit of {setup_limit(p):g}s")
+
+
+class UnknownDevicePlane(FailingNotifyPlane):
+    """The directory knows no device atSign; the relay stays silent (srvd refusing quietly,
+    as in issue 15) or refuses naming it."""
+
+    def __init__(self, nack: bool = False) -> None:
+        from noports.atclient.connection import AtProtocolError
+        super().__init__({DEVICE: AtProtocolError("AT0007", "Secondary server not found")},
+                         relays={})
+        self.nack = nack
+
+    async def notify(self, to: str, key_name: str, value: str, **kw: Any) -> str:
+        if self.nack and key_name.endswith(".request_ports.sshrvd"):
+            sid = value.split('"sessionId":"')[1].split('"')[0]
+            self._push(to, f"nack.{sid}.sshrvd", f"cannot fetch the public key of {DEVICE}")
+        return await super().notify(to, key_name, value, **kw)
+
+    async def public_key(self, atsign: str) -> str:
+        from noports.atclient.connection import AtSecondaryNotFound
+        if atsign == DEVICE:
+            await asyncio.sleep(0.05)
+            raise AtSecondaryNotFound(f"{DEVICE} is not registered in 127.0.0.1:64")
+        return await super().public_key(atsign)
+
+
+@pytest.mark.parametrize("nack", [False, True])
+def test_unknown_device_atsign_is_named_without_waiting_for_the_relay(tmp_path: Path,
+                                                                     nack: bool) -> None:
+    """Before: the lookup's AT0007 was dropped ("Task exception was never retrieved") and
+    the client waited the whole relay timeout, then blamed the relay."""
+    t0 = time.monotonic()
+    with pytest.raises(DeviceRefused) as ei:
+        run(open_session(params(tmp_path, relay_timeout=30), client=UnknownDevicePlane(nack),
+                         connect_relay=RelayDialer()))
+    assert time.monotonic() - t0 < 10  # not the 30 s relay timeout (hang guard)
+    assert str(ei.value).startswith(f"device: device atSign {DEVICE} is unknown: ")
+    assert "check -t/--to" in str(ei.value) and ei.value.exit_code == 7
+
+
+def test_unknown_client_atsign_is_not_blamed_on_the_relay(tmp_path: Path) -> None:
+    from noports.atclient.connection import AtSecondaryNotFound
+    plane = FailingNotifyPlane({R1: AtSecondaryNotFound(f"{CLIENT} is not registered in x")})
+    with pytest.raises(SshnpError) as ei:
+        run(open_session(params(tmp_path), client=plane, connect_relay=RelayDialer()))
+    assert not isinstance(ei.value, RelayError) and ei.value.exit_code == 4
+    assert str(ei.value).startswith(f"atServer: client atSign {CLIENT} is unknown: ")

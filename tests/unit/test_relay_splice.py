@@ -182,3 +182,90 @@ def test_pollable_tells_pipes_from_files(tmp_path) -> None:
     finally:
         for fd in (r, w, f):
             os.close(fd)
+
+
+# --- ends of a ProxyCommand tunnel (issue 15): clean ends stay clean, cuts are named ----------
+
+def _aead_pair():  # noqa: ANN202 - (client cipher, device cipher)
+    from noports.npproto.streamcipher import AeadStream
+    key, iv = bytes(range(32)), bytes(range(16))
+    return AeadStream(key, iv, is_client=True), AeadStream(key, iv, is_client=False)
+
+
+async def _stdio_with_cipher(errors: list):  # noqa: ANN202
+    """splice_stdio on two pipes and a socketpair, with the client's AEAD transforms;
+    returns (splice, stdin write end, stdout read end, device socket, device cipher)."""
+    from noports.relay.pump import cipher_transforms
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    client, device = _aead_pair()
+    to_relay, from_relay = cipher_transforms(client)
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    app, relay = socket.socketpair()
+    app.setblocking(False)
+    try:
+        sp = await splice_mod.splice_stdio(relay, stdin_fd=in_r, stdout_fd=out_w,
+                                           transform_in=to_relay, transform_out=from_relay,
+                                           linger=5)
+    finally:
+        os.close(in_r)  # the splice holds its own copies
+        os.close(out_w)
+    return sp, in_w, out_r, app, device
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 16), 5):
+        got += chunk
+    return bytes(got)
+
+
+def test_stdio_end_is_clean_when_ssh_closes_stdout_first() -> None:
+    """What OpenSSH does as it exits: it closes our stdout (and stdin), then sends SIGHUP.
+    Before: stdout's close closed the whole splice, so the end-of-stream frame never went
+    out and the daemon logged "end of stream rejected ... aborting" for every normal end."""
+    errors: list = []
+
+    async def main() -> None:
+        sp, in_w, out_r, app, device = await _stdio_with_cipher(errors)
+        loop = asyncio.get_running_loop()
+        os.write(in_w, b"ssh bytes")
+        await asyncio.sleep(0.05)
+        os.close(out_r)  # ssh's reader is gone first ...
+        await loop.sock_sendall(app, device.encrypt(b"late sshd bytes"))  # ... dropped
+        await asyncio.sleep(0.05)
+        os.close(in_w)  # ... then its writer: our end-of-stream frame must still go out
+        got = await _read_all(app)
+        assert device.decrypt(got) == b"ssh bytes"
+        device.finish()  # raises if the client's end frame is missing
+        await loop.sock_sendall(app, device.close())  # the device ends properly too
+        app.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        assert (sp.close_reason, sp.failure) == ("clean", None)
+        app.close()
+
+    asyncio.run(main())
+    assert errors == []
+
+
+def test_truncated_relay_stream_is_named_not_raised() -> None:
+    """The relay dies mid-session: an EOF without the device's end frame. Before: the abort
+    called ``abort()`` on the stdin pipe transport, which has none (AttributeError)."""
+    errors: list = []
+
+    async def main() -> None:
+        sp, in_w, out_r, app, device = await _stdio_with_cipher(errors)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(app, device.encrypt(b"partial"))
+        app.close()  # no end frame
+        await asyncio.wait_for(sp.wait_closed(), 5)
+        assert sp.close_reason.startswith("aborted: end of stream rejected (stream truncated")
+        assert sp.failed_end == "b" and "truncated" in str(sp.failure)
+        assert os.read(out_r, 100) == b"partial"
+        os.close(in_w)
+        os.close(out_r)
+
+    asyncio.run(main())
+    assert errors == []

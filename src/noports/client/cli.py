@@ -431,11 +431,15 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
                     await setup
                 return proc.returncode
         session = await setup
-    except BaseException:
+    except BaseException as exc:
         watchdog.disarm()
         _kill(proc)
         accept.cancel()
         listener.close()
+        if proc is not None and not isinstance(exc, asyncio.CancelledError):
+            # reap ssh while the loop lives (else asyncio warns "Loop ... is closed" at exit)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5)
         raise
     watchdog.disarm()
     argv = _ssh_argv(opts, session, port)
@@ -466,6 +470,13 @@ async def _exec_main(opts: CliOptions, progress: Progress) -> int:
         # winding down (asyncio.run cancels and awaits what is left) must not hang either
         watchdog.arm_exit(code if code is not None else EXIT_TUNNEL)
         serving.cancel()
+        if serving.done() and not serving.cancelled() and serving.exception() is not None:
+            # the tunnel failed under ssh (relay lost): ssh says "closed", we say why
+            exc = serving.exception()
+            if isinstance(exc, SshnpError):
+                progress.error(str(exc))
+            else:
+                log.debug("tunnel ended with %r", exc)
         session.close()
 
 
@@ -546,15 +557,48 @@ def _print_main(opts: CliOptions, progress: Progress) -> int:
         return EXIT_TUNNEL
 
 
+#: after ssh's SIGHUP, how long the tunnel may take to finish its clean end
+HUP_GRACE_S = 10.0
+
+
 async def _stdio_main(params: SessionParams, progress: Progress) -> int:
+    """ProxyCommand mode. OpenSSH closes our stdin/stdout and then sends SIGHUP when it exits
+    (a plain ssh, ControlPersist expiry, ``ssh -O exit``): that is a normal end, so SIGHUP
+    must not kill us before the end-of-stream frame is sent and the device's is checked;
+    it only bounds how long that may take (``HUP_GRACE_S``)."""
+    import asyncio
+
     from .flow import open_session
     try:
         session = await open_session(params, progress=progress)
     finally:
         watchdog.disarm()
+    loop = asyncio.get_running_loop()
+    if hasattr(session.tunnel, "on_failure"):
+        session.tunnel.on_failure = progress.error
+    serving = loop.create_task(session.tunnel.serve_stdio())
+    hung_up: list[Any] = []
+
+    def on_hup() -> None:
+        if not hung_up:
+            log.debug("SIGHUP: finishing the tunnel (at most %gs)", HUP_GRACE_S)
+            hung_up.append(loop.call_later(HUP_GRACE_S, serving.cancel))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await session.tunnel.serve_stdio()
+        await serving
+    except asyncio.CancelledError:
+        if not hung_up or not serving.cancelled():
+            raise
+        log.info("the tunnel did not finish within %gs of ssh's hang-up; dropped it",
+                 HUP_GRACE_S)
+        return EXIT_TUNNEL
     finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        for timer in hung_up:
+            timer.cancel()
         session.close()
     return 0
 
@@ -566,7 +610,8 @@ def run_stdio(params: SessionParams, *, quiet: bool = False) -> int:
     try:
         return asyncio.run(_stdio_main(params, progress))
     except SshnpError as exc:
-        progress.error(str(exc))
+        if not exc.reported:
+            progress.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
@@ -610,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(list_devices(opts, progress))
         return asyncio.run(_exec_main(opts, progress))
     except SshnpError as exc:
-        progress.error(str(exc))
+        if not exc.reported:
+            progress.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         progress.error("interrupted")

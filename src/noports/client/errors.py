@@ -27,6 +27,8 @@ class SshnpError(Exception):
 
     exit_code = EXIT_FAILURE
     step = "sshnp"
+    #: already printed (by the tunnel, before it closed stdout): do not print it again
+    reported = False
 
     def __init__(self, message: str, *, hint: str | None = None, step: str | None = None,
                  exit_code: int | None = None) -> None:

@@ -140,6 +140,10 @@ def _plane_error(exc: BaseException, params: SessionParams, doing: str) -> Sshnp
         AtTimeoutError,
     )
     root = f"{params.root[0]}:{params.root[1]}"
+    if _names_own_atsign(exc, params):
+        return AtServerError(f"client atSign {params.client_atsign} is unknown: {exc}",
+                             hint=f"check -f/--from (ansible_sshnp_client_atsign); is it "
+                             f"registered in the directory {root} (--root-domain)?")
     if isinstance(exc, AtSecondaryNotFound):
         return AtServerError(f"{doing}: {exc}", hint=f"is the atSign registered in the "
                              f"directory {root} (--root-domain)?")
@@ -157,10 +161,20 @@ def _plane_error(exc: BaseException, params: SessionParams, doing: str) -> Sshnp
     return AtServerError(f"{doing}: {exc}")
 
 
-def _names_the_recipient(exc: BaseException) -> bool:
+def _names_own_atsign(exc: BaseException, params: SessionParams) -> bool:
+    """Whether the directory does not know *our* atSign (the client connects lazily, so
+    that surfaces at the first command, e.g. the relay request's notify)."""
+    from noports.atclient.aio import AtSecondaryNotFound
+    return isinstance(exc, AtSecondaryNotFound) and str(exc).startswith(
+        f"{params.client_atsign} ")
+
+
+def _names_the_recipient(exc: BaseException, params: SessionParams | None = None) -> bool:
     """Whether a failed notify is about the recipient atSign (unknown to the directory, no
     public key), not about our own atServer connection: a relay list moves on for those."""
     from noports.atclient.aio import AtProtocolError, AtSecondaryNotFound
+    if params is not None and _names_own_atsign(exc, params):
+        return False
     if isinstance(exc, AtSecondaryNotFound):
         return True
     return isinstance(exc, AtProtocolError) and exc.code in ("AT0007", "AT0015")
@@ -293,6 +307,10 @@ class _Flow:
         self.keygen: asyncio.Future[tuple[str, Any]] | None = None
         self.ping_sent = False
         self.apsk_task: asyncio.Task[str] | None = None
+        self.relay_peer = "the relay"
+        # set when the plane says the device atSign does not exist (ping or public key
+        # lookup): then no relay wait can succeed, and that, not the relay, is the news
+        self.device_missing: asyncio.Future[SshnpError] = self.loop.create_future()
         self.at(AtServerError, f"connecting to the atServer of {params.client_atsign}")
 
     def at(self, cls: type[SshnpError], what: str, step: str | None = None) -> None:
@@ -319,7 +337,7 @@ class _Flow:
                                      ttln_ms=NOTIFY_TTLN_MS)
         except _at_errors() as exc:
             err = _plane_error(exc, self.p, f"sending {what} to {to}")
-            if recipient_error is not None and _names_the_recipient(exc):
+            if recipient_error is not None and _names_the_recipient(exc, self.p):
                 raise recipient_error(err) from None
             raise err from None
 
@@ -341,7 +359,10 @@ class _Flow:
         try:
             pk = await self.client.public_key(d)
         except _at_errors() as exc:
-            raise _plane_error(exc, self.p, f"fetching the public key of {d}") from None
+            err = _plane_error(exc, self.p, f"fetching the public key of {d}")
+            if _names_the_recipient(exc, self.p):
+                err = self.device_unknown(err)
+            raise err from None
         pkcache.store_cached_pk(self.p.home_cache, d, pk)
         return pk
 
@@ -355,11 +376,22 @@ class _Flow:
             return None
         return value.strip() if value and value.strip() else None
 
+    def device_unknown(self, err: SshnpError) -> SshnpError:
+        """The device atSign does not exist (as the plane says): one error, raised by
+        whichever step noticed first, and the relay wait stops at once."""
+        p = self.p
+        out = DeviceRefused(f"device atSign {p.device_atsign} is unknown: {err.message}",
+                            hint=f"check -t/--to (ansible_sshnp_device_atsign); is it "
+                            f"registered in the directory {p.root[0]}:{p.root[1]}?")
+        if not self.device_missing.done():
+            self.device_missing.set_result(out)
+        return out
+
     async def ping(self) -> None:
         try:
             await self.notify(self.p.device_atsign, npkeys.ping_key(
                 self.p.device_atsign, self.p.device, self.p.client_atsign), npkeys.PING_VALUE,
-                ttl=False, what="a ping")
+                ttl=False, what="a ping", recipient_error=self.device_unknown)
             self.ping_sent = True
         except SshnpError as exc:
             log.debug("ping failed: %s", exc)
@@ -465,12 +497,7 @@ class _Flow:
         else:
             self.spawn(self.prefetch_shared(relay))
         self.at(RelayError, f"waiting for relay {relay} to answer")
-        try:
-            answer = await _await(relay_fut, p.relay_timeout)
-        except asyncio.TimeoutError:
-            raise RelayError(f"relay {relay} did not answer within {p.relay_timeout:g}s",
-                             hint=f"is srvd running as {relay}, and does its -m allow "
-                             f"{p.client_atsign}?") from None
+        answer = await self.wait_relay(relay, relay_fut)
         rr = checks.relay_answer(relay, answer)
         self.mark("relay_answered")
         self.progress(f"relay {relay} opened {rr.host}:{rr.port_a}")
@@ -542,6 +569,32 @@ class _Flow:
         """Fail early if the device's ping answer lacks a feature this session needs."""
         checks.check_features(self.p, info)
 
+    async def wait_relay(self, relay: str, relay_fut: asyncio.Future[str]) -> str:
+        """The relay's answer; an unknown device atSign (seen by the ping or the key lookup
+        meanwhile) ends the wait at once and wins over the relay's refusal of it."""
+        p = self.p
+        missing = self.device_missing
+        done, _ = await asyncio.wait({relay_fut, missing}, timeout=p.relay_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if relay_fut.done() and not relay_fut.cancelled():
+            relay_fut.exception()  # retrieved: no "never retrieved" noise at exit
+        if missing.done():
+            raise missing.result()
+        if relay_fut not in done:
+            raise RelayError(f"relay {relay} did not answer within {p.relay_timeout:g}s",
+                             hint=f"is srvd running as {relay}, and does its -m allow "
+                             f"{p.client_atsign}?")
+        if relay_fut.exception() is not None and p.device_atsign in str(
+                relay_fut.exception()):
+            # the relay refused because of the device atSign: our own lookup says why
+            lookups: set[asyncio.Future[Any]] = {missing}
+            if self.device_pk_task is not None:
+                lookups.add(self.device_pk_task)
+            await asyncio.wait(lookups, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+            if missing.done():
+                raise missing.result()
+        return relay_fut.result()
+
     async def dial_relay(self, relay: str, rr: RelayResponse, auth_line: Any) -> socket.socket:
         try:
             return await self.connect_relay(rr.host, rr.port_a, auth_line,
@@ -589,6 +642,7 @@ class _Flow:
     async def finish(self, sid: str, relay: str, rr: RelayResponse, resp: SessionResponse,
                      relay_sock: socket.socket, session_priv: Any) -> Session:
         p = self.p
+        self.relay_peer = f"relay {relay} ({rr.host}:{rr.port_a})"
         pin = checks.host_key_pin(p, resp)
         alias, host_keys = pin.alias, pin.host_keys
         user = p.remote_user
@@ -607,6 +661,7 @@ class _Flow:
                 cipher = None
                 self.at(TunnelError, "outer SSH handshake with the device's sshd")
                 tunnel = await self.ssh_tunnel(resp, relay_sock, user or "", host_keys, alias)
+                tunnel.peer = self.relay_peer  # type: ignore[attr-defined]
         except BaseException:
             relay_sock.close()
             raise
@@ -642,7 +697,7 @@ class _Flow:
         from .tunnel import AesTunnel
         key, iv, cipher_id, d2c = checks.session_secrets(self.p, resp, session_priv)
         cipher = new_session_cipher(cipher_id, key, iv, is_client=True, d2c=d2c)
-        return AesTunnel(relay_sock, cipher), cipher_id
+        return AesTunnel(relay_sock, cipher, peer=self.relay_peer), cipher_id
 
     async def ssh_tunnel(self, resp: SessionResponse, relay_sock: socket.socket, user: str,
                          host_keys: list[str], alias: str) -> Tunnel:
@@ -663,6 +718,12 @@ class _Flow:
                 t.exception()
         if self.keygen is not None and not self.keygen.done():
             self.keygen.cancel()
+        # answers nobody waits for any more (the monitor failing sets them all): retrieved
+        for fut in (*self.router.relay_answers.values(), *self.router.session_answers.values()):
+            if fut.done() and not fut.cancelled():
+                fut.exception()
+            else:
+                fut.cancel()
 
 
 _PRESTARTED: list[Any] = []

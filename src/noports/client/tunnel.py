@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import SecurityError, TunnelError
@@ -37,13 +38,62 @@ class Tunnel(Protocol):
 
 # --- aes ---------------------------------------------------------------------------------------
 
-class AesTunnel:
-    """Relay socket + session cipher; bytes are pumped by :mod:`noports.relay.pump`."""
+def relay_lost(peer: str, exc: BaseException) -> TunnelError:
+    """The relay side of a running tunnel ended badly: say which way, and what to check.
 
-    def __init__(self, relay_sock: socket.socket, cipher: SessionCipher) -> None:
+    Why both suspects for a truncated stream: srvd passes the device's half-close on, so a
+    stopped srvd and a stopped sshnpd look the same from here (an EOF without the device's
+    end-of-stream frame); a reset can only come from the relay's host.
+    """
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ConnectionResetError):
+        return TunnelError(f"relay connection lost: {peer} reset the connection ({text})",
+                           hint="is srvd still running on the relay host?")
+    if "truncated" in text:
+        return TunnelError(f"relay connection lost: the stream from {peer} ended without the "
+                           "device's end-of-stream frame",
+                           hint="srvd or the device's sshnpd stopped mid-session; check both")
+    if isinstance(exc, OSError):
+        return TunnelError(f"relay connection lost: {peer}: {text}",
+                           hint="is srvd still running, and the relay host reachable?")
+    return TunnelError(f"the stream from {peer} failed its integrity check ({text})",
+                       hint="someone may be tampering with the relay traffic")
+
+
+class AesTunnel:
+    """Relay socket + session cipher; bytes are pumped by :mod:`noports.relay.pump`.
+
+    ``peer`` names the relay in errors (``relay @rv (host:port)``). A relay side that ends
+    without the device's end-of-stream frame, or is reset, raises :class:`TunnelError` from
+    ``serve_*`` (a clean end returns): the CLI prints it, the Ansible plugin shows it.
+    """
+
+    def __init__(self, relay_sock: socket.socket, cipher: SessionCipher,
+                 peer: str = "the relay") -> None:
         self.relay_sock = relay_sock
         self.cipher = cipher
+        self.peer = peer
         self.stats: Any = None
+        self.closed = False
+        #: called with the error line as the pump stops (stdio mode: before stdout closes,
+        #: so the Ansible plugin finds the message when ssh reports the end)
+        self.on_failure: Callable[[str], None] | None = None
+        self._early: TunnelError | None = None
+
+    def _stopping(self, sp: Any) -> None:
+        if sp.failure is None or sp.failed_end not in ("b", None) or self.closed:
+            return
+        self._early = relay_lost(self.peer, sp.failure)
+        if self.on_failure is not None:
+            self.on_failure(str(self._early))
+            self._early.reported = True
+
+    def _check(self) -> None:
+        if self._early is not None:
+            raise self._early
+        failure = getattr(self.stats, "relay_failure", None)
+        if failure is not None and not self.closed:
+            raise relay_lost(self.peer, failure)
 
     async def serve_socket(self, local: socket.socket) -> None:
         from noports.relay.pump import cipher_transforms, pump_socket
@@ -53,15 +103,19 @@ class AesTunnel:
         to_relay, from_relay = cipher_transforms(self.cipher)
         self.stats = await pump_socket(local, self.relay_sock, to_relay=to_relay,
                                        from_relay=from_relay)
+        self._check()
 
     async def serve_stdio(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
         from noports.relay.pump import cipher_transforms, pump_stdio
         to_relay, from_relay = cipher_transforms(self.cipher)
         self.stats = await pump_stdio(self.relay_sock, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
-                                      to_relay=to_relay, from_relay=from_relay)
+                                      to_relay=to_relay, from_relay=from_relay,
+                                      on_close=self._stopping)
+        self._check()
 
     def close(self) -> None:
         from noports.relay.pump import abort_pump
+        self.closed = True
         abort_pump(self.relay_sock)  # a running pump's transports must not outlive the socket
         with contextlib.suppress(OSError):
             self.relay_sock.close()
@@ -98,6 +152,25 @@ class SshTunnel:
         self.transport = transport
         self.sshd_port = sshd_port
         self.alias = alias
+        self.peer = "the relay"
+        self.closed = False
+        self.on_failure: Callable[[str], None] | None = None  # as AesTunnel's
+        self._early: TunnelError | None = None
+
+    def _lost(self) -> TunnelError | None:
+        """The outer SSH died under a channel (relay or device gone): the error, else None."""
+        if self.closed or self.transport.is_active():
+            return None
+        exc = self.transport.get_exception()
+        why = f" ({str(exc) or type(exc).__name__})" if exc else ""
+        return TunnelError(f"relay connection lost: the outer SSH through {self.peer} "
+                           f"ended{why}", hint="srvd or the device's sshnpd stopped "
+                           "mid-session; check both")
+
+    def _check(self) -> None:
+        err = self._early or self._lost()
+        if err is not None:
+            raise err
 
     @classmethod
     def connect(cls, sock: socket.socket, user: str, private_key: str, host_keys: list[str],
@@ -178,6 +251,7 @@ class SshTunnel:
         finally:
             with contextlib.suppress(OSError):
                 local.close()
+        self._check()
 
     async def serve_stdio(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
         chan = await asyncio.to_thread(self.open_channel)
@@ -189,12 +263,20 @@ class SshTunnel:
                 view = view[n:]
 
         def out_eof() -> None:
+            # report before closing stdout: ssh (and the Ansible plugin) then finds the line
+            err = self._lost()
+            if err is not None and self.on_failure is not None:
+                self.on_failure(str(err))
+                err.reported = True
+                self._early = err
             with contextlib.suppress(OSError):
                 os.close(stdout_fd)
 
         await _pump_channel(chan, lambda: os.read(stdin_fd, CHUNK), out, out_eof)
+        self._check()
 
     def close(self) -> None:
+        self.closed = True
         with contextlib.suppress(Exception):
             self.transport.close()
 

@@ -166,9 +166,12 @@ class SessionHost:
             return
         for t in sess.timers:
             t.cancel()
-        log.info("session %s ended (%s): %d bytes to the client, %d from it", o.session_id,
-                 sp.close_reason, sp.bytes_ab, sp.bytes_ba,
-                 extra={"event": "session_ended", "session": o.session_id})
+        # "clean": both ends sent and checked their end-of-stream frames; "aborted: ...":
+        # a real cut (relay or client gone mid-stream), worth a warning
+        level = logging.WARNING if sp.close_reason.startswith("aborted") else logging.INFO
+        log.log(level, "session %s ended (%s): %d bytes to the client, %d from it",
+                o.session_id, sp.close_reason, sp.bytes_ab, sp.bytes_ba,
+                extra={"event": "session_ended", "session": o.session_id})
         self._emit(HostEvent("ended", o.session_id))
         timer = self._key_timers.pop(o.session_id, None)
         if timer is not None:  # the session is over: its key need not wait for the ttl

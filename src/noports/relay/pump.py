@@ -18,6 +18,7 @@ import logging
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,12 +32,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PumpStats:
-    """Byte counts of one pump run (``to_relay`` counts bytes read from the local side)."""
+    """Byte counts of one pump run (``to_relay`` counts bytes read from the local side).
+
+    ``relay_failure`` is why the relay side ended badly (its stream stopped without the
+    peer's end-of-stream frame, or its connection was reset), None after a clean end or when
+    the local side was the one that failed (``local_failure``).
+    """
 
     bytes_to_relay: int
     bytes_from_relay: int
     duration: float
     reason: str
+    relay_failure: BaseException | None = None
+    local_failure: BaseException | None = None
 
 
 class RelayAuthRefused(ConnectionError):
@@ -187,7 +195,10 @@ async def _finish(sp: Splice, relay: socket.socket) -> PumpStats:
     finally:
         _RUNNING.pop(relay, None)
     end = sp.ended_at or time.monotonic()
-    stats = PumpStats(sp.bytes_ab, sp.bytes_ba, end - sp.started_at, sp.close_reason)
+    relay_side = sp.failed_end in ("b", None)  # the relay is B in both entry points
+    stats = PumpStats(sp.bytes_ab, sp.bytes_ba, end - sp.started_at, sp.close_reason,
+                      sp.failure if relay_side else None,
+                      None if relay_side else sp.failure)
     log.info("pump finished (%s): to relay %d bytes, from relay %d bytes, %.1fs",
              stats.reason, stats.bytes_to_relay, stats.bytes_from_relay, stats.duration)
     return stats
@@ -204,11 +215,15 @@ async def pump_socket(local: socket.socket, relay: socket.socket, *,
 
 async def pump_stdio(relay: socket.socket, *, stdin_fd: int = 0, stdout_fd: int = 1,
                      to_relay: Transform | None = None, from_relay: Transform | None = None,
-                     high_water: int = HIGH_WATER) -> PumpStats:
-    """Pump stdin -> relay and relay -> stdout (ProxyCommand mode); owns ``relay``."""
+                     high_water: int = HIGH_WATER,
+                     on_close: Callable[[Splice], None] | None = None) -> PumpStats:
+    """Pump stdin -> relay and relay -> stdout (ProxyCommand mode); owns ``relay``.
+
+    ``on_close`` runs as the pump stops, before stdout is actually closed: the place to
+    report a failure so that it is written before ssh sees the end of the tunnel."""
     sp = await splice_stdio(relay, stdin_fd=stdin_fd, stdout_fd=stdout_fd,
                             transform_in=to_relay, transform_out=from_relay,
-                            high_water=high_water)
+                            high_water=high_water, on_close=on_close)
     return await _finish(sp, relay)
 
 

@@ -103,6 +103,11 @@ class Splice:
         self.ended_at: float | None = None
         self.closed = False
         self.close_reason = ""
+        #: why the pump ended badly, and on which end ("a"/"b"): a rejected end of stream
+        #: (truncation) or a connection lost with an error; None for a clean end. The owner
+        #: turns it into its own message (the client: ``sshnp: error: tunnel: ...``).
+        self.failure: BaseException | None = None
+        self.failed_end: str | None = None
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # set when bytes handed on after close have reached their end (stdio copy threads)
         self._drains: list[asyncio.Future[None]] = []
@@ -147,6 +152,10 @@ class Splice:
         if not self._done.done():
             self._done.set_result(None)
 
+    def _fail_with(self, end: str | None, exc: BaseException) -> None:
+        if self.failure is None and not self.closed:
+            self.failure, self.failed_end = exc, end
+
     def _shutdown(self) -> None:
         raise NotImplementedError
 
@@ -158,10 +167,12 @@ class _Flow:
     """One direction: bytes read from ``src`` are (transformed and) written to ``dst``."""
 
     __slots__ = ("splice", "src", "dst", "transform", "nbytes", "eof", "wired", "early",
-                 "early_eof")
+                 "early_eof", "src_name")
 
-    def __init__(self, splice: ProtocolSplice, transform: Transform | None) -> None:
+    def __init__(self, splice: ProtocolSplice, transform: Transform | None,
+                 src_name: str = "?") -> None:
         self.splice = splice
+        self.src_name = src_name  # "a" or "b": which end this flow reads
         self.src: asyncio.BaseTransport | None = None
         self.dst: asyncio.WriteTransport | None = None
         self.transform = transform
@@ -202,12 +213,14 @@ class _Flow:
     def forward(self, data: bytes | memoryview) -> None:
         self.nbytes += len(data)
         dst = self.dst
-        if dst is None or dst.is_closing():
-            return
         if self.transform is not None:
+            # even with nobody to write to: the cipher must see every byte, or the peer's
+            # end-of-stream frame behind them would look missing
             data = self.transform(bytes(data))
             if not data:
                 return
+        if dst is None or dst.is_closing():
+            return
         dst.write(data)
 
     def on_eof(self) -> None:
@@ -220,8 +233,10 @@ class _Flow:
             try:
                 tail = at_eof()
             except Exception as exc:  # noqa: BLE001 - any failure means: do not trust the end
-                log.warning("splice: end of stream rejected (%s); aborting", exc)
-                self.splice.abort()
+                # the owner names it (daemon: "ended (aborted: ...)", client: sshnp: error:)
+                log.info("splice: end of stream rejected (%s); aborting", exc)
+                self.splice._fail_with(self.src_name, exc)
+                self.splice.abort(f"aborted: end of stream rejected ({exc})")
                 return
             if tail and dst is not None and not dst.is_closing():
                 dst.write(tail)
@@ -243,13 +258,15 @@ class _Flow:
 class _SockEnd(asyncio.BufferedProtocol):
     """A socket that is the source of ``inflow`` and the destination of ``outflow``."""
 
-    __slots__ = ("splice", "inflow", "outflow", "transport")
+    __slots__ = ("splice", "inflow", "outflow", "transport", "name")
 
-    def __init__(self, splice: ProtocolSplice, inflow: _Flow | None, outflow: _Flow | None):
+    def __init__(self, splice: ProtocolSplice, inflow: _Flow | None, outflow: _Flow | None,
+                 name: str = "?"):
         self.splice = splice
         self.inflow = inflow
         self.outflow = outflow
         self.transport: asyncio.Transport | None = None
+        self.name = name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -299,7 +316,18 @@ class _SockEnd(asyncio.BufferedProtocol):
             self.outflow.resume_src()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        inflow = self.inflow
+        if inflow is not None and inflow.eof and isinstance(exc, _WRITE_GONE):
+            # It finished sending (a clean EOF) and then closed outright, so our last bytes
+            # to it had nowhere to go (ssh gone after its disconnect, sshd after its EOF).
+            # The other direction still ends properly: read it to its end-of-stream frame.
+            self.splice._consumer_gone(self)
+            return
         self.splice._end_lost(self, exc)
+
+
+#: write errors meaning "the reader went away", not "the stream broke"
+_WRITE_GONE = (BrokenPipeError, ConnectionResetError)
 
 
 class _PipeEnd(_SockEnd, asyncio.Protocol):
@@ -320,6 +348,10 @@ class _PipeEnd(_SockEnd, asyncio.Protocol):
         flow = self.inflow or self.outflow
         if exc is None and flow is not None and (flow.eof or flow.early_eof):
             self.splice._end_gone()
+        elif self.inflow is None and (exc is None or isinstance(exc, _WRITE_GONE)):
+            # stdout's reader (ssh) closed it: ssh is exiting, and its stdin EOF follows.
+            # Not a broken tunnel: finish the other direction (end-of-stream frame).
+            self.splice._consumer_gone(self)
         else:
             self.splice._end_lost(self, exc)
 
@@ -334,8 +366,8 @@ class ProtocolSplice(Splice):
                  on_close: Callable[[Splice], None] | None = None, linger: float = 10.0):
         super().__init__(on_close, linger)
         self.high_water = high_water
-        self.ab = _Flow(self, transform_ab)
-        self.ba = _Flow(self, transform_ba)
+        self.ab = _Flow(self, transform_ab, "a")
+        self.ba = _Flow(self, transform_ba, "b")
         self._ends: list[_SockEnd] = []
         self._alive = 0
         self._abort_timer: asyncio.TimerHandle | None = None
@@ -380,12 +412,29 @@ class ProtocolSplice(Splice):
 
     def _flow_eof(self) -> None:
         if self.ab.eof and self.ba.eof:
-            self.close("both sides finished")
+            self.close("clean")  # both ends half-closed (and their end frames checked)
 
     def _end_lost(self, end: _SockEnd, exc: Exception | None) -> None:
         if not self.closed:
-            self.close(f"connection lost: {exc}" if exc else "connection closed")
+            if exc is not None:
+                self._fail_with(end.name, exc)
+            # a real cut (a reset, or a close before the EOF): "aborted", as the owner's log says
+            self.close(f"aborted: connection lost: {exc}" if exc
+                       else "aborted: connection closed")
         self._end_gone()
+
+    def _consumer_gone(self, end: _SockEnd) -> None:
+        """``end`` will take no more bytes, but nothing broke: drop what flows to it, keep
+        reading the other direction to its end (bounded by ``linger``)."""
+        self._end_gone()
+        if self.closed:
+            return
+        flow = end.outflow
+        if flow is not None:
+            flow.resume_src()  # a paused source would never reach its EOF
+        if self._abort_timer is None:
+            self._abort_timer = asyncio.get_running_loop().call_later(
+                self._linger, self.abort, "aborted: the other side did not finish in time")
 
     def _end_gone(self) -> None:
         self._alive -= 1
@@ -401,20 +450,26 @@ class ProtocolSplice(Splice):
             if t is not None and not t.is_closing():
                 t.close()  # flushes its write buffer first
         if self._alive > 0:
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
             self._abort_timer = asyncio.get_running_loop().call_later(self._linger, self.abort)
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "aborted") -> None:
         """Drop everything now (buffered bytes are lost); TCP peers see a reset, not an EOF."""
         if not self.closed:
-            self.close("aborted")
+            self.close(reason)
         for end in self._ends:
-            if end.transport is not None:
-                sock = end.transport.get_extra_info("socket")
+            t = end.transport
+            if t is not None:
+                sock = t.get_extra_info("socket")
+                if sock is None and t.is_closing():
+                    continue  # a pipe transport must not be closed twice (asyncio < 3.13)
                 if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                     with contextlib.suppress(OSError):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                         struct.pack("ii", 1, 0))
-                end.transport.abort()
+                # a read pipe transport (stdin) has no abort(); its close() drops nothing
+                getattr(t, "abort", t.close)()
 
 
 # -------------------------------------------------------------------- os.splice pump
@@ -532,9 +587,10 @@ class OsSplice(Splice):
 
     def _flow_done(self) -> None:
         if self.ab.done and self.ba.done:
-            self.close("both sides finished")
+            self.close("clean")
 
     def _fail(self, exc: OSError) -> None:
+        self._fail_with(None, exc)
         self.close(f"connection lost: {exc}")
 
     def _shutdown(self) -> None:
@@ -589,8 +645,8 @@ async def splice_sockets(sock_a: socket.socket, sock_b: socket.socket, *,
         raise ValueError(f"unknown splice mode {mode!r}")
     sp = ProtocolSplice(transform_ab=transform_ab, transform_ba=transform_ba,
                         high_water=high_water, on_close=on_close, linger=linger)
-    end_a = _SockEnd(sp, sp.ab, sp.ba)
-    end_b = _SockEnd(sp, sp.ba, sp.ab)
+    end_a = _SockEnd(sp, sp.ab, sp.ba, "a")
+    end_b = _SockEnd(sp, sp.ba, sp.ab, "b")
     try:
         ta, _proto_a = await loop.connect_accepted_socket(lambda: end_a, sock_a)
         sp._add(end_a)
@@ -682,9 +738,9 @@ async def splice_stdio(sock: socket.socket, *, stdin_fd: int = 0, stdout_fd: int
     sock.setblocking(False)
     sp = ProtocolSplice(transform_ab=transform_in, transform_ba=transform_out,
                         high_water=high_water, on_close=on_close, linger=linger)
-    end_in = _PipeEnd(sp, sp.ab, None)
-    end_out = _PipeEnd(sp, None, sp.ba)
-    end_sock = _SockEnd(sp, sp.ba, sp.ab)
+    end_in = _PipeEnd(sp, sp.ab, None, "a")
+    end_out = _PipeEnd(sp, None, sp.ba, "a")
+    end_sock = _SockEnd(sp, sp.ba, sp.ab, "b")
     in_fd = os.dup(stdin_fd) if _pollable(stdin_fd) else _via_thread_pipe(stdin_fd, "in")
     if _pollable(stdout_fd):
         out_fd = os.dup(stdout_fd)

@@ -416,3 +416,74 @@ def test_client_warnings_shown_once_per_client_run(monkeypatch):
     os.utime(log, ns=(1, 1))  # a new client run (new log version)
     assert conn.surface_client_warnings() == ["host key of alice_device/pi4 changed: was B; now C"]
     assert len(shown) == 2
+
+
+# -- failure_hold: a failed tunnel fails again at once within the run (issue 15) ----------------
+
+def _held_setup(monkeypatch, *, run_started: float, log_text: str = "sshnp: error: tunnel: "
+                "relay connection lost: the stream from relay @rv_eu (h:1) ended\n", **opts):
+    conn = make_conn(**opts)
+    log = Path(conn.client_log_path(conn.sshnp_identity()))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(log_text)
+    monkeypatch.setattr(plugin, "_run_started", lambda: run_started)
+    fake, calls = _fake_bare_run((0, b"ok\n", b""))
+    monkeypatch.setattr(ssh_mod.Connection, "_bare_run", fake)
+    return conn, calls
+
+
+def test_a_failure_in_this_run_is_held(monkeypatch):
+    """async/poll retries through a dead relay: each would wait the whole relay timeout."""
+    import time
+    conn, calls = _held_setup(monkeypatch, run_started=time.time() - 60)
+    with pytest.raises(AnsibleConnectionFailure) as err:
+        conn.exec_command("true")
+    assert calls == []  # no ssh, no rendezvous
+    msg = str(err.value)
+    assert msg.startswith("sshnp: tunnel: relay connection lost: the stream from relay @rv_eu")
+    assert msg.endswith("(failed 0s ago in this run; a new rendezvous is tried 30s after the "
+                        "failure: failure_hold)")
+
+
+@pytest.mark.parametrize("case", ["previous run", "hold off", "master up", "no error", "old"])
+def test_a_failure_is_not_held(monkeypatch, case):
+    import time
+    now = time.time()
+    conn, calls = _held_setup(
+        monkeypatch, run_started=now + 5 if case == "previous run" else now - 60,
+        log_text="sshnp [ 0.1s] tunnel ready\n" if case == "no error" else
+        "sshnp: error: relay: x\n", **({"ansible_sshnp_failure_hold": 0}
+                                       if case == "hold off" else {}))
+    if case == "master up":
+        sock = Path(plugin._control_path(build(conn, "true")))
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.write_text("")
+    if case == "old":
+        log = Path(conn.client_log_path(conn.sshnp_identity()))
+        os.utime(log, (now - 31, now - 31))
+    assert conn.exec_command("true")[:2] == (0, b"ok\n")
+    assert len(calls) == 1
+
+
+def test_control_path_and_run_start_helpers():
+    import time
+    assert plugin._control_path([b"ssh", b"-o", b'ControlPath="/a b/c"', b"-o",
+                                 b"ControlPath=/second"]) == "/a b/c"
+    assert plugin._control_path([b"ssh", b"-oControlPath=none"]) is None
+    assert plugin._control_path([b"ssh", b"host"]) is None
+    started = plugin._run_started()  # this process's parent: started before us
+    assert started is None or started <= time.time()
+
+
+@pytest.mark.parametrize("log_text,expected", [
+    ("sshnp: error: tunnel: relay connection lost: the stream from relay @rv_eu ended\n", "5"),
+    ("sshnp: error: relay: relay @rv_eu did not answer within 20s\n", "5"),
+    ("sshnp: error: device: @alice_device did not answer within 15s\n", None),
+])
+def test_retry_after_a_relay_failure_waits_less_for_the_relay(monkeypatch, log_text, expected):
+    """After the hold, a retry through a dead relay costs 5 s, not the whole relay timeout."""
+    import time
+    conn, _calls = _held_setup(monkeypatch, run_started=time.time() - 60, log_text=log_text)
+    argv = client_argv(opts_of(build(conn, "true"))["proxycommand"])
+    got = argv[argv.index("--relay-timeout") + 1] if "--relay-timeout" in argv else None
+    assert got == expected
