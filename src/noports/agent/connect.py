@@ -142,15 +142,21 @@ def send_fd_to_ssh(fd: int) -> None:
 
 
 def standalone(argv: list[str], reason: str | None) -> int:
-    """Today's per-host ``sshnp --stdio`` on one end of a socket pair; ssh gets the other."""
+    """Today's per-host client (``noports.agent.standalone``, the set-up of ``sshnp
+    --stdio``) on one end of a socket pair; ssh gets the other."""
     if reason:
         _err(f"sshnp: warning: the sshnp agent is not available ({reason}); running a "
              "standalone sshnp for this host")
     a, b = socket.socketpair()
     try:
-        os.posix_spawn(sys.executable, [sys.executable, "-m", "noports.client.cli", "--stdio",
-                                        *argv], os.environ, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_DUP2, a.fileno(), 0), (os.POSIX_SPAWN_DUP2, a.fileno(), 1)])
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.posix_spawn(sys.executable, [sys.executable, "-m", "noports.agent.standalone",
+                                            "--stdio", *argv], os.environ, setsid=True,
+                           file_actions=[(os.POSIX_SPAWN_DUP2, a.fileno(), 0),
+                                         (os.POSIX_SPAWN_DUP2, null, 1)])
+        finally:
+            os.close(null)
         send_fd_to_ssh(b.fileno())
     except OSError as exc:
         _err(f"sshnp: error: tunnel: cannot hand the tunnel to ssh: {exc.strerror or exc} "
