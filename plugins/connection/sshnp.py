@@ -228,7 +228,7 @@ options:
       - name: ANSIBLE_SSHNP_AGENT
     ini:
       - section: sshnp_connection
-        key: agent
+        key: sshnp_agent
   client_verbosity:
     description:
       - V(0) runs the client with C(-q) (errors only). V(1) keeps its progress lines, V(2) and more add C(-v) flags.
