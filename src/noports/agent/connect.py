@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     stats = "--agent-stats" in own
     try:
         d = paths.ensure_dir(own.get("--agent-dir") or paths.default_dir())
-        s = connect_or_start(d, idle)
+        if stats:  # asking for counters never starts an agent
+            s = try_connect(d)
+            if s is None:
+                raise Unavailable(f"no agent is running in {d}")
+        else:
+            s = connect_or_start(d, idle)
     except (paths.AgentDirError, Unavailable) as exc:
         if stats:
             _err(f"sshnp: error: agent: {exc}")
