@@ -20,7 +20,11 @@ Replies (agent -> connector), any number of ``progress`` / ``warning`` then one 
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from collections import namedtuple
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing is a third of our start-up
+if TYPE_CHECKING:  # typing costs the connector's start-up more than all the rest
+    from typing import Any
 
 VERSION = 1
 #: the longest line either side accepts (a request is a few hundred bytes of arguments)
@@ -35,17 +39,10 @@ class ProtocolError(Exception):
     """A frame or message the other side must not have sent; the text says what was wrong."""
 
 
-class Request(NamedTuple):
-    op: str
-    argv: list[str]
-    cwd: str
-
-
-class Reply(NamedTuple):
-    kind: str
-    text: str
-    exit_code: int
-    info: dict[str, Any]
+#: op: str, argv: list[str], cwd: str
+Request = namedtuple("Request", "op argv cwd")
+#: kind: str, text: str, exit_code: int, info: dict[str, Any]
+Reply = namedtuple("Reply", "kind text exit_code info")
 
 
 class LineBuffer:
