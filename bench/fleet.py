@@ -205,9 +205,12 @@ def main() -> int:
     ap.add_argument("--relays", type=int, default=2, help="srvd instances (2)")
     ap.add_argument("--runs", type=int, default=1, help="runs per case and size (1; median)")
     ap.add_argument("--budget", type=float, default=570, help="seconds for everything (570)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES)}")
     args = ap.parse_args()
     if args.n < 1 or not 0 < args.small <= args.n:
         ap.error("need 0 < --small <= --n")
+    cases = tuple(c for c in CASES if c in args.cases.split(","))
     t_start = time.monotonic()
 
     def left() -> float:
@@ -250,7 +253,7 @@ def main() -> int:
             for r in f.relays:
                 f.sshnp(1, "true", relays=[r], relay_timeout=20)
             warm = list(range(1, min(sizes[0], args.shards * args.relays) + 1))
-            for case in CASES:
+            for case in cases:
                 wr = CaseResult(case, len(warm))
                 run_case(f, case, warm, 0, args.forks, wr, timeout=120)
                 timing[f"warm-up {case} x{len(warm)}"] = wr.t
@@ -268,7 +271,7 @@ def main() -> int:
                 devices = list(range(1, n + 1))
                 idle[n] = measure_idle(f, devices)
                 for run_no in range(1, args.runs + 1):
-                    order = CASES if run_no % 2 else CASES[::-1]
+                    order = cases if run_no % 2 else cases[::-1]
                     for case in order:
                         # a run over N hosts with forks F: allow 4 s per host-batch + slack
                         need = 30 + 6 * (n / args.forks + 1) * 4
