@@ -33,6 +33,20 @@ log = logging.getLogger("noports.agent")
 REQUEST_TIMEOUT_S = 10.0  # a connector sends its request at once; a slow one is dropped
 SEND_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 4096  # requests being read or set up at once (tunnels not counted)
+#: aes session key pairs kept ready: RSA-2048 generation (~0.1 s CPU) is the longest local
+#: step of a set-up; made in threads while idle, one used per session as the protocol wants
+KEY_POOL = 4
+
+
+def _ready_session_key() -> None:
+    """Top the pool up and put a finished key where ``flow._take_prestarted`` pops."""
+    from noports.client.flow import _PRESTARTED, prestart_session_key
+    while len(_PRESTARTED) < KEY_POOL:
+        prestart_session_key()
+    done = [f for f in _PRESTARTED if f.done()]
+    if done:
+        _PRESTARTED.remove(done[0])
+        _PRESTARTED.append(done[0])
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -126,8 +140,7 @@ class Agent:
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("sshnp agent %d serving %s (idle exit after %gs)", os.getpid(), self.dir,
                  self.idle_s)
-        from noports.client.flow import prestart_session_key
-        prestart_session_key()
+        _ready_session_key()
         accept = loop.create_task(self.accept_loop(listener))
         idle = loop.create_task(self.idle_watch())
         try:
@@ -228,7 +241,7 @@ class Agent:
 
     async def open(self, conn: socket.socket, req: proto.Request) -> None:
         from noports.client.cli import parse_args
-        from noports.client.flow import _PRESTARTED, open_session, prestart_session_key
+        from noports.client.flow import open_session
         progress: _RemoteProgress | None = None
         t0 = time.monotonic()
         try:
@@ -238,11 +251,9 @@ class Agent:
             _resolve(params, req.cwd)
             progress = _RemoteProgress(conn, opts.quiet)
             shared = self.pool.get(params)
-            if params.tunnel_mode == "aes" and not _PRESTARTED:
-                prestart_session_key()  # this one is taken now; the next is made meanwhile
-            session = await open_session(params, progress=progress, client=shared)
             if params.tunnel_mode == "aes":
-                prestart_session_key()
+                _ready_session_key()
+            session = await open_session(params, progress=progress, client=shared)
         except SshnpError as exc:
             self.failures += 1
             log.info("set-up failed: %s", exc)
@@ -264,7 +275,9 @@ class Agent:
         mine, theirs = socket.socketpair()
         try:
             await progress.flush()
-            socket.send_fds(conn, [proto.encode_ok(setup_s=round(took, 4))], [theirs.fileno()])
+            socket.send_fds(conn, [proto.encode_ok(setup_s=round(took, 4),
+                                                   steps=session.timings)],
+                           [theirs.fileno()])
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("connector went away before taking the tunnel: %s", exc)
             mine.close()
