@@ -122,6 +122,8 @@ def test_bad_huge_silent_requests_do_not_stop_the_others(world: World) -> None:
     args = _raw(world, proto.encode_request("open", ["-f", "@np_client"], "/"))
     assert args[-1].kind == "error" and args[-1].text.startswith("arguments: -t/--to")
     assert args[-1].exit_code == 2
+    helped = _raw(world, proto.encode_request("open", ["--help"], "/"))  # argparse would exit
+    assert helped[-1].kind == "error" and "sshnp-connect --help" in helped[-1].text
     r = _ssh(world)  # while the silent one is still connected
     assert r.returncode == 0 and r.stdout.strip() == "tunnel-ok", r.stderr
     assert isinstance(silent, socket.socket)

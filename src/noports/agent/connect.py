@@ -206,8 +206,26 @@ def _split(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return own, rest
 
 
+USAGE = """usage: sshnp-connect [--agent-dir DIR] [--agent-idle S] [--no-agent] [--agent-stats]
+                     <the arguments of sshnp --stdio, without --stdio>
+
+OpenSSH ProxyCommand (with ProxyUseFdpass=yes) that gets the tunnel from the per-user sshnp
+agent, starting it if needed, and hands ssh the connected socket (docs/agent.md). The sshnp
+arguments are those of `sshnp --help`.
+
+  --agent-dir DIR  the agent's private directory (default $SSHNP_AGENT_DIR, else
+                   $XDG_RUNTIME_DIR/sshnp-agent, else ~/.ansible/cp/sshnp-agent)
+  --agent-idle S   idle seconds before an agent this run starts exits (default 60)
+  --no-agent       run the standalone client for this connection
+  --agent-stats    print the running agent's counters as JSON
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     own, rest = _split(list(sys.argv[1:] if argv is None else argv))
+    if "-h" in rest or "--help" in rest:
+        sys.stdout.write(USAGE)
+        return 0
     if "--no-agent" in own:
         return standalone(rest, None)
     try:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noports.client.errors import EXIT_FAILURE, EXIT_USAGE, SshnpError
+from noports.client.errors import EXIT_FAILURE, EXIT_USAGE, SshnpError, UsageError
 from noports.client.progress import Progress
 
 from . import paths
@@ -245,7 +245,11 @@ class Agent:
         progress: _RemoteProgress | None = None
         t0 = time.monotonic()
         try:
-            opts = parse_args(["--stdio", *req.argv])
+            try:
+                opts = parse_args(["--stdio", *req.argv])
+            except SystemExit:  # argparse's -h: it would end the agent for everyone
+                raise UsageError("-h/--help is answered by sshnp-connect --help, not the "
+                                 "agent") from None
             params = opts.params
             assert params is not None
             _resolve(params, req.cwd)
