@@ -7,8 +7,10 @@ its own 127.0.0.1:22 behind an nftables guard (inbound NEW dropped) and an sshnp
 namespace with redis-server, atdirectory --store redis://, 3 atserver processes (atSigns
 sharded round-robin) and 2 srvd; ansible-playbook on the controller (root namespace).
 
+Three cases: plain ssh, sshnp with one ``sshnp --stdio`` per host, and sshnp through the
+controller agent (``ansible_sshnp_agent: true``, docs/agent.md).
 Two sizes in one invocation (default N = 10, then N = 50): the plane and the first 10
-daemons start, both cases run over 10 hosts, the other 40 daemons start, both cases run over
+daemons start, every case runs over 10 hosts, the other 40 daemons start, every case runs over
 all 50. Per size and case: wall time of ``ansible-playbook`` (4 tasks: ping, command, copy,
 shell; forks 20; pipelining; ControlPersist; a fresh ControlPath dir so every run is a cold
 start with one connection per host), and, while the ControlPersist masters are still up:
@@ -36,6 +38,7 @@ baseline is direct ssh to 127.0.0.1:port (said in the output).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -60,6 +63,7 @@ from tests.harness.fleet import (
     sshnp_inventory,
     stop_control_masters,
 )
+from tests.harness.plane import cmdlines
 
 
 def settle_rss(pids: list[int], seconds: float = 1.5) -> dict[int, int]:
@@ -113,6 +117,8 @@ def run_case(f: Fleet, case: str, devices: list[int], run_no: int, forks: int,
         inv = ssh_inventory(f, devices, tag)
     else:
         inv = sshnp_inventory(f, devices, tag, relay_order="spread", relay_timeout=10)
+        if case == "agent":  # the per-user controller agent (docs/agent.md)
+            inv["all"]["vars"]["ansible_sshnp_agent"] = True
     run = run_playbook(f, tag, inv, forks=forks, timeout=timeout)
     good, err = check(run, len(devices))
     res.seconds.append(run.seconds)
@@ -146,7 +152,27 @@ def run_case(f: Fleet, case: str, devices: list[int], run_no: int, forks: int,
                                    if clients else float("nan"))
         res.extra["cpu_client"] = (statistics.median([cpu_s(p) for p in clients])
                                    if clients else float("nan"))
+    if case == "agent":
+        # the agent replaces every per-host process: its whole PSS and CPU, per live host
+        # (the connectors have exited; bench/agent_tunnels.py measures their CPU)
+        time.sleep(1.0)
+        agents = agent_processes(run.cp_dir)
+        n = len(devices)
+        res.extra["agents"] = len(agents)
+        res.extra["clients"] = len(client_processes(f))
+        res.extra["agent_pss_per_host"] = sum(pss_kib(p) for p in agents) / n
+        res.extra["agent_rss"] = sum(rss_kib(p) for p in agents)
+        res.extra["cpu_agent_per_host"] = sum(cpu_s(p) for p in agents) / n
+        for pid in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     stop_control_masters(f.base)
+
+
+def agent_processes(cp_dir: Path) -> list[int]:
+    """The agent serving this run's control dir (``<cp>/sshnp-agent``)."""
+    needle = str(cp_dir / "sshnp-agent").encode()
+    return [pid for pid, cmd in cmdlines() if b"noports.agent" in cmd and needle in cmd]
 
 
 def measure_idle(f: Fleet, devices: list[int]) -> dict[str, float]:
@@ -166,6 +192,9 @@ def measure_idle(f: Fleet, devices: list[int]) -> dict[str, float]:
     return out
 
 
+CASES = ("ssh", "sshnp", "agent")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,9 +205,12 @@ def main() -> int:
     ap.add_argument("--relays", type=int, default=2, help="srvd instances (2)")
     ap.add_argument("--runs", type=int, default=1, help="runs per case and size (1; median)")
     ap.add_argument("--budget", type=float, default=570, help="seconds for everything (570)")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated subset of {','.join(CASES)}")
     args = ap.parse_args()
     if args.n < 1 or not 0 < args.small <= args.n:
         ap.error("need 0 < --small <= --n")
+    cases = tuple(c for c in CASES if c in args.cases.split(","))
     t_start = time.monotonic()
 
     def left() -> float:
@@ -221,7 +253,7 @@ def main() -> int:
             for r in f.relays:
                 f.sshnp(1, "true", relays=[r], relay_timeout=20)
             warm = list(range(1, min(sizes[0], args.shards * args.relays) + 1))
-            for case in ("sshnp", "ssh"):
+            for case in cases:
                 wr = CaseResult(case, len(warm))
                 run_case(f, case, warm, 0, args.forks, wr, timeout=120)
                 timing[f"warm-up {case} x{len(warm)}"] = wr.t
@@ -239,7 +271,7 @@ def main() -> int:
                 devices = list(range(1, n + 1))
                 idle[n] = measure_idle(f, devices)
                 for run_no in range(1, args.runs + 1):
-                    order = ("ssh", "sshnp") if run_no % 2 else ("sshnp", "ssh")
+                    order = cases if run_no % 2 else cases[::-1]
                     for case in order:
                         # a run over N hosts with forks F: allow 4 s per host-batch + slack
                         need = 30 + 6 * (n / args.forks + 1) * 4
@@ -284,16 +316,18 @@ def report(args: argparse.Namespace, sizes: list[int],
     print("sshnp: ansible_connection sshnp, relays spread (host i starts at relay i mod R)")
     print()
     hdr = f"{'N':>4} {'plain ssh s':>12} {'sshnp s':>9} {'ratio':>6} {'ssh s/host':>11} " \
-          f"{'sshnp s/host':>13} {'sessions':>9}"
+          f"{'sshnp s/host':>13} {'sessions':>9} {'agent s':>8} {'ratio':>6}"
     print(hdr)
     print("-" * len(hdr))
     for n in sizes:
         s, p = results.get(("ssh", n)), results.get(("sshnp", n))
+        a = results.get(("agent", n))
         ts = s.t if s else float("nan")
         tp = p.t if p else float("nan")
+        ta = a.t if a else float("nan")
         sess = int(p.extra.get("sessions", 0)) if p else 0
         print(f"{n:>4} {ts:>12.1f} {tp:>9.1f} {tp / ts:>6.2f} {ts / n:>11.3f} "
-              f"{tp / n:>13.3f} {sess:>9}")
+              f"{tp / n:>13.3f} {sess:>9} {ta:>8.1f} {ta / ts:>6.2f}")
     if len(sizes) == 2 and all((c, n) in results for c in ("ssh", "sshnp") for n in sizes):
         a, b = sizes
         gs = results[("ssh", b)].t / results[("ssh", a)].t
@@ -332,6 +366,13 @@ def report(args: argparse.Namespace, sizes: list[int],
     row("controller: live sshnp --stdio processes",
         [str(int(results[("sshnp", n)].extra.get("clients", 0)))
          if ("sshnp", n) in results else "-" for n in sizes])
+    row("controller, agent: agent PSS / live hosts",
+        [mib(results[("agent", n)].extra.get("agent_pss_per_host", 0))
+         if ("agent", n) in results else "-" for n in sizes])
+    row("controller, agent: agents / per-host sshnp processes",
+        [f"{int(results[('agent', n)].extra.get('agents', 0))} / "
+         f"{int(results[('agent', n)].extra.get('clients', 0))}"
+         if ("agent", n) in results else "-" for n in sizes])
     row(f"atserver RSS, all {args.shards} processes",
         [mib(idle[n]["atserver_rss"]) for n in sizes])
     row(f"srvd RSS, all {args.relays}, idle", [mib(idle[n]["srvd_rss"]) for n in sizes])
@@ -340,6 +381,9 @@ def report(args: argparse.Namespace, sizes: list[int],
     print()
     print(f"{'CPU seconds per host (sshnp run, whole playbook)':<52} "
           + " ".join(f"{'N=' + str(n):>12}" for n in sizes))
+    row("controller, agent: agent CPU / hosts",
+        [f"{results[('agent', n)].extra.get('cpu_agent_per_host', float('nan')):.3f} s"
+         if ("agent", n) in results else "-" for n in sizes])
     for key, label in (("cpu_client", "controller: sshnp --stdio client (median)"),
                        ("cpu_sshnpd", "device: sshnpd (mean)"),
                        ("cpu_atservers", "plane: atservers, total / sessions"),

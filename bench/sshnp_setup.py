@@ -12,6 +12,9 @@ p50/p90 over N runs, interleaved so machine noise hits every case alike.
     .venv/bin/python -m bench.sshnp_setup --quick    # 8 runs per case
     .venv/bin/python -m bench.sshnp_setup --netns    # namespaced topology (root)
 
+The ``agent stdio`` cases are a cold ``ssh`` whose ProxyCommand is ``sshnp-connect`` with the
+controller agent already up (docs/agent.md): what every host after the first costs.
+
 Target: sshnp p50 <= 0.5 s on loopback (official NoPorts: 3-4 s, docs/reference/noports-protocol.md#session-step-by-step).
 """
 
@@ -19,13 +22,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from tests.harness.world import noports_world, percentile, run_timed
+from tests.harness.world import PY, World, noports_world, percentile, run_timed
 
 OFFICIAL_S = (3.0, 4.0)
+
+
+def agent_ssh_argv(w: World, i: int, mode: str, kh: Path, agent_dir: Path) -> list[str]:
+    """``ssh -o ProxyCommand='sshnp-connect ...' -o ProxyUseFdpass=yes``: a cold ssh with the
+    agent already running (it is started on demand by the first run, the warm-up)."""
+    argv = w.proxy_ssh_argv(i, "echo x", mode=mode, known_hosts=kh)
+    client = w.sshnp_argv(i, "--known-hosts", str(kh), mode=mode)[3:]
+    k = next(n for n, a in enumerate(argv) if a.startswith("ProxyCommand="))
+    argv[k] = "ProxyCommand=" + shlex.join([str(Path(PY).parent / "sshnp-connect"),
+                                            "--agent-dir", str(agent_dir),
+                                            "--agent-idle", "900", *client])
+    argv[k + 1:k + 1] = ["-o", "ProxyUseFdpass=yes"]
+    return argv
+
+
+def stop_agent(agent_dir: Path, env: dict[str, str]) -> None:
+    import json
+    import signal
+    import subprocess
+    r = subprocess.run([str(Path(PY).parent / "sshnp-connect"), "--agent-stats",
+                        "--agent-dir", str(agent_dir)], capture_output=True, text=True,
+                       env=env, timeout=30)
+    if r.returncode == 0:
+        os.kill(json.loads(r.stdout)["pid"], signal.SIGTERM)
 
 
 def main() -> None:
@@ -36,6 +64,8 @@ def main() -> None:
     ap.add_argument("--netns", action="store_true",
                     help="network-namespace topology (needs root); default loopback")
     ap.add_argument("--no-proxy", action="store_true", help="skip the ProxyCommand cases")
+    ap.add_argument("--no-agent", action="store_true",
+                    help="skip the controller agent cases (sshnp-connect, docs/agent.md)")
     args = ap.parse_args()
     runs = args.runs or (8 if args.quick else 30)
     if args.netns and os.geteuid() != 0:
@@ -53,6 +83,10 @@ def main() -> None:
             for mode in ("aes", "ssh"):
                 cases[f"sshnp stdio {mode}"] = w.proxy_ssh_argv(i, "echo x", mode=mode,
                                                                known_hosts=kh)
+        agent_dir = Path(tmp) / "ag"
+        if not args.no_agent:  # the agent is started by the warm-up run and stays up
+            for mode in ("aes", "ssh"):
+                cases[f"agent stdio {mode}"] = agent_ssh_argv(w, i, mode, kh, agent_dir)
         for argv in cases.values():  # warm-up: page cache, pk cache, known_hosts, sshd
             run_timed(argv, env=env, timeout=60).check()
         samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -72,11 +106,13 @@ def main() -> None:
         for name, v in samples.items():
             p50, p90 = percentile(v, 50), percentile(v, 90)
             off = f"{OFFICIAL_S[0] / p50:.1f}-{OFFICIAL_S[1] / p50:.1f}x faster" \
-                if name.startswith("sshnp") else "-"
+                if name.startswith(("sshnp", "agent")) else "-"
             print(f"{name:<22} {p50:7.3f} {p90:7.3f} {min(v):7.3f} {p50 / base:10.2f} "
                   f"{off:>18}")
-        best = min(percentile(v, 50) for n, v in samples.items() if n.startswith("sshnp"))
-        worst = max(percentile(v, 50) for n, v in samples.items() if n.startswith("sshnp"))
+        if not args.no_agent:
+            stop_agent(agent_dir, env)
+        best = min(percentile(v, 50) for n, v in samples.items() if n.startswith(("sshnp", "agent")))
+        worst = max(percentile(v, 50) for n, v in samples.items() if n.startswith(("sshnp", "agent")))
         print(f"target p50 <= 0.500 s: best {best:.3f} s, worst {worst:.3f} s -> "
               f"{'met' if worst <= 0.5 else 'met by some cases' if best <= 0.5 else 'NOT met'}")
 

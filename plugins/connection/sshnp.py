@@ -228,6 +228,25 @@ options:
     ini:
       - section: sshnp_connection
         key: failure_hold
+  sshnp_agent:
+    description:
+      - Set up the tunnels through the per-user sshnp agent (docs/agent.md) instead of one
+        C(sshnp --stdio) process per host; the ProxyCommand becomes C(sshnp-connect), which
+        hands OpenSSH the agent's socket (C(ProxyUseFdpass)) and exits.
+      - The agent holds one control-plane session per client atSign for every host, lives in
+        C(sshnp-agent) under the ssh control path dir (per job under AWX), starts on demand
+        and exits when idle.
+      - When the agent cannot start, each host falls back to the standalone client with a
+        warning.
+    type: boolean
+    default: false
+    vars:
+      - name: ansible_sshnp_agent
+    env:
+      - name: ANSIBLE_SSHNP_AGENT
+    ini:
+      - section: sshnp_connection
+        key: sshnp_agent
   client_verbosity:
     description:
       - V(0) runs the client with C(-q) (errors only). V(1) keeps its progress lines, V(2) and more add C(-v) flags.
@@ -470,10 +489,33 @@ class Connection(SshConnection):
                   + 2 * num("connect_timeout", _CLIENT_CONNECT_TIMEOUT))
         return int(self._opt("timeout") or 10) + int(budget + 0.999)
 
+    def use_agent(self) -> bool:
+        return bool(self._opt("sshnp_agent"))
+
+    def agent_dir(self) -> str:
+        """The agent's private directory: in the ssh control path dir, so an AWX job's own
+        control dir gives it its own agent."""
+        cpdir = unfrackpath(self._opt("control_path_dir") or "~/.ansible/cp")
+        return os.path.join(cpdir, "sshnp-agent")
+
+    def connector_executable(self) -> str:
+        """``sshnp-connect`` next to the sshnp client, else on PATH."""
+        beside = os.path.join(os.path.dirname(self.sshnp_executable()), "sshnp-connect")
+        if os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return beside
+        found = shutil.which("sshnp-connect")
+        if found:
+            return found
+        raise AnsibleError(f"sshnp: sshnp_agent is on but there is no sshnp-connect next to "
+                           f"{self.sshnp_executable()} or on PATH; install the noports package "
+                           "of this collection's version on the controller")
+
     def proxy_argv(self, ident: SshnpIdentity) -> list[str]:
-        """The client in ProxyCommand mode (flags of noports/client/cli.py)."""
-        argv = [self.sshnp_executable(), "--stdio",
-                "-f", ident.client_atsign, "-t", ident.device_atsign, "-d", ident.device,
+        """The client in ProxyCommand mode (flags of noports/client/cli.py), or the agent's
+        connector with the same flags (docs/agent.md)."""
+        head = ([self.connector_executable(), "--agent-dir", self.agent_dir()]
+                if self.use_agent() else [self.sshnp_executable(), "--stdio"])
+        argv = [*head, "-f", ident.client_atsign, "-t", ident.device_atsign, "-d", ident.device,
                 "-r", ",".join(ident.relays),
                 "--root-domain", str(self._opt("root_domain") or "root.atsign.org:64"),
                 "--known-hosts", self.known_hosts_path(ident)]
@@ -540,6 +582,8 @@ class Connection(SshConnection):
         args: list[str] = []
         if not control_only:
             args += ["-o", "ProxyCommand=" + self.proxy_command(ident)]
+            if self.use_agent():
+                args += ["-o", "ProxyUseFdpass=yes"]
         known = self.known_hosts_path(ident)
         policy = self._opt("host_key_policy") or "pinned"
         args += ["-o", f"HostKeyAlias={ident.alias}",

@@ -93,6 +93,7 @@ async def v_pkam(s: Conn, cmd: Command) -> Reply:
     s.enrollment_namespaces = namespaces
     if enrollment_id:
         runtime(s).attach(enrollment_id, s)  # closed at once if the enrollment is revoked
+    log.info("%s: pkam login", s.me)  # counted by tests/integration/test_agent_ansible.py
     return s.data("success")
 
 
