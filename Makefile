@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 # two pytest-xdist workers, a test file per worker at a time (module fixtures stay whole);
 # `make test PYTEST_XDIST=` runs serially (docs/decisions/0027-parallel-test-run.md)
-PYTEST_XDIST ?= -n 2 --dist loadfile
+PYTEST_XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 # a short per-checkout base: ssh's ControlPath must fit a unix socket path (108 bytes), and
 # xdist adds a popen-gwN level to every tmp_path
 PYTEST_BASETEMP ?= /tmp/np-pt-$(shell printf %s "$(CURDIR)" | cksum | cut -c1-8)
