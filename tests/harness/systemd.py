@@ -39,6 +39,7 @@ from pathlib import Path
 
 CGROUP2_HOST = [Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
 SYSTEMD = Path("/lib/systemd/systemd")
+REPO = Path(__file__).resolve().parents[2]  # the checkout: bind-mounted read-only into devices
 CG_PREFIX = "noports-sd-"  # our cgroups: noports-sd-<random>-<owner pid>
 
 # What the image enables plus systemd's own units that write outside a container's reach
@@ -95,7 +96,7 @@ Subsystem sftp internal-sftp
 
 BOOT_SCRIPT = r"""
 set -eu
-M="$1"; SEED="$2"; HOSTNAME_="$3"
+M="$1"; SEED="$2"; HOSTNAME_="$3"; SHARE="$4"
 R="$M/root"
 mount -t tmpfs -o mode=0755,size=2g np-systemd-rw "$M"
 mkdir -p "$M/upper" "$M/work" "$R"
@@ -103,6 +104,11 @@ cp -a "$SEED/." "$M/upper/"
 mount -t overlay -o "lowerdir=/,upperdir=$M/upper,workdir=$M/work" np-systemd-root "$R"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/var/tmp"
+# the checkout (its .venv is the runtime the roles install from) read-only at its own path:
+# a clone under /tmp (CI's) would otherwise be hidden by the device's own /tmp
+mkdir -p "$R$SHARE"
+mount --bind "$SHARE" "$R$SHARE"
+mount -o remount,bind,ro "$R$SHARE"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=0755,nosuid tmpfs "$R/dev"
 for n in null zero full random urandom tty; do
@@ -222,7 +228,7 @@ class SystemdDevice:
         script.write_text(BOOT_SCRIPT)
         argv = ["ip", "netns", "exec", self.netns, "unshare", "--fork", "--pid", "--mount",
                 "--uts", "--ipc", "--cgroup", "--propagation", "private", "--mount-proc",
-                "/bin/sh", str(script), str(self.mnt), str(self.seed), self.name]
+                "/bin/sh", str(script), str(self.mnt), str(self.seed), self.name, str(REPO)]
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, preexec_fn=enter_cgroup,
