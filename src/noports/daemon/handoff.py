@@ -75,9 +75,9 @@ class HostLink:
         self.proc = proc
         assert proc.stdin is not None and proc.stdout is not None
         reader = asyncio.StreamReader(limit=MAX_LINE + 1)
-        self._read_transport, _ = await loop.connect_read_pipe(
+        self._read_transport, _protocol = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
-        self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
+        self._writer, _protocol = await loop.connect_write_pipe(asyncio.Protocol, proc.stdin)
         self._ready = loop.create_future()
         self._reader_task = asyncio.ensure_future(self._read(reader))
         try:

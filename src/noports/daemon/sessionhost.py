@@ -282,7 +282,7 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reader = asyncio.StreamReader(limit=MAX_LINE + 1)
-    transport, _ = await loop.connect_read_pipe(
+    transport, _protocol = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(order_fd, "rb", 0))
     out(HostEvent("ready", pid=os.getpid()))
     log.debug("session host %d ready", os.getpid(), extra={"event": "session_host_ready"})

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from noports.npproto import escr
-from noports.npproto.escr import EscrAuth, escr_auth_for  # noqa: F401 (re-exported)
+from noports.npproto.escr import EscrAuth
 
 from .splice import HIGH_WATER, FlowTransform, Splice, Transform, splice_sockets, splice_stdio
 

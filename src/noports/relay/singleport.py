@@ -30,9 +30,8 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
 
 from noports.npproto import escr
 from noports.npproto.errors import ProtocolError
@@ -232,7 +231,7 @@ class SinglePortListener:
         log.info("single-port relay listening on port %d (sessions found by ESCR)", self.port)
 
     def _on_accept(self) -> None:
-        for _ in range(64):
+        for _attempt in range(64):
             try:
                 sock, peer = self.sock.accept()
             except (BlockingIOError, InterruptedError):

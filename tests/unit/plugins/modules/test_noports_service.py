@@ -62,8 +62,8 @@ def test_restart_gives_a_new_process(daemon, run_module):
 
 
 @pytest.mark.parametrize("kill_mode,helper_survives", [("group", False), ("process", True)])
-def test_kill_mode_decides_whether_the_daemons_group_is_signalled(tmp_path, run_module,
-                                                                   kill_mode, helper_survives):
+def test_kill_mode_decides_whether_the_daemons_group_is_signalled(
+        tmp_path, run_module, kill_mode, helper_survives):
     """kill_mode=process (sshnpd's role, like systemd's KillMode=process) signals the daemon
     alone: a helper left in its process group lives on; the default stops the whole group."""
     script = tmp_path / "d.run"
