@@ -57,6 +57,12 @@ def test_idle_daemon_does_not_load_session_or_server_code(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=60).stdout
     loaded = set(json.loads(out))
     assert {"noports.daemon.service", "noports.atclient.aio", "ssl"} <= loaded  # it ran
+    avoidable = NOT_WHILE_IDLE
+    import cryptography
+
+    if int(cryptography.__version__.split(".")[0]) < 35:
+        # cryptography 3.x's OpenSSL backend imports x509 (and with it email) by itself
+        avoidable = tuple(h for h in NOT_WHILE_IDLE if h not in ("cryptography.x509", "email"))
     heavy = sorted(m for m in loaded
-                   if any(m == h or m.startswith(h + ".") for h in NOT_WHILE_IDLE))
+                   if any(m == h or m.startswith(h + ".") for h in avoidable))
     assert not heavy, f"loaded by an idle sshnpd: {heavy}"
