@@ -178,7 +178,8 @@ def test_stdio_parallel_starts(env: Env, tmp_path: Path) -> None:
 
 
 def test_relay_fallback(env: Env) -> None:
-    res = env.sshnp("--relay-timeout", "1", "echo", "fallback", relays=f"{RELAY2},{RELAY}")
+    res = env.sshnp("--relay-timeout", "1", "--relay-select", "ordered", "echo", "fallback",
+                    relays=f"{RELAY2},{RELAY}")
     _ok(res, env)
     assert res.stdout.strip() == "fallback"
     assert "relay @relay2_e2e did not answer within 1s; trying the next relay" in res.stderr
