@@ -40,6 +40,16 @@ from pathlib import Path
 CGROUP2_HOST = [Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")]
 SYSTEMD = Path("/lib/systemd/systemd")
 REPO = Path(__file__).resolve().parents[2]  # the checkout: bind-mounted read-only into devices
+DEVICE_REPO = Path("/opt/np-checkout")  # ... at this path
+
+
+def device_path(path: str | Path) -> str:
+    """Where a controller path inside the checkout (its .venv) is seen from a device."""
+    p = Path(path)
+    try:
+        return str(DEVICE_REPO / p.relative_to(REPO))
+    except ValueError:
+        return str(p)
 CG_PREFIX = "noports-sd-"  # our cgroups: noports-sd-<random>-<owner pid>
 
 # What the image enables plus systemd's own units that write outside a container's reach
@@ -104,11 +114,12 @@ cp -a "$SEED/." "$M/upper/"
 mount -t overlay -o "lowerdir=/,upperdir=$M/upper,workdir=$M/work" np-systemd-root "$R"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/tmp"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/var/tmp"
-# the checkout (its .venv is the runtime the roles install from) read-only at its own path:
-# a clone under /tmp (CI's) would otherwise be hidden by the device's own /tmp
-mkdir -p "$R$SHARE"
-mount --bind "$SHARE" "$R$SHARE"
-mount -o remount,bind,ro "$R$SHARE"
+# the checkout (its .venv is the runtime the roles install from), read-only, at a path outside
+# /tmp: a clone under /tmp (CI's) is hidden by the device's own /tmp, and from the hardened
+# units by their PrivateTmp
+mkdir -p "$R/opt/np-checkout"
+mount --bind "$SHARE" "$R/opt/np-checkout"
+mount -o remount,bind,ro "$R/opt/np-checkout"
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$R/run"
 mount -t tmpfs -o mode=0755,nosuid tmpfs "$R/dev"
 for n in null zero full random urandom tty; do

@@ -39,7 +39,7 @@ from tests.harness.ansible import (
 )
 from tests.harness.ansible import skip_reason as ansible_skip_reason
 from tests.harness.sshd import keygen
-from tests.harness.systemd import SystemdDevice
+from tests.harness.systemd import SystemdDevice, device_path
 from tests.harness.systemd import skip_reason as systemd_skip_reason
 from tests.harness.topology import Topology, build_topology, want_namespaces
 from tests.harness.world import CLIENT, PY, RELAY, device_atsign, device_name, run_timed
@@ -178,7 +178,7 @@ def _ansible(base: Path, identity: Path, hosts: dict[str, tuple[str, str, dict]]
            "ansible_ssh_common_args": (f"-F /dev/null -o UserKnownHostsFile={known}"
                                        " -o GlobalKnownHostsFile=/dev/null"
                                        " -o IdentitiesOnly=yes -o BatchMode=yes"),
-           "ansible_python_interpreter": PY}
+           "ansible_python_interpreter": device_path(PY)}
     groups: dict[str, dict] = {}
     for name, (group, addr, hvars) in hosts.items():
         groups.setdefault(group, {"hosts": {}})["hosts"][name] = {
@@ -233,9 +233,9 @@ def test_roles_under_systemd(tmp_path: Path) -> None:
 
 def _converge_and_check(base: Path, topo: Topology, home: Path, identity: Path,
                         relay: SystemdDevice, device: SystemdDevice) -> None:
-    site = sysconfig.get_paths()["purelib"]
+    site = device_path(sysconfig.get_paths()["purelib"])
     runtime = {f"{role}_runtime_{k}": v for role in ("control_plane", "srvd", "sshnpd")
-               for k, v in (("python", PY), ("site_dirs", [site]),
+               for k, v in (("python", device_path(PY)), ("site_dirs", [site]),
                             ("payload_cache", str(base / "payload-cache")))}
     inventory, playbook, env = _ansible(base, identity, {
         "relay": ("relays", topo.relay_address, {}),
