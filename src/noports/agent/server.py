@@ -279,9 +279,8 @@ class Agent:
         mine, theirs = socket.socketpair()
         try:
             await progress.flush()
-            socket.send_fds(conn, [proto.encode_ok(setup_s=round(took, 4),
-                                                   steps=session.timings)],
-                           [theirs.fileno()])
+            ok = proto.encode_ok(setup_s=round(took, 4), steps=session.timings)
+            socket.send_fds(conn, [ok], [theirs.fileno()])
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("connector went away before taking the tunnel: %s", exc)
             mine.close()

@@ -574,8 +574,8 @@ class _Flow:
         meanwhile) ends the wait at once and wins over the relay's refusal of it."""
         p = self.p
         missing = self.device_missing
-        done, _ = await asyncio.wait({relay_fut, missing}, timeout=p.relay_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _pending = await asyncio.wait({relay_fut, missing}, timeout=p.relay_timeout,
+                                            return_when=asyncio.FIRST_COMPLETED)
         if relay_fut.done() and not relay_fut.cancelled():
             relay_fut.exception()  # retrieved: no "never retrieved" noise at exit
         if missing.done():

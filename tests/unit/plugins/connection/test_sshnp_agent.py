@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 from ansible.errors import AnsibleError
 
-from .test_sshnp import _isolated, build, client_argv, make_conn, opts_of  # noqa: F401
+from .test_sshnp import _isolated, build, client_argv, make_conn, opts_of
+
+AUTOUSE_FIXTURES = (_isolated,)  # imported for its autouse effect in this module too
 
 
 def _exe(tmp_path, name: str) -> str:
