@@ -94,6 +94,27 @@ def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
                 return took, float(r.info.get("setup_s", 0)), socket.socket(fileno=fd)
 
 
+def agent_stats(d: Path) -> dict:
+    """The agent's own counters (``sshnp-connect --agent-stats``), straight on its socket."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(socket_address(str(d)))
+    s.sendall(proto.encode_request("stats", [], os.getcwd()))
+    buf, data = proto.LineBuffer(), b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return proto.parse_reply(buf.feed(data)[0]).info
+
+
+def _nofile(pid: int) -> str:
+    """The soft limit of open files of ``pid`` (from /proc)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return line.split()[3]
+    return "?"
+
+
 def banner_ok(sock: socket.socket) -> bool:
     sock.settimeout(20)
     try:
@@ -114,9 +135,18 @@ def main() -> int:
                     help="seconds between warm rendezvous samples (0.5; 0 = back to back, "
                     "then the session key generation of the next one is on the path)")
     ap.add_argument("--netns", action="store_true", help="namespaces (root)")
+    ap.add_argument("--agent-nofile", type=int, default=1024,
+                    help="soft open-files limit the agent is started with (1024, the usual "
+                    "default; 0 = this shell's); the agent raises it to the hard limit")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # the bench holds every tunnel's fd itself; the agent starts with the caller's own soft
+    # limit (--agent-nofile), as a user's would, and must raise it itself
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
+    agent_soft = min(args.agent_nofile or soft, hard)
+
+    def agent_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (agent_soft, hard))
     per_dev = -(-args.tunnels // args.devices) + args.rendezvous + 4
     with tempfile.TemporaryDirectory(prefix="npat-") as tmp, noports_world(
             Path(tmp), args.devices, namespaced=args.netns, daemons=False,
@@ -129,7 +159,8 @@ def main() -> int:
         with open(d / "agent.log", "ab") as log:
             agent = subprocess.Popen([PY, "-m", "noports.agent", "--dir", str(d), "--idle",
                                       "900"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=log, env=w.client_env())
+                                     stdout=subprocess.DEVNULL, stderr=log, env=w.client_env(),
+                                     preexec_fn=agent_limits)
         try:
             return run(args, w, kh, d, agent)
         finally:
@@ -190,6 +221,7 @@ def run(args: argparse.Namespace, w: World, kh: Path, d: Path, agent: subprocess
     time.sleep(2.0)
     n = len(opened)
     pss1, cpu1 = pss_kib(agent.pid), cpu_s(agent.pid)
+    live_in_agent = int(agent_stats(d)["tunnels"])  # sshd drops a banner-only one at 120 s
     conn_cpu = ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) / max(
         args.tunnels, 1)
     alive = sum(banner_ok(s) for s in opened[:: max(1, n // 20)])
@@ -199,9 +231,13 @@ def run(args: argparse.Namespace, w: World, kh: Path, d: Path, agent: subprocess
           f"{args.devices} devices, aes tunnels")
     print(f"opened {n}/{args.tunnels} tunnels through the agent in {wall:.1f}s "
           f"({args.parallel} connectors at once); live at the end: {alive}/{sampled} sampled "
-          f"answer with the sshd banner; total live in the agent {n + live0}")
+          f"answer with the sshd banner; total live in the agent {live_in_agent} "
+          f"(opened {n + live0})")
     for f in failed[:3]:
         print(f"  failed: {f}")
+    print(f"agent open files: {len(os.listdir(f'/proc/{agent.pid}/fd'))} in use, limit "
+          f"{_nofile(agent.pid)} (started with soft {args.agent_nofile or 'inherited'}); "
+          f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print()
     print(f"{'per live tunnel on the controller':<46} {'per-process':>12} {'agent':>12}")
     print(f"{'PSS (MiB)':<46} {statistics.median(base_pss) / 1024:>12.2f} "

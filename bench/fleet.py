@@ -7,8 +7,8 @@ its own 127.0.0.1:22 behind an nftables guard (inbound NEW dropped) and an sshnp
 namespace with redis-server, atdirectory --store redis://, 3 atserver processes (atSigns
 sharded round-robin) and 2 srvd; ansible-playbook on the controller (root namespace).
 
-Three cases: plain ssh, sshnp with one ``sshnp --stdio`` per host, and sshnp through the
-controller agent (``ansible_sshnp_agent: true``, docs/agent.md).
+Three cases: plain ssh, sshnp with one ``sshnp --stdio`` per host (``ansible_sshnp_agent:
+false``), and sshnp through the controller agent (the plugin's default, docs/agent.md).
 Two sizes in one invocation (default N = 10, then N = 50): the plane and the first 10
 daemons start, every case runs over 10 hosts, the other 40 daemons start, every case runs over
 all 50. Per size and case: wall time of ``ansible-playbook`` (4 tasks: ping, command, copy,
@@ -117,8 +117,8 @@ def run_case(f: Fleet, case: str, devices: list[int], run_no: int, forks: int,
         inv = ssh_inventory(f, devices, tag)
     else:
         inv = sshnp_inventory(f, devices, tag, relay_order="spread", relay_timeout=10)
-        if case == "agent":  # the per-user controller agent (docs/agent.md)
-            inv["all"]["vars"]["ansible_sshnp_agent"] = True
+        # the agent is the plugin's default (docs/agent.md); "sshnp" is the way back
+        inv["all"]["vars"]["ansible_sshnp_agent"] = case == "agent"
     run = run_playbook(f, tag, inv, forks=forks, timeout=timeout)
     good, err = check(run, len(devices))
     res.seconds.append(run.seconds)
@@ -313,7 +313,12 @@ def report(args: argparse.Namespace, sizes: list[int],
     else:
         print("plain-ssh baseline path: direct ssh to each sshd on 127.0.0.1:<port> "
               "(loopback fallback, not root)")
-    print("sshnp: ansible_connection sshnp, relays spread (host i starts at relay i mod R)")
+    print("sshnp: ansible_connection sshnp, relays spread (host i starts at relay i mod R); "
+          "'sshnp' is ansible_sshnp_agent: false (one sshnp --stdio per host), 'agent' the "
+          "default")
+    print(f"load average at the end (1/5/15 min): "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine: compare the "
+          "columns, not absolute seconds)")
     print()
     hdr = f"{'N':>4} {'plain ssh s':>12} {'sshnp s':>9} {'ratio':>6} {'ssh s/host':>11} " \
           f"{'sshnp s/host':>13} {'sessions':>9} {'agent s':>8} {'ratio':>6}"

@@ -236,10 +236,11 @@ options:
       - The agent holds one control-plane session per client atSign for every host, lives in
         C(sshnp-agent) under the ssh control path dir (per job under AWX), starts on demand
         and exits when idle.
-      - When the agent cannot start, each host falls back to the standalone client with a
-        warning.
+      - When the agent cannot start (or there is no C(sshnp-connect) beside the client), each
+        host falls back to the standalone client with a warning.
+      - On by default; V(false) runs one C(sshnp --stdio) per host, as before version 0.2.
     type: boolean
-    default: false
+    default: true
     vars:
       - name: ansible_sshnp_agent
     env:
@@ -490,7 +491,7 @@ class Connection(SshConnection):
         return int(self._opt("timeout") or 10) + int(budget + 0.999)
 
     def use_agent(self) -> bool:
-        return bool(self._opt("sshnp_agent"))
+        return bool(self._opt("sshnp_agent")) and self.connector_executable() is not None
 
     def agent_dir(self) -> str:
         """The agent's private directory: in the ssh control path dir, so an AWX job's own
@@ -498,23 +499,29 @@ class Connection(SshConnection):
         cpdir = unfrackpath(self._opt("control_path_dir") or "~/.ansible/cp")
         return os.path.join(cpdir, "sshnp-agent")
 
-    def connector_executable(self) -> str:
-        """``sshnp-connect`` next to the sshnp client, else on PATH."""
-        beside = os.path.join(os.path.dirname(self.sshnp_executable()), "sshnp-connect")
+    def connector_executable(self) -> str | None:
+        """``sshnp-connect`` next to the sshnp client, else on PATH; None (with a warning:
+        the host then gets the standalone ``sshnp --stdio``) when there is none, e.g. an
+        older noports install without the agent."""
+        client = self.sshnp_executable()
+        beside = os.path.join(os.path.dirname(client), "sshnp-connect")
         if os.path.isfile(beside) and os.access(beside, os.X_OK):
             return beside
         found = shutil.which("sshnp-connect")
         if found:
             return found
-        raise AnsibleError(f"sshnp: sshnp_agent is on but there is no sshnp-connect next to "
-                           f"{self.sshnp_executable()} or on PATH; install the noports package "
-                           "of this collection's version on the controller")
+        display.warning(f"sshnp: sshnp_agent is on but there is no sshnp-connect next to "
+                        f"{client} or on PATH; running one sshnp --stdio per host (install "
+                        "the noports package of this collection's version on the controller, "
+                        "or set ansible_sshnp_agent: false)")
+        return None
 
     def proxy_argv(self, ident: SshnpIdentity) -> list[str]:
         """The client in ProxyCommand mode (flags of noports/client/cli.py), or the agent's
         connector with the same flags (docs/agent.md)."""
-        head = ([self.connector_executable(), "--agent-dir", self.agent_dir()]
-                if self.use_agent() else [self.sshnp_executable(), "--stdio"])
+        connector = self.connector_executable() if self._opt("sshnp_agent") else None
+        head = ([connector, "--agent-dir", self.agent_dir()] if connector
+                else [self.sshnp_executable(), "--stdio"])
         argv = [*head, "-f", ident.client_atsign, "-t", ident.device_atsign, "-d", ident.device,
                 "-r", ",".join(ident.relays),
                 "--root-domain", str(self._opt("root_domain") or "root.atsign.org:64"),

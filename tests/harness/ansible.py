@@ -170,11 +170,36 @@ def snapshot_collection(collections: Path) -> Path:
     return dest
 
 
-def close_masters(cp_dir: Path, timeout: float = 10) -> int:
-    """``ssh -O exit`` every OpenSSH master whose socket is in ``cp_dir`` (bounded)."""
+def agent_pids(cp_dir: Path) -> list[int]:
+    """The sshnp agent(s) serving ``cp_dir``'s ``sshnp-agent`` directory (docs/agent.md)."""
+    needle = str(cp_dir / "sshnp-agent").encode()
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"noports.agent\0" in cmd and needle + b"\0" in cmd:
+            out.append(int(proc.name))
+    return out
+
+
+def close_masters(cp_dir: Path, timeout: float = 10, *, stop_agent: bool = True) -> int:
+    """``ssh -O exit`` every OpenSSH master whose socket is in ``cp_dir`` (bounded), then
+    (``stop_agent``) SIGTERM the sshnp agent of ``cp_dir`` rather than wait for its idle
+    exit."""
     n = 0
     if not cp_dir.is_dir():
         return 0
+    if stop_agent:
+        try:
+            return close_masters(cp_dir, timeout, stop_agent=False)
+        finally:
+            for pid in agent_pids(cp_dir):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
     for sock in sorted(cp_dir.iterdir()):
         if not sock.is_socket():
             continue

@@ -490,14 +490,16 @@ def stop_control_masters(base: Path, grace: float = 5.0) -> None:
 
 def _pids_mentioning(needle: bytes) -> list[int]:
     """Client-side processes whose command line names ``needle`` (a temp dir this run
-    created, so they are ours; ssh masters daemonize away from us): ssh, sh, sshnp only."""
+    created, so they are ours; ssh masters daemonize away from us): ssh, sh, sshnp and the
+    sshnp agent only."""
     out = []
     for pid, cmd in cmdlines():
         if needle not in cmd:
             continue
         argv0 = cmd.split(b"\0", 1)[0].rsplit(b"/", 1)[-1]
         first_args = b" ".join(cmd.split(b"\0")[:3])
-        if argv0 in (b"ssh", b"sh") or b"noports.client" in first_args or b"sshnp" in first_args:
+        if argv0 in (b"ssh", b"sh") or b"noports.client" in first_args or b"sshnp" in first_args \
+                or b"noports.agent" in first_args:  # the agent of a run's control dir
             out.append(pid)
     return out
 

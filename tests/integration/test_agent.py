@@ -181,3 +181,19 @@ def test_another_uid_is_refused_by_peer_credentials() -> None:
         agent.terminate()
         agent.wait(20)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sshnp_stdio_with_fdpass_starts_the_agent_on_demand(world: World) -> None:
+    """Plain OpenSSH users: ``sshnp --stdio`` under ``ProxyUseFdpass=yes`` goes through the
+    per-user agent ($SSHNP_AGENT_DIR; started if not running) and leaves no process per
+    host; without ProxyUseFdpass it stays today's per-host client (the rest of the suite)."""
+    before = _stats(world)["sessions"]
+    kh = world.base / "kh-stdio"
+    opts = world.proxy_options(1, known_hosts=kh)  # ProxyCommand=python -m ...cli --stdio
+    r = subprocess.run(["ssh", *opts, "-o", "ProxyUseFdpass=yes", world.proxy_target(1),
+                        "echo tunnel-ok"], capture_output=True, text=True, timeout=90,
+                       env={**world.client_env(), "SSHNP_AGENT_DIR": str(world.agent_dir)},
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.strip() == "tunnel-ok", r.stderr
+    assert _stats(world)["sessions"] == before + 1  # the agent set it up, not a client
+    assert "np_dev1/dev1" in kh.read_text()

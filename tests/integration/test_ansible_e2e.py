@@ -10,7 +10,8 @@
 3. A playbook whose inventory says ``ansible_connection: sshnp`` (short name): facts, command,
    copy with become, template, fetch, file and a 100-item loop all succeed, and the control
    plane saw exactly ONE rendezvous per host for the whole run (srvd's ``session ... opened``
-   lines, and sshnpd's session lines, both == 1 per host).
+   lines, and sshnpd's session lines, both == 1 per host), each set up by the controller
+   agent (the plugin's default; its log in the control path dir).
 
 Not root (or ``NOPORTS_TOPOLOGY=loopback``) the same phases run in the harness's loopback world
 (every sshd as the current user on a high port of 127.0.0.1, login as that user, become only
@@ -161,6 +162,10 @@ def test_playbook_over_sshnp_with_inbound_dropped_makes_one_rendezvous_per_host(
     for name, lines in seen.items():
         print(f"{name}: srvd: {lines['srvd']}\n{name}: sshnpd: {lines['sshnpd']}")
     assert counts == {h: {"srvd": 1, "sshnpd": 1} for h in hosts}, seen
+    # through the plugin's default, the per-user agent in the control path dir: it set up
+    # every host's tunnel (docs/agent.md), no sshnp process per host did
+    agent_log = (world.cp_dir / "sshnp-agent" / "agent.log").read_text()
+    assert agent_log.count(" ready in ") == len(hosts), agent_log[-3000:]
 
     # still no way in from outside after the run
     for h in world.devices if namespaced else ():

@@ -21,7 +21,9 @@ for real with the generated build context (docs/awx.md, docs/decisions/0018):
    sshnpd, OpenSSH sshd), with what AWX gives a job: the custom credential type of
    docs/awx.md rendered as AWX does (``.atKeys`` written to a 0600 file in the private data
    directory, ``ANSIBLE_SSHNP_*`` variables), the collection and ``ENV`` of step 1/2, the
-   runtime of step 3, and a private ControlPath directory ``<private data dir>/cp``.
+   runtime of step 3, and a private ControlPath directory ``<private data dir>/cp``; the
+   plugin's default agent starts there on demand (from the EE's runtime), and exits when
+   the job's masters are gone and its idle time has passed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import tomllib
 import yaml
 from test_inventory_live import CLIENT, DEV_A, RELAY, Live
 
-from tests.harness.ansible import REPO, ansible_tool, close_masters
+from tests.harness.ansible import REPO, agent_pids, ansible_tool, close_masters
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -52,6 +54,7 @@ BIN = Path(PY).parent
 DOC = REPO / "docs" / "awx.md"
 COLLECTIONS_IN_EE = "/usr/share/ansible/collections"  # ansible_builder.constants
 TARBALL = "noports-sshnp-0.1.0.tar.gz"
+AGENT_IDLE_S = 3
 
 
 def doc_yaml(first_key: str) -> dict:
@@ -263,6 +266,7 @@ def test_ansible_runner_job_through_sshnp_with_injected_credential(ee: EE, live:
                                                                 str(ee.collections)),
         "ANSIBLE_COLLECTIONS_PATH": str(ee.collections),
         "ANSIBLE_SSH_CONTROL_PATH_DIR": str(pdd / "cp"),  # AWX: /runner/cp
+        "SSHNP_AGENT_IDLE": str(AGENT_IDLE_S),  # the agent's idle exit, short for the test
         "PYTHONPATH": str(ee.site),  # the EE's runtime, not this checkout's
         "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
     }
@@ -293,6 +297,22 @@ def test_ansible_runner_job_through_sshnp_with_injected_credential(ee: EE, live:
             (live.home / ".ansible" / "cp").iterdir())
         # the client that ran is the one pip installed from the collection (it was imported)
         assert list((ee.site / "noports" / "client").glob("__pycache__/*.pyc")), "not imported"
+        # the tunnel came from the plugin's default agent, started on demand in the job's
+        # private control dir (0700, its socket there), not in the user's home
+        agent_dir = pdd / "cp" / "sshnp-agent"
+        agents = agent_pids(pdd / "cp")
+        assert len(agents) == 1, (agents, out[-3000:])
+        assert stat.S_IMODE(agent_dir.stat().st_mode) == 0o700
+        assert (agent_dir / "agent.sock").is_socket()
+        assert " ready in " in (agent_dir / "agent.log").read_text()
+        assert list((ee.site / "noports" / "agent").glob("__pycache__/*.pyc")), "not the EE's"
         print(f"\nansible-runner job over sshnp: {seconds:.1f}s")
+        # the job's masters gone, the agent exits after its idle time and removes its socket
+        close_masters(pdd / "cp", stop_agent=False)
+        deadline = time.monotonic() + AGENT_IDLE_S + 30
+        while agent_pids(pdd / "cp") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert agent_pids(pdd / "cp") == [], "the job's agent did not exit when idle"
+        assert not (agent_dir / "agent.sock").exists()
     finally:
         close_masters(pdd / "cp")

@@ -363,6 +363,9 @@ def test_ansible_day2(env: Env, short_dir: Path, tmp_path: Path) -> None:
     msg = unreachable_msg(text, "box")
     assert msg.split(" [device ")[0] in RELAY_LOST, msg
     assert "Data could not be sent" not in msg
+    # the tunnel was the agent's (the plugin's default), which wrote the line the plugin read
+    assert "ended: tunnel: relay connection lost" in (short_dir / "sshnp-agent" / "agent.log"
+                                                ).read_text()
 
     # srvd killed during async/poll (once the job runs): each poll retry fails at once
     mark = len(env.daemon.lines)

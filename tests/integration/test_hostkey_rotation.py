@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 from test_client_e2e import CLIENT, DEV, DEVICE, RELAY, Env
 
-from tests.harness.ansible import E2E_DIR, ansible_tool, close_masters, snapshot_collection
+from tests.harness.ansible import (
+    E2E_DIR,
+    agent_pids,
+    ansible_tool,
+    close_masters,
+    snapshot_collection,
+)
 from tests.harness.plane import spawn
 from tests.harness.sshd import SSHD
 
@@ -117,16 +123,23 @@ def test_ansible_shows_the_rotation_as_a_warning_once(env: Env, tmp_path: Path) 
         out = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(inventory),
                               str(playbook)], capture_output=True, text=True, timeout=150,
                              env=run_env, stdin=subprocess.DEVNULL)
-        close_masters(cp_dir)  # the next run makes a new rendezvous
+        # the next run makes a new rendezvous, through the same (plugin default) agent
+        close_masters(cp_dir, stop_agent=False)
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "ok=2" in text, text[-4000:]
         return text
 
     before = fingerprint(env.host_pub)
-    text = play()  # pins the current key: first use, no warning
-    assert "host key of" not in text, text[-3000:]
-    after = rotate_host_key(env)
-    text = play()
+    try:
+        text = play()  # pins the current key: first use, no warning
+        assert "host key of" not in text, text[-3000:]
+        agents = agent_pids(cp_dir)
+        assert len(agents) == 1, agents
+        after = rotate_host_key(env)
+        text = play()
+        assert agent_pids(cp_dir) == agents  # the rotation surfaced through a warm agent
+    finally:
+        close_masters(cp_dir)
     expected = (f"[WARNING]: sshnp: host key of {ALIAS} changed: was {before}; now {after} "
                 f"(new key signed by the device's daemon; pin replaced in {kh}) (host box)")
     flat = " ".join(text.split())  # Ansible wraps long warnings

@@ -49,9 +49,64 @@ def _ready_session_key() -> None:
         _PRESTARTED.append(done[0])
 
 
-def peer_uid(conn: socket.socket) -> int:
+def raise_fd_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns (soft, hard) after.
+
+    Why: each live tunnel holds two descriptors here (ssh's socket pair end and the relay
+    connection), and the usual soft limit of 1024 would cap one agent at ~500 hosts while
+    the hard limit (often 4096 to 1M) is ours to take, as OpenSSH and most servers do."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, want, exc)
+    return soft, hard
+
+
+def peer_cred(conn: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process that connected (SO_PEERCRED)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def peer_uid(conn: socket.socket) -> int:
+    return peer_cred(conn)[1]
+
+
+class StderrOf:
+    """Where the connector's stderr went (the plugin's client log, a terminal), so that a
+    tunnel failing long after the connector exited is still reported there as ``sshnp:
+    error: <step>: ...``, as ``sshnp --stdio`` would on its own stderr; the Ansible plugin
+    reads that line to name the failed step. Only a path is kept (no fd per tunnel):
+    ``/proc/<pid>/fd/2`` of the connector, read while it waits for its answer."""
+
+    def __init__(self, pid: int) -> None:
+        self.path: str | None = None
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            return
+        if target.startswith("/") and target != os.devnull:
+            self.path = target
+
+    def error(self, message: str) -> None:
+        if self.path is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            return
+        try:
+            os.write(fd, f"sshnp: error: {message}\n".encode(errors="replace"))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class _RemoteProgress(Progress):
@@ -138,8 +193,9 @@ class Agent:
         ino = os.stat(os.path.join(self.dir, paths.SOCKET)).st_ino
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("sshnp agent %d serving %s (idle exit after %gs)", os.getpid(), self.dir,
-                 self.idle_s)
+        nofile = raise_fd_limit()
+        log.info("sshnp agent %d serving %s (idle exit after %gs; open files limit %d)",
+                 os.getpid(), self.dir, self.idle_s, nofile[0])
         _ready_session_key()
         accept = loop.create_task(self.accept_loop(listener))
         idle = loop.create_task(self.idle_watch())
@@ -174,7 +230,13 @@ class Agent:
     async def accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _addr = await loop.sock_accept(listener)
+            try:
+                conn, _addr = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE/ENFILE: out of descriptors; the rest goes on
+                log.warning("cannot accept a connection: %s (live tunnels %d)", exc,
+                            self.tunnels)
+                await asyncio.sleep(0.1)
+                continue
             if self.connections >= MAX_CONNECTIONS:
                 conn.close()
                 continue
@@ -189,9 +251,10 @@ class Agent:
         self.last_active = time.monotonic()
         try:
             conn.setblocking(False)
-            if peer_uid(conn) != os.getuid():  # the directory is 0700; this is the second lock
+            pid, uid = peer_cred(conn)
+            if uid != os.getuid():  # the directory is 0700; this is the second lock
                 self.refused += 1
-                log.warning("refused a connection from uid %d", peer_uid(conn))
+                log.warning("refused a connection from uid %d", uid)
                 return
             try:
                 req = proto.parse_request(await self.read_request(conn))
@@ -206,7 +269,7 @@ class Agent:
             if req.op == "stats":
                 await self.send(conn, proto.encode_ok(**self.stats()))
                 return
-            await self.open(conn, req)
+            await self.open(conn, req, StderrOf(pid))
         except (OSError, asyncio.TimeoutError) as exc:
             log.info("connection ended: %s", exc)
         finally:
@@ -239,7 +302,8 @@ class Agent:
                 "connections": self.connections - 1, "planes": len(self.pool.clients),
                 "setup_p50_s": setups[len(setups) // 2] if setups else None}
 
-    async def open(self, conn: socket.socket, req: proto.Request) -> None:
+    async def open(self, conn: socket.socket, req: proto.Request,
+                   stderr: StderrOf | None = None) -> None:
         from noports.client.cli import parse_args
         from noports.client.flow import open_session
         progress: _RemoteProgress | None = None
@@ -293,8 +357,14 @@ class Agent:
         conn.close()
         self.connections -= 1
         self.tunnels += 1
+        if stderr is not None and hasattr(session.tunnel, "on_failure"):
+            session.tunnel.on_failure = stderr.error  # called before ssh sees the end
         try:
             await session.tunnel.serve_socket(mine)
+        except SshnpError as exc:  # a lost relay: said where the connector's stderr went
+            log.info("tunnel to %s%s ended: %s", params.device, params.device_atsign, exc)
+            if stderr is not None and not exc.reported:
+                stderr.error(str(exc))
         except Exception as exc:  # one tunnel's failure is its own
             log.info("tunnel to %s%s ended: %s", params.device, params.device_atsign, exc)
         finally:

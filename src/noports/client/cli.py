@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tunnel-mode", choices=TUNNEL_MODES, default=S,
       help=f"aes: encrypted relay stream (default {DEFAULT_TUNNEL_MODE}); ssh: outer SSH")
     a("--stdio", action="store_true", default=False,
-      help="carry the tunnel on stdin/stdout (OpenSSH ProxyCommand mode)")
+      help="carry the tunnel on stdin/stdout (OpenSSH ProxyCommand mode); with "
+      "ProxyUseFdpass=yes the per-user agent sets it up and ssh gets its socket")
     a("--profile", "--profile-name", dest="profile", default=None,
       help="load ~/.config/sshnp/<NAME>.env")
     a("--config", "--config-file", dest="config", default=None, help="load this profile file")
@@ -623,14 +624,31 @@ def _setup_logging(verbose: int) -> None:
                         format="sshnp %(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
+def fdpass_stdio() -> bool:
+    """True when OpenSSH runs us with ``ProxyUseFdpass=yes``: stdin and stdout are then the
+    same unix socket (one socketpair end), never two pipes, and ssh wants a socket back."""
+    try:
+        st0, st1 = os.fstat(0), os.fstat(1)
+    except OSError:
+        return False
+    import stat
+    return (stat.S_ISSOCK(st0.st_mode) and (st0.st_dev, st0.st_ino) == (st1.st_dev, st1.st_ino))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``sshnp``); returns the exit code (see docs/sshnp.md)."""
     progress = Progress()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+        opts = parse_args(args)
     except UsageError as exc:
         progress.error(str(exc))
         return EXIT_USAGE
+    if opts.output == "stdio" and fdpass_stdio():
+        # ProxyUseFdpass: the per-user agent sets the tunnel up (started on demand) and ssh
+        # gets its socket; no process per host remains (docs/agent.md#with-plain-openssh)
+        from noports.agent.connect import main as connect_main
+        return connect_main([a for a in args if a != "--stdio"])
     progress.quiet = opts.quiet
     _setup_logging(opts.verbose)
     with contextlib.suppress(AttributeError, ValueError, OSError):  # kill -USR1: stacks

@@ -102,7 +102,7 @@ class AesTunnel:
             local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         to_relay, from_relay = cipher_transforms(self.cipher)
         self.stats = await pump_socket(local, self.relay_sock, to_relay=to_relay,
-                                       from_relay=from_relay)
+                                       from_relay=from_relay, on_close=self._stopping)
         self._check()
 
     async def serve_stdio(self, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
@@ -166,6 +166,13 @@ class SshTunnel:
         return TunnelError(f"relay connection lost: the outer SSH through {self.peer} "
                            f"ended{why}", hint="srvd or the device's sshnpd stopped "
                            "mid-session; check both")
+
+    def _report_lost(self) -> None:
+        err = self._lost()
+        if err is not None and self.on_failure is not None and self._early is None:
+            self.on_failure(str(err))
+            err.reported = True
+            self._early = err
 
     def _check(self) -> None:
         err = self._early or self._lost()
@@ -243,6 +250,7 @@ class SshTunnel:
             local.sendall(data)
 
         def out_eof() -> None:
+            self._report_lost()  # before ssh sees the end (the agent's tunnels)
             with contextlib.suppress(OSError):
                 local.shutdown(socket.SHUT_WR)
 
@@ -264,11 +272,7 @@ class SshTunnel:
 
         def out_eof() -> None:
             # report before closing stdout: ssh (and the Ansible plugin) then finds the line
-            err = self._lost()
-            if err is not None and self.on_failure is not None:
-                self.on_failure(str(err))
-                err.reported = True
-                self._early = err
+            self._report_lost()
             with contextlib.suppress(OSError):
                 os.close(stdout_fd)
 

@@ -206,10 +206,14 @@ async def _finish(sp: Splice, relay: socket.socket) -> PumpStats:
 
 async def pump_socket(local: socket.socket, relay: socket.socket, *,
                       to_relay: Transform | None = None, from_relay: Transform | None = None,
-                      high_water: int = HIGH_WATER) -> PumpStats:
-    """Pump between two connected sockets until both directions end; owns both sockets."""
+                      high_water: int = HIGH_WATER,
+                      on_close: Callable[[Splice], None] | None = None) -> PumpStats:
+    """Pump between two connected sockets until both directions end; owns both sockets.
+    ``on_close`` as in :func:`pump_stdio` (the agent reports a failure before ssh sees the
+    end)."""
     sp = await splice_sockets(local, relay, mode="protocol", transform_ab=to_relay,
-                              transform_ba=from_relay, high_water=high_water)
+                              transform_ba=from_relay, high_water=high_water,
+                              on_close=on_close)
     return await _finish(sp, relay)
 
 

@@ -39,6 +39,8 @@ def _isolated(tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("ANSIBLE_SSH_CONTROL_PATH_DIR", str(tmp_path / "cp"))
+    # no sshnp-connect on PATH unless a test puts one next to its sshnp (test_sshnp_agent.py)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
 
 
 def make_conn(inventory_hostname: str = "pi4.alice_device", **overrides):
@@ -112,8 +114,11 @@ def test_ssh_options_keep_their_ssh_sources(monkeypatch):
 # -- the injected ssh options -------------------------------------------------------------
 
 def test_argv_has_proxycommand_with_client_flags():
+    """The standalone path (``ansible_sshnp_agent: false``); the agent's connector takes the
+    same flags (test_sshnp_agent.py)."""
     conn = make_conn(ansible_sshnp_ca_file="/plane/ca.pem", ansible_sshnp_tunnel_mode="aes",
-                     ansible_sshnp_relay_timeout="7", ansible_sshnp_daemon_timeout=9.5)
+                     ansible_sshnp_relay_timeout="7", ansible_sshnp_daemon_timeout=9.5,
+                     ansible_sshnp_agent=False)
     argv = build(conn, "echo hi")
     assert argv[0] == b"ssh"
     # ours come right after the binary, so they win over anything later (first value wins)
