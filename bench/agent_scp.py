@@ -111,7 +111,8 @@ def main() -> None:
         print(f"{case:<12} {statistics.median(v[0] for v in vals):>16.1f} "
               f"{statistics.median(v[1] for v in vals):>26.2f}")
     a, p = (statistics.median(v[0] for v in got[c]) for c in ("agent", "per-process"))
-    print(f"agent / per-process aggregate: {a / p:.2f}x (goal >= 1.0)")
+    print(f"agent / per-process aggregate: {a / p:.2f}x (goal >= 1.0); load average "
+          f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,9 @@ def test_ping_and_playbook_through_sshnp(venvs, live: Live, which, tmp_path) -> 
             assert "EXEC scp " in out and "EXEC sftp " not in out, out[-6000:]
         else:
             assert "EXEC sftp " in out, out[-6000:]
+        # through the plugin's default agent, in this run's control path dir
+        assert "sshnp-connect" in out and "ProxyUseFdpass=yes" in out, out[-6000:]
+        assert " ready in " in (cp / "sshnp-agent" / "agent.log").read_text()
         print(f"\nansible-core {version}: ping {t_ping:.1f}s, playbook {t_play:.1f}s")
     finally:
         close_masters(cp)
