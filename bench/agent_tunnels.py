@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -94,6 +95,18 @@ def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
                 return took, float(r.info.get("setup_s", 0)), socket.socket(fileno=fd)
 
 
+def keep_banner_only_connections(w: World, i: int) -> None:
+    """The bench's tunnels never log in: sshd's LoginGraceTime (120 s) would drop the first
+    ones while a 1,000-tunnel batch is still opening. ``LoginGraceTime 0`` (no limit) and a
+    SIGHUP (sshd re-executes itself with the new config, keeping its listener)."""
+    dev = w.device(i)
+    assert dev.sshd is not None
+    cfg = dev.base / "sshd_config"
+    cfg.write_text(cfg.read_text() + "LoginGraceTime 0\n")
+    dev.sshd.popen.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+
+
 def agent_stats(d: Path) -> dict:
     """The agent's own counters (``sshnp-connect --agent-stats``), straight on its socket."""
     s = socket.socket(socket.AF_UNIX)
@@ -152,6 +165,7 @@ def main() -> int:
             Path(tmp), args.devices, namespaced=args.netns, daemons=False,
             srvd_args=("--max-sessions-per-atsign", str(4 * args.tunnels + 200))) as w:
         for i in range(1, args.devices + 1):
+            keep_banner_only_connections(w, i)
             w.start_sshnpd(i, extra=("--max-sessions", str(per_dev + args.baseline + 10)))
         kh = Path(tmp) / "known_hosts"
         d = Path(tmp) / "ag"
