@@ -170,6 +170,13 @@ def snapshot_collection(collections: Path) -> Path:
     return dest
 
 
+def _proc_state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return b"zombie"
+
+
 def agent_pids(cp_dir: Path) -> list[int]:
     """The sshnp agent(s) serving ``cp_dir``'s ``sshnp-agent`` directory (docs/agent.md)."""
     needle = str(cp_dir / "sshnp-agent").encode()
@@ -197,9 +204,15 @@ def close_masters(cp_dir: Path, timeout: float = 10, *, stop_agent: bool = True)
         try:
             return close_masters(cp_dir, timeout, stop_agent=False)
         finally:
-            for pid in agent_pids(cp_dir):
+            agents = agent_pids(cp_dir)
+            for pid in agents:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while agents and time.monotonic() < deadline:
+                agents = [p for p in agents if Path(f"/proc/{p}").exists()
+                          and b"zombie" not in _proc_state(p)]
+                time.sleep(0.05)
     for sock in sorted(cp_dir.iterdir()):
         if not sock.is_socket():
             continue
