@@ -28,7 +28,9 @@ tunnels per device stay below 100: 1,000 tunnels need 11+ devices (``--devices 1
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import re
 import resource
 import signal
 import socket
@@ -118,6 +120,16 @@ def agent_stats(d: Path) -> dict:
         data += chunk
     s.close()
     return proto.parse_reply(buf.feed(data)[0]).info
+
+
+def ended_reasons(d: Path) -> collections.Counter:
+    """Why tunnels ended while the batch ran: the agent's ``tunnel to ... ended: <why>``
+    lines, ports and numbers blanked so that alike causes count together."""
+    out: collections.Counter = collections.Counter()
+    for line in (d / "agent.log").read_text(errors="replace").splitlines():
+        if " ended: " in line or "ended (" in line or "set-up failed" in line:
+            out[re.sub(r"\d+", "N", line.split(": ", 2)[-1])[:200]] += 1
+    return out
 
 
 def _nofile(pid: int) -> str:
@@ -249,6 +261,8 @@ def run(args: argparse.Namespace, w: World, kh: Path, d: Path, agent: subprocess
           f"(opened {n + live0})")
     for f in failed[:3]:
         print(f"  failed: {f}")
+    for why, count in ended_reasons(d).most_common(4):
+        print(f"  ended before the measurement ({count}): {why}")
     print(f"agent open files: {len(os.listdir(f'/proc/{agent.pid}/fd'))} in use, limit "
           f"{_nofile(agent.pid)} (started with soft {args.agent_nofile or 'inherited'}); "
           f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")

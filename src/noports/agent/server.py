@@ -367,6 +367,9 @@ class Agent:
                 stderr.error(str(exc))
         except Exception as exc:  # one tunnel's failure is its own
             log.info("tunnel to %s%s ended: %s", params.device, params.device_atsign, exc)
+        else:
+            log.info("tunnel to %s%s ended (closed by either end) after %.0fs", params.device,
+                     params.device_atsign, time.monotonic() - t0)
         finally:
             session.close()
             with contextlib.suppress(OSError):
