@@ -19,7 +19,10 @@ Measured:
 Every tunnel ends at a device's sshd, which drops unauthenticated connections beyond its
 MaxStartups (100:30:200 in the harness) and sshnpd serves at most --max-sessions at once, so
 tunnels per device stay below 100: 1,000 tunnels need 11+ devices (``--devices 12
---tunnels 1000``); the default is 4 devices x 75.
+--tunnels 1000``); the default is 4 devices x 75. Each tunnel sends an SSH client banner
+and no more (the device closes a session whose client sent nothing for 60 s), and the
+devices' sshd get ``LoginGraceTime 0`` (else they drop a tunnel that has not logged in
+after 120 s, while a big batch is still opening).
 
     .venv/bin/python -m bench.agent_tunnels                        # 4 devices, 300 tunnels
     .venv/bin/python -m bench.agent_tunnels --devices 12 --tunnels 1000
@@ -69,7 +72,14 @@ def open_via_connector(w: World, d: Path, args: list[str]) -> socket.socket:
     _out, err = p.communicate(timeout=120)
     if p.returncode != 0 or not fds:
         raise RuntimeError(f"connector failed: {err.decode(errors='replace').strip()}")
-    return socket.socket(fileno=fds[0])
+    return client_hello(socket.socket(fileno=fds[0]))
+
+
+def client_hello(sock: socket.socket) -> socket.socket:
+    """Send an SSH client banner, as ssh does at once: the device's session host closes a
+    session whose client sent nothing within 60 s (sessionhost.CLIENT_WAIT_S)."""
+    sock.sendall(b"SSH-2.0-npbench\r\n")
+    return sock
 
 
 def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
@@ -94,7 +104,8 @@ def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
                 s.close()
                 assert fd is not None
                 STEPS.append(r.info.get("steps") or {})
-                return took, float(r.info.get("setup_s", 0)), socket.socket(fileno=fd)
+                return (took, float(r.info.get("setup_s", 0)),
+                        client_hello(socket.socket(fileno=fd)))
 
 
 def keep_banner_only_connections(w: World, i: int) -> None:
