@@ -36,6 +36,7 @@ from noports.atclient.aio import (
     AtTimeoutError,
     Notification,
 )
+from noports.cliargs import pid_alive as cliargs_pid_alive
 from noports.compat import to_thread
 from noports.keys.apsk import ensure_signing_key_published
 from noports.keys.atkeys import AtKeys
@@ -85,15 +86,10 @@ class DaemonError(RuntimeError):
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a session host holding an authorized_keys line)."""
-    if pid <= 1:
+    """Whether ``pid`` is a live process (a session host holding an authorized_keys line);
+    unlike :func:`noports.cliargs.pid_alive`, a zombie (ended, not yet reaped) is not."""
+    if not cliargs_pid_alive(pid) or pid <= 1:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             return fh.read().rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
