@@ -3,7 +3,9 @@
 Why this order (each step starts as early as its inputs exist, so the critical path is
 connect -> relay request -> relay answer -> session request -> device answer):
 
-* the per-session RSA key is generated in a thread while the network works (aes mode);
+* the per-session RSA key is generated in a thread while the network works (aes mode; the
+  agent reuses one for a bounded time instead), and an X25519 key per session (~0.1 ms) lets
+  our daemons seal the session key without it (npproto/kex.py, decision 0029);
 * the command connection and the monitor connection authenticate concurrently; the monitor
   asks for a replay from just before we started, so nothing sent to us is missed even if
   its ``monitor`` command reaches the server after the first answer;
