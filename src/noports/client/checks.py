@@ -228,8 +228,10 @@ def session_secrets(p: SessionParams, resp: SessionResponse, session_priv: Any,
     key_ct, iv_ct, d2c_key_ct, d2c_iv_ct = twinkeys.response_secrets(
         resp.session_aes_key, resp.session_iv, resp.extra)
     if kex.in_response(resp.extra):
-        return _sealed_secrets(p, resp, x25519_priv, mixed=bool(key_ct or iv_ct or d2c_key_ct
-                                                                 or d2c_iv_ct))
+        rsa_fields = (twinkeys.C2D_KEY, twinkeys.C2D_IV, twinkeys.D2C_KEY, twinkeys.D2C_IV)
+        mixed = bool(resp.session_aes_key or resp.session_iv
+                     or any(resp.extra.get(f) is not None for f in rsa_fields))
+        return _sealed_secrets(p, resp, x25519_priv, mixed=mixed)
     if not key_ct or not iv_ct or session_priv is None:
         raise SecurityError("the device sent no session key although encryption was "
                             "requested")
