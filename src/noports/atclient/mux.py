@@ -164,7 +164,11 @@ class _Conn:
         self.dead = False
         early = list(stream._replies)  # what authentication read past its last reply
         stream._replies.clear()
-        self._dispatch(self.demux.replies(early))
+        try:
+            self._dispatch(self.demux.replies(early))  # prompts; anything else is stray
+        except AtProtocolError:
+            stream.close()
+            raise
         self.task = asyncio.get_running_loop().create_task(self._read(),
                                                            name=f"mux reader {self.peer}")
 
@@ -239,8 +243,8 @@ class _Conn:
 
     async def _send(self, cmd: str, fut: asyncio.Future[Reply | None], timeout: float,
                     *, monitor: bool = False) -> None:
-        if self.dead:
-            raise self.error or AtConnectError(f"connection to {self.peer} is closed")
+        if self.dead:  # raced with a cut: the caller may re-send on a new connection
+            raise AtConnectError(f"connection to {self.peer} is closed")
         self.stream.send_nowait(cmd)
         self.demux.expect(fut, monitor=monitor)
         try:
