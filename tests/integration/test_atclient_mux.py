@@ -227,3 +227,76 @@ def test_cut_connection_one_relogin_monitor_resumes_exactly_once(env: Env) -> No
     asyncio.run(main())
     assert env.bob_logins() == 1  # the restarted server's log: one login of @bob
 
+
+
+class _CuttableProxy:
+    """A TCP forwarder in front of an atServer port whose live connections can be cut
+    (both sides closed) while the atServer itself stays up."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [cw, sw]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+
+    def cut(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+def test_cut_while_the_server_stays_up_replays_what_was_stored_meanwhile(env: Env) -> None:
+    mark = len(env.bob_server.proc.lines)
+
+    async def main() -> None:
+        proxy = _CuttableProxy(env.bob_server.ports["@bob"])
+        port = await proxy.start()
+        alice = await env.alice()
+        bob = env.bob(secondary=("127.0.0.1", port))
+        # a long first back-off: the notifications below are stored while nobody monitors
+        mon = bob.monitor(r"\.gap@", backoff_base_s=2.0, backoff_max_s=2.0)
+        await mon.wait_ready(10)
+        got: list = []
+        collector = asyncio.create_task(_collect(mon, got))
+        await alice.notify("@bob", "before", "before", namespace="gap")
+        await _until(lambda: len(got) >= 1, 10)
+        proxy.cut()
+        for i in range(3):
+            await alice.notify("@bob", f"gap{i}", f"gap{i}", namespace="gap")
+        await _until(lambda: len(got) >= 4, 20)
+        await alice.notify("@bob", "after", "after", namespace="gap")
+        await _until(lambda: len(got) >= 5, 10)
+        await asyncio.sleep(1.0)  # a duplicate would arrive by now
+        assert [n.value for n in got] == ["before", "gap0", "gap1", "gap2", "after"]
+        assert bob.logins == 2 and mon.connects == 2
+        collector.cancel()
+        await bob.close()
+        await alice.close()
+        proxy.close()
+
+    asyncio.run(main())
+    assert env.bob_logins(mark) == 2  # the first login and one re-login, none per command
