@@ -8,7 +8,9 @@ against the REAL plane (directory + two atserver processes):
     line over --max-buffer keeps getting its notifications and answers until the over-long
     line closes it (AT0005, as the official server does), while another client is served;
 (c) the connection is cut (its atServer killed with -9 and restarted): exactly one re-login,
-    the monitor resumes from the last notification it saw: nothing lost, nothing twice.
+    the monitor resumes from the last notification it saw: nothing lost, nothing twice;
+(d) the connection is cut by a proxy while the atServer stays up: one re-login, and what was
+    stored for @bob while nobody monitored is replayed once, in order.
 """
 
 from __future__ import annotations
