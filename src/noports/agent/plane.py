@@ -193,7 +193,7 @@ class PlanePool:
             asyncio.get_running_loop().create_task(shared.aclose())
         keys = load_client_keys(params)
         client = MuxClient(params.client_atsign, keys, params.root, client_ssl_context(params),
-                          timeout=params.connect_timeout)
+                           timeout=params.connect_timeout)
         shared = self.clients[key] = SharedClient(client, self.cache_ttl)
         return shared
 

@@ -87,7 +87,6 @@ class Stray:
     reply: Reply
 
 
-
 class Demux:
     """Splits one connection's byte stream into command answers and pushed notifications.
 
@@ -102,7 +101,7 @@ class Demux:
 
     @property
     def pending(self) -> list[Any]:
-        return [tok for tok, _ in self._pending]
+        return [pending[0] for pending in self._pending]
 
     def expect(self, token: Any, *, monitor: bool = False) -> None:
         self._pending.append((token, monitor))
@@ -418,4 +417,3 @@ class MuxMonitor(Monitor):
         if conn is not None:
             conn.want_notes = False
         await super().aclose()
-
