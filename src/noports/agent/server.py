@@ -238,6 +238,7 @@ class Agent:
         return {"pid": os.getpid(), "tunnels": self.tunnels, "sessions": self.sessions,
                 "failures": self.failures, "refused": self.refused,
                 "connections": self.connections - 1, "planes": len(self.pool.clients),
+                "logins": self.pool.logins,
                 "setup_p50_s": setups[len(setups) // 2] if setups else None,
                 "key_exchanges": dict(self.key_exchanges),
                 **(self.keys.stats() if self.keys is not None else {})}
