@@ -32,8 +32,9 @@ class HostError(RuntimeError):
 
 
 def host_argv(log_format: str, verbose: bool, owner: str, authorized_keys: str) -> list[str]:
-    """``python -m noports.daemon.sessionhost ...`` with this daemon's interpreter."""
-    argv = [sys.executable, "-m", "noports.daemon.sessionhost", "--log-format", log_format,
+    """``python -m noports.daemon.sessionhost_start ...`` with this daemon's interpreter
+    (a bare interpreter until the first order: docs/decisions/0032-sshnpd-idle-memory.md)."""
+    argv = [sys.executable, "-m", "noports.daemon.sessionhost_start", "--log-format", log_format,
             "--for", owner, "--authorized-keys", authorized_keys]
     return [*argv, "-v"] if verbose else argv
 

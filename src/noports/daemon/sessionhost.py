@@ -271,8 +271,11 @@ class _Out:
             self.open = False
 
 
-async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
-    """Take orders until the daemon's pipe ends, then exit when the last session ends."""
+async def serve(order_fd: int = 0, event_fd: int = 1, pending: bytes | None = None) -> int:
+    """Take orders until the daemon's pipe ends, then exit when the last session ends.
+
+    ``pending``: what :mod:`.sessionhost_start` already read from the pipe (it announced
+    ``ready`` itself, so this does not)."""
     loop = asyncio.get_running_loop()
     out = _Out(event_fd)
     host = SessionHost(out)
@@ -282,9 +285,12 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reader = asyncio.StreamReader(limit=MAX_LINE + 1)
+    if pending:
+        reader.feed_data(pending)  # ahead of anything the pipe brings next
     transport, _protocol = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(order_fd, "rb", 0))
-    out(HostEvent("ready", pid=os.getpid()))
+    if pending is None:
+        out(HostEvent("ready", pid=os.getpid()))
     log.debug("session host %d ready", os.getpid(), extra={"event": "session_host_ready"})
 
     async def orders() -> None:
@@ -324,7 +330,7 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, pending: bytes | None = None) -> int:
     p = argparse.ArgumentParser(prog="sshnpd-sessions",
                                 description="sshnpd's session host (started by sshnpd only)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -336,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cli import setup_logging
     setup_logging(args.log_format, args.verbose)
     try:
-        return asyncio.run(serve())
+        return asyncio.run(serve(pending=pending))
     except KeyboardInterrupt:
         return 130
 
