@@ -78,19 +78,21 @@ def session_host_pids(daemon_pid: int) -> list[int]:
             cmd = (p / "cmdline").read_bytes()
         except OSError:
             continue
-        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-        if ppid == daemon_pid and b"noports.daemon.sessionhost" in cmd:
+        state, ppid = stat.rsplit(b")", 1)[1].split()[:2]
+        if (int(ppid) == daemon_pid and state != b"Z"
+                and b"noports.daemon.sessionhost" in cmd):
             found.append(int(p.name))
     return found
 
 
 def device_rss_kib(daemon_pid: int) -> int:
-    """VmRSS of the daemon plus its live session host(s)."""
+    """RSS of the daemon plus the private pages (USS) of its live session host(s): the
+    device's resident memory with shared pages counted once."""
     total = rss_kib(daemon_pid)
     for pid in session_host_pids(daemon_pid):
         try:
-            total += rss_kib(pid)
-        except (OSError, RuntimeError):
+            total += rollup_kib(pid)[2]
+        except (OSError, KeyError):
             continue
     return total
 
@@ -245,9 +247,10 @@ def main() -> None:
 
     print(f"NoPorts runtime memory, {topo}, Python {sys.version.split()[0]}")
     print(f"{'what':<52} {'value':>12}")
-    print(f"{'sshnpd + session host VmRSS, idle after start':<52} {d_idle / 1024:9.1f} MiB")
-    print(f"{'sshnpd + session host VmRSS, idle after 4 sessions':<52} "
+    print(f"{'sshnpd + session host RSS, idle after start':<52} {d_idle / 1024:9.1f} MiB")
+    print(f"{'sshnpd + session host RSS, idle after 4 sessions':<52} "
           f"{d_after / 1024:9.1f} MiB")
+    print("(sshnpd + session host: daemon VmRSS + the host's private pages, shared pages once)")
     print(f"{'srvd VmRSS at start (+20 warm-up sessions later)':<52} "
           f"{srvd_start / 1024:9.1f} MiB")
     print(f"{f'srvd per OPEN session (N={n}, {open_s:.1f}s to open)':<52} "
@@ -294,10 +297,14 @@ def host_code_load_s() -> float:
     return loads[2]
 
 
+HOST_IDLE_S = 10  # the bench's --session-host-idle (the daemon's default is 300 s)
+
+
 def daemon_only(netns: bool) -> None:
     rows = [(name, *baseline_kib(code)) for name, code in BASELINES.items()]
     with tempfile.TemporaryDirectory(prefix="np-bench-mem-") as tmp, noports_world(
-            Path(tmp), n_devices=1, namespaced=netns) as w:
+            Path(tmp), n_devices=1, namespaced=netns, daemons=False) as w:
+        w.start_sshnpd(1, extra=("--session-host-idle", str(HOST_IDLE_S)))
         dpid = w.daemons[1].popen.pid
         settle(dpid, 5.0)
         rows += device_rows("idle after start", dpid)
@@ -305,18 +312,28 @@ def daemon_only(netns: bool) -> None:
         deadline = time.monotonic() + 20  # until every ephemeral key has expired
         while w.ephemeral_lines(1) and time.monotonic() < deadline:
             time.sleep(0.2)
-        settle(dpid, 5.0)
-        rows += device_rows("idle after 3 sessions (keys expired)", dpid)
+        warm = session_host_pids(dpid)
+        settle(dpid, 1.0)
+        rows += device_rows("after 3 sessions, keys gone", dpid)
+        deadline = time.monotonic() + HOST_IDLE_S + 30
+        while time.monotonic() < deadline and (
+                not session_host_pids(dpid) or set(session_host_pids(dpid)) & set(warm)):
+            time.sleep(0.5)
+        settle(dpid, 3.0)
+        rows += device_rows(f"idle again ({HOST_IDLE_S} s on)", dpid)
+        took.append(timed_sshnp(w, "aes"))
         topo = "netns" if w.namespaced else "loopback"
     print(f"sshnpd memory, {topo}, Python {sys.version.split()[0]}")
     print(f"{'what':<52} {'RSS MiB':>8} {'PSS MiB':>8} {'USS MiB':>8}")
     for name, rss, pss, uss in rows:
         print(f"{name:<52} {rss / 1024:8.1f} {pss / 1024:8.1f} {uss / 1024:8.1f}")
     print("total RSS counts shared pages once: daemon RSS + the hosts' private pages (USS)")
-    print("sshnp exec wall time, sessions 1-3 (the first also has the daemon fetch the "
-          "client's public key and the host load its session code): "
+    print(f"sessions ran with --session-host-idle {HOST_IDLE_S}: a host idle that long is "
+          "replaced by a fresh, bare one")
+    print("sshnp exec wall time, sessions 1-3, then 4 after the replacement (1 and 4 load the "
+          "host's session code; 1 also fetches the client's key): "
           + ", ".join(f"{t:.2f} s" for t in took))
-    print(f"loading the host's session code in a started interpreter (once per daemon): "
+    print(f"loading the host's session code in a started interpreter: "
           f"{host_code_load_s():.2f} s (median of 5)")
     print("target: sshnpd idle RSS <= 30 MiB (issue 13, point 6)")
 

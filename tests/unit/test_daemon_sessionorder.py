@@ -79,7 +79,7 @@ def test_garbage_and_huge_lines_are_refused(line: bytes) -> None:
 def test_host_events_round_trip_and_validate() -> None:
     for ev in (HostEvent("ready", pid=42), HostEvent("started", SID),
                HostEvent("failed", SID, "cannot connect to the local sshd on port 22: refused"),
-               HostEvent("ended", SID)):
+               HostEvent("ended", SID), HostEvent("idle")):
         assert HostEvent.from_line(ev.to_line()) == ev
     for bad, why in (({"event": "ready"}, "ready needs a pid"),
                      ({"event": "ready", "pid": True}, "ready needs a pid"),
