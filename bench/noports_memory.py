@@ -23,6 +23,8 @@ Not a test; prints a table. Real programs (tests/harness/world.py):
     .venv/bin/python -m bench.noports_memory --quick    # N = 150
     .venv/bin/python -m bench.noports_memory --netns    # namespaced topology (root)
     .venv/bin/python -m bench.noports_memory --daemon   # sshnpd and the baselines only
+    .venv/bin/python -m bench.noports_memory --daemon --python ~/.cache/noports-test-venvs/device-py3.8/bin/python
+                     # the same with sshnpd and the baselines on a device Python (decision 0023)
 
 Targets: <= 8 KiB per idle srvd session; sshnpd idle RSS <= 30 MiB (issue 13).
 """
@@ -99,14 +101,16 @@ def device_rss_kib(daemon_pid: int) -> int:
 
 BASELINES = {
     "python: import asyncio, ssl, cryptography": "import asyncio, ssl, cryptography",
-    "python: ... + cryptography RSA (Rust bindings)":
-        "import asyncio, ssl, cryptography.hazmat.primitives.asymmetric.rsa",
+    "python: ... + cryptography RSA (its OpenSSL bindings)":
+        "import asyncio, ssl, cryptography.hazmat.primitives.asymmetric.rsa\n"
+        "from cryptography.hazmat.backends import default_backend\n"
+        "default_backend()",  # cryptography < 35 loads its bindings only here
 }
 
 
-def baseline_kib(code: str) -> tuple[int, int, int]:
+def baseline_kib(code: str, python: str = sys.executable) -> tuple[int, int, int]:
     """(Rss, Pss, Uss) of a bare interpreter that ran ``code`` and waits."""
-    p = subprocess.Popen([sys.executable, "-c", code + "\nimport sys; sys.stdin.read()"],
+    p = subprocess.Popen([python, "-c", code + "\nimport sys; sys.stdin.read()"],
                          stdin=subprocess.PIPE)
     try:
         time.sleep(1.5)
@@ -214,9 +218,12 @@ def main() -> None:
                     help="network-namespace topology (needs root); default loopback")
     ap.add_argument("--daemon", action="store_true",
                     help="only sshnpd's idle RSS/PSS beside the bare-interpreter baselines")
+    ap.add_argument("--python", metavar="PATH", default=sys.executable,
+                    help="--daemon: run sshnpd and the baselines with this interpreter (it "
+                         "needs cryptography; the code comes from this checkout's src)")
     args = ap.parse_args()
     if args.daemon:
-        daemon_only(args.netns)
+        daemon_only(args.netns, args.python)
         return
     n = args.sessions or (150 if args.quick else 500)
     if args.netns and os.geteuid() != 0:
@@ -286,12 +293,12 @@ def timed_sshnp(w: World, mode: str) -> float:
     return time.monotonic() - t0
 
 
-def host_code_load_s() -> float:
+def host_code_load_s(python: str = sys.executable) -> float:
     """What the first session adds on the device: a fresh interpreter's wall time for
     ``import noports.daemon.sessionhost`` minus one that imports nothing (median of 5)."""
     def run(code: str) -> float:
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([python, "-c", code], check=True)
         return time.monotonic() - t0
     loads = sorted(run("import noports.daemon.sessionhost") - run("pass") for _ in range(5))
     return loads[2]
@@ -300,12 +307,22 @@ def host_code_load_s() -> float:
 HOST_IDLE_S = 10  # the bench's --session-host-idle (the daemon's default is 300 s)
 
 
-def daemon_only(netns: bool) -> None:
-    rows = [(name, *baseline_kib(code)) for name, code in BASELINES.items()]
+def daemon_only(netns: bool, python: str = sys.executable) -> None:
+    if python != sys.executable:  # the other interpreter gets this checkout's code
+        src = str(Path(__file__).resolve().parent.parent / "src")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    version = subprocess.run([python, "-c", "import sys, cryptography; print(sys.version.split()"
+                              "[0], 'cryptography', cryptography.__version__)"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    rows = [(name, *baseline_kib(code, python)) for name, code in BASELINES.items()]
     with tempfile.TemporaryDirectory(prefix="np-bench-mem-") as tmp, noports_world(
             Path(tmp), n_devices=1, namespaced=netns, daemons=False) as w:
-        w.start_sshnpd(1, extra=("--session-host-idle", str(HOST_IDLE_S)))
-        dpid = w.daemons[1].popen.pid
+        argv = w.sshnpd_argv(1, extra=("--session-host-idle", str(HOST_IDLE_S)))
+        proc = w.spawn_sshnpd(1, [python, *argv[1:]])
+        proc.wait_for(r'"event": "ready"', timeout=60)
+        w.daemons[1] = proc
+        dpid = proc.popen.pid
         settle(dpid, 5.0)
         rows += device_rows("idle after start", dpid)
         took = [timed_sshnp(w, mode) for mode in ("aes", "ssh", "aes")]
@@ -323,7 +340,7 @@ def daemon_only(netns: bool) -> None:
         rows += device_rows(f"idle again ({HOST_IDLE_S} s on)", dpid)
         took.append(timed_sshnp(w, "aes"))
         topo = "netns" if w.namespaced else "loopback"
-    print(f"sshnpd memory, {topo}, Python {sys.version.split()[0]}")
+    print(f"sshnpd memory, {topo}, Python {version}")
     print(f"{'what':<52} {'RSS MiB':>8} {'PSS MiB':>8} {'USS MiB':>8}")
     for name, rss, pss, uss in rows:
         print(f"{name:<52} {rss / 1024:8.1f} {pss / 1024:8.1f} {uss / 1024:8.1f}")
@@ -334,7 +351,7 @@ def daemon_only(netns: bool) -> None:
           "host's session code; 1 also fetches the client's key): "
           + ", ".join(f"{t:.2f} s" for t in took))
     print(f"loading the host's session code in a started interpreter: "
-          f"{host_code_load_s():.2f} s (median of 5)")
+          f"{host_code_load_s(python):.2f} s (median of 5)")
     print("target: sshnpd idle RSS <= 30 MiB (issue 13, point 6)")
 
 

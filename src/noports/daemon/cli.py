@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="after this long without sessions, replace the session host by a "
                         "fresh one that loads its session code with the next session "
-                        "(~15 MiB less memory while idle); 0 = keep it loaded (default 300)")
+                        "(~13 MiB less memory while idle); 0 = keep it loaded (default 300)")
     p.add_argument("-p", "--policy-manager", dest="policy_manager", help=S)
     p.add_argument("--doctor", action="store_true",
                    help="check config, keys and file modes, sshd, authorized_keys, atDirectory "
