@@ -46,6 +46,8 @@ NOT_WHILE_IDLE = (
     "noports.directory",
     "noports.client",
     "noports.admin",
+    "noports.agent",
+    "paramiko",  # the client's SSH library
     "noports.keys.enroll",
     "noports.keys.plane",
     "noports.daemon.doctor",
