@@ -118,8 +118,9 @@ class Daemon:
         self.client: AtClient | None = None
         self.host_keys: list[str] = []
         self.host = HostLink(host_argv(config.log_format, config.verbose, self.owner,
-                                       str(config.authorized_keys)))
+                                       str(config.authorized_keys), config.session_host_idle))
         self.host.on_lost = self._host_lost
+        self.host.on_idle = self._retire_host
         self._host_spawn: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.revocation = RevocationGate()  # our key refused as revoked: log in rarely
@@ -247,6 +248,29 @@ class Daemon:
                     await to_thread(self.authorized_keys.remove_session, sid)
         self._spawn(clean(), "clean after the session host")
 
+    def _retire_host(self) -> None:
+        """The host had no session for --session-host-idle seconds and nothing is in flight:
+        let it go (it exits) and start a fresh one, a bare interpreter until its first order
+        (memory: docs/decisions/0032-sshnpd-idle-memory.md)."""
+        old = self.host
+        if self._stop is not None and self._stop.is_set():
+            return
+        log.info("session host %d idle for %gs: replacing it by a fresh one", old.pid,
+                 self.config.session_host_idle, extra={"event": "session_host_retired"})
+        self.host = HostLink(old.argv)
+        self.host.on_lost = self._host_lost
+        self.host.on_idle = self._retire_host
+        old.close()
+        self._host_spawn = asyncio.ensure_future(self._spawn_host())
+        self._spawn(self._reap(old), "reap the retired session host")
+
+    @staticmethod
+    async def _reap(old: HostLink) -> None:
+        for _attempt in range(120):  # it exits as soon as it sees the end of its pipe
+            if old.proc is None or old.proc.poll() is not None:
+                return
+            await asyncio.sleep(0.5)
+
     async def _ensure_host(self) -> bool:
         """The host is up (started at run(), started again if it died since)."""
         if self._host_spawn is not None and not self._host_spawn.done():
@@ -254,6 +278,7 @@ class Daemon:
         if not self.host.running:
             self.host = HostLink(self.host.argv)
             self.host.on_lost = self._host_lost
+            self.host.on_idle = self._retire_host
             self._host_spawn = asyncio.ensure_future(self._spawn_host())
             await asyncio.shield(self._host_spawn)
         return self.host.running
