@@ -64,3 +64,29 @@ def test_the_agent_raises_its_open_files_limit():
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == got[0] > low or hard == low
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_failed_session_does_not_cancel_the_shared_key_pair():
+    """The flow cancels its key future when a set-up fails (asyncio.wrap_future passes that
+    on): an unknown client atSign on one host then failed every later host of the agent."""
+    import asyncio
+    import threading
+
+    from noports.agent.keypool import KeyPool
+    gate = threading.Event()
+
+    def make():
+        gate.wait(10)
+        return "pub", object()
+
+    pool = KeyPool(make)
+
+    async def failing_session() -> None:
+        waiting = asyncio.ensure_future(asyncio.wrap_future(pool.take()))
+        await asyncio.sleep(0)
+        waiting.cancel()  # flow.cleanup() of a failed set-up
+        await asyncio.gather(waiting, return_exceptions=True)
+
+    asyncio.run(failing_session())
+    gate.set()
+    assert pool.take().result(timeout=10)[0] == "pub"

@@ -27,6 +27,25 @@ REUSE_SESSIONS = 256
 RENEW_AT = 0.8  # start the next pair at this share of either limit
 
 
+def _view(src: concurrent.futures.Future[tuple[str, Any]]
+          ) -> concurrent.futures.Future[tuple[str, Any]]:
+    """A future of its own for one session, completed with ``src``'s outcome. Why: a
+    session that fails cancels the future it was handed (``asyncio.wrap_future`` passes the
+    cancellation on); on the shared pair that would fail every later session of the agent."""
+    out: concurrent.futures.Future[tuple[str, Any]] = concurrent.futures.Future()
+
+    def copy(done: concurrent.futures.Future[tuple[str, Any]]) -> None:
+        if not out.set_running_or_notify_cancel():
+            return  # the session gave up on it
+        exc = done.exception()
+        if exc is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(done.result())
+    src.add_done_callback(copy)
+    return out
+
+
 class KeyPool:
     """The current pair (a future), its age and use count, and the next one being made."""
 
@@ -74,7 +93,7 @@ class KeyPool:
             self.uses += 1
             if self.next is None and self._expired(now, RENEW_AT):
                 self.next = self._start()
-            return self.current
+            return _view(self.current)
 
     def warm(self) -> None:
         """Start the first pair before any session asks for it."""
