@@ -773,7 +773,10 @@ class Connection(SshConnection):
             return None
         now = time.time()
         if _probe_running(path, pid) and 0 <= now - started < self.connect_timeout_budget(ident):
-            return step, now - failed
+            run_start = _run_started()
+            if run_start is not None and started >= run_start:
+                return step, now - failed
+            return None  # a previous run's: a new run never inherits a hold
         _PROBES.pop(path, None)
         with contextlib.suppress(OSError):
             os.unlink(path)

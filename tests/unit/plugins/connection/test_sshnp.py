@@ -612,3 +612,15 @@ def test_reset_without_a_master_spawns_no_ssh(monkeypatch):
     monkeypatch.setattr(ssh_mod.subprocess, "Popen", lambda *a, **k: spawned.append(a) or _Done())
     conn.reset()
     assert len(spawned) == 1 and b"check" in spawned[0][0]
+
+
+def test_a_previous_runs_background_rendezvous_holds_nothing(monkeypatch):
+    import json
+    import time
+    conn, calls, log = _probe_setup(monkeypatch, age=25)
+    log.write_text("")  # its ProxyCommand emptied the log
+    marker = Path(conn.probe_path(conn.sshnp_identity()))
+    marker.write_text(json.dumps({"pid": os.getpid(), "started": time.time() - 200,
+                                  "step": "relay: x", "failed": time.time() - 220}))
+    assert conn.exec_command("true")[:2] == (0, b"ok\n")  # this run started 120 s ago
+    assert len(calls) == 1 and _FakeProbe.spawned == []
