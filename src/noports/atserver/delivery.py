@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from noports import trace
 from noports.atprotocol import notifications as N
 
 from .host import ServerConfig
@@ -90,8 +91,10 @@ class Deliverer:
                 continue
             try:
                 cmd = N.s2s_notify_command(N.from_storage(current.data))
+                trace.mark("atserver.s2s_out", f"{me} {current.key}")
                 r = await self.outbound.request(me, to, cmd, handshake=True,
                                                 timeout=NOTIFY_TIMEOUT)
+                trace.mark("atserver.s2s_ack", f"{me} {current.key}")
                 ok = r.ok and (r.data or "").strip() == "success"
                 why = "" if ok else f"{r.code} {r.message[:120]}"
             except RemoteError as err:

@@ -12,6 +12,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from noports import trace
 from noports.atprotocol import keys as K
 from noports.atprotocol import metadata as M
 from noports.atprotocol import notifications as N
@@ -76,10 +77,12 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
         to = K.fix_atsign(p["forAtSign"])
         n = build_notification(s, p, from_atsign=s.me, to=to, now=now, ttln=ttln)
         _check_id_owner(s, n, "received" if to == s.me else "sent")
+        trace.mark("atserver.notify_in", f"{s.me} {n.key}")
         if to == s.me:
             store_received(s, n)
         else:
             store_sent(s, n, now)
+        trace.mark("atserver.notify_stored", f"{s.me} {n.key}")
         return s.data(n.id)
     # receiving side: a pol-authenticated peer delivers a notification to us
     sender = s.pol_atsign
@@ -93,8 +96,10 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
     if _is_redelivery(s, n):
         return s.data("success")
     _check_id_owner(s, n, "received")
+    trace.mark("atserver.pol_notify_in", f"{s.me} {n.key}")
     store_received(s, n)
     _cache_from_notification(s, n, p)
+    trace.mark("atserver.pol_notify_stored", f"{s.me} {n.key}")
     return s.data("success")
 
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional  # noqa: UP035 (3.8)
 
+from noports import trace
 from noports.compat import to_thread
 from noports.npproto.errors import IntegrityError
 from noports.npproto.streamcipher import new_session_cipher
@@ -96,6 +97,7 @@ class SessionHost:
         ak = AuthorizedKeys(o.authorized_keys)
         sess = _Session(o, loop.time())
         self._sessions[sid] = sess
+        trace.mark("host.order", sid)
         written_at = loop.time()  # the line may be visible from here on
         try:
             await to_thread(functools.partial(
@@ -109,6 +111,7 @@ class SessionHost:
             self._emit(HostEvent("failed", sid, "cannot authorize session key"))
             return
         # "gone within ttl": start the removal early enough to cover the locked rewrite + fsync
+        trace.mark("host.key_written", sid)
         remove_in = max(0.0, o.key_ttl - KEY_REMOVAL_MARGIN_S - (loop.time() - written_at))
         self._key_timers[sid] = loop.call_later(remove_in, self._expire_key, o)
         try:
@@ -117,6 +120,7 @@ class SessionHost:
             await self._fail(sess, f"cannot connect to the local sshd on port "
                              f"{o.local_sshd_port}: {exc.strerror or exc}")
             return
+        trace.mark("host.local_connected", sid)
         try:
             relay = await connect_relay(o.relay_host, o.relay_port, o.auth_line,
                                         timeout=CONNECT_TIMEOUT_S)
@@ -125,11 +129,13 @@ class SessionHost:
             await self._fail(sess, f"cannot connect to the socket rendezvous "
                              f"{o.relay_host}:{o.relay_port}: {exc.strerror or exc}")
             return
+        trace.mark("host.relay_connected", sid)
         sess.splice = await self._splice(sess, local, relay)
         sess.timers.append(loop.call_later(CLIENT_WAIT_S, self._check_client_arrived, sid))
         log.info("session %s for %s: relay %s:%d, cipher %s", sid, o.client, o.relay_host,
                  o.relay_port, o.cipher_id or "none (plain)",
                  extra={"event": "session_started", **ctx})
+        trace.mark("host.started", sid)
         self._emit(HostEvent("started", sid))
 
     async def _splice(self, sess: _Session, local: socket.socket,
