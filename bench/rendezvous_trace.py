@@ -44,23 +44,26 @@ def _side(s: str):  # noqa: ANN202
 
 #: (label, event, detail filter), in the order a rendezvous passes them
 HOPS: list[tuple[str, str, object]] = [
-    ("relay request: client atServer accepts", "atserver.notify_in", _k1),
-    ("  stored (fsync)", "atserver.notify_stored", _k1),
-    ("  s2s out (delivery queue)", "atserver.s2s_out", _k1),
-    ("  relay atServer accepts", "atserver.pol_notify_in", _k1),
-    ("  pushed to srvd's monitor", "atserver.monitor_out", _k1),
+    ("relay req: client atServer accepts", "atserver.notify_in", _k1),
+    ("relay req: client atServer stored (fsync)", "atserver.notify_stored", _k1),
+    ("relay req: s2s out", "atserver.s2s_out", _k1),
+    ("relay req: relay atServer accepts", "atserver.pol_notify_in", _k1),
+    ("relay req: pushed to srvd's monitor", "atserver.monitor_out", _k1),
+    ("relay req: relay atServer stored (fsync)", "atserver.pol_notify_stored", _k1),
     ("srvd: notification in", "srvd.in", _k1),
-    ("srvd: ports open, reply sent", "srvd.reply_out", _any),
-    ("relay answer: relay atServer accepts", "atserver.notify_in", _k2),
-    ("  stored (fsync)", "atserver.notify_stored", _k2),
-    ("  s2s out (delivery queue)", "atserver.s2s_out", _k2),
-    ("  client atServer accepts", "atserver.pol_notify_in", _k2),
-    ("  pushed to the client's monitor", "atserver.monitor_out", _k2),
-    ("session request: client atServer accepts", "atserver.notify_in", _k5),
-    ("  stored (fsync)", "atserver.notify_stored", _k5),
-    ("  s2s out (delivery queue)", "atserver.s2s_out", _k5),
-    ("  device atServer accepts", "atserver.pol_notify_in", _k5),
-    ("  pushed to sshnpd's monitor", "atserver.monitor_out", _k5),
+    ("srvd: ports open, answer sent", "srvd.reply_out", _any),
+    ("relay ans: relay atServer accepts", "atserver.notify_in", _k2),
+    ("relay ans: relay atServer stored (fsync)", "atserver.notify_stored", _k2),
+    ("relay ans: s2s out", "atserver.s2s_out", _k2),
+    ("relay ans: client atServer accepts", "atserver.pol_notify_in", _k2),
+    ("relay ans: pushed to the client's monitor", "atserver.monitor_out", _k2),
+    ("relay ans: client atServer stored (fsync)", "atserver.pol_notify_stored", _k2),
+    ("session req: client atServer accepts", "atserver.notify_in", _k5),
+    ("session req: client atServer stored (fsync)", "atserver.notify_stored", _k5),
+    ("session req: s2s out", "atserver.s2s_out", _k5),
+    ("session req: device atServer accepts", "atserver.pol_notify_in", _k5),
+    ("session req: pushed to sshnpd's monitor", "atserver.monitor_out", _k5),
+    ("session req: device atServer stored (fsync)", "atserver.pol_notify_stored", _k5),
     ("sshnpd: notification in", "sshnpd.in", _k5),
     ("sshnpd: handler starts", "sshnpd.ssh_request", _any),
     ("sshnpd: client public key ready", "sshnpd.pk_ready", _any),
@@ -73,11 +76,12 @@ HOPS: list[tuple[str, str, object]] = [
     ("relay: side B authenticated", "relay.auth", _side("B True")),
     ("session host: started", "host.started", _any),
     ("sshnpd: host reports started", "sshnpd.host_started", _any),
-    ("device answer: device atServer accepts", "atserver.notify_in", _k6),
-    ("  stored (fsync)", "atserver.notify_stored", _k6),
-    ("  s2s out (delivery queue)", "atserver.s2s_out", _k6),
-    ("  client atServer accepts", "atserver.pol_notify_in", _k6),
-    ("  pushed to the client's monitor", "atserver.monitor_out", _k6),
+    ("device ans: device atServer accepts", "atserver.notify_in", _k6),
+    ("device ans: device atServer stored (fsync)", "atserver.notify_stored", _k6),
+    ("device ans: s2s out", "atserver.s2s_out", _k6),
+    ("device ans: client atServer accepts", "atserver.pol_notify_in", _k6),
+    ("device ans: pushed to the client's monitor", "atserver.monitor_out", _k6),
+    ("device ans: client atServer stored (fsync)", "atserver.pol_notify_stored", _k6),
 ]
 
 
@@ -108,40 +112,44 @@ def read_marks(path: Path) -> list[Mark]:
 
 
 def breakdown(marks: Sequence[Mark], windows: Sequence[tuple[float, float]]
-              ) -> list[tuple[str, float | None, float | None]]:
-    """(label, p50 ms of this hop, p50 ms since the request) per hop; None: never seen."""
-    per_hop: list[list[float]] = [[] for _ in HOPS]
-    since: list[list[float]] = [[] for _ in HOPS]
+              ) -> list[tuple[str, float, float]]:
+    """(label, p50 ms since the row above, p50 ms since the request), in protocol order.
+
+    Each hop is the first matching mark inside a rendezvous' window. Steps may overlap (a
+    delivery starts before its sender's commit ends; the device's atServer pushes before
+    it stores), so a negative "this hop" means "that much before the row above".
+    """
+    times: list[dict[int, float]] = []
     for t0, t1 in windows:
         inside = [m for m in marks if t0 <= m.t <= t1 + 0.005]
-        prev = t0
-        start = 0
+        got: dict[int, float] = {}
         for i, (_label, event, keep) in enumerate(HOPS):
-            hit = next((m for m in inside[start:] if m.event == event
+            hit = next((m for m in inside if m.event == event
                         and keep(m.detail)), None)  # type: ignore[operator]
-            if hit is None:
-                continue
-            start = inside.index(hit) + 1
-            per_hop[i].append((hit.t - prev) * 1000)
-            since[i].append((hit.t - t0) * 1000)
-            prev = hit.t
-    return [(label, percentile(per_hop[i], 50) if per_hop[i] else None,
-             percentile(since[i], 50) if since[i] else None)
-            for i, (label, _e, _k) in enumerate(HOPS)]
+            if hit is not None:
+                got[i] = (hit.t - t0) * 1000
+        times.append(got)
+    order = [i for i in range(len(HOPS)) if any(i in g for g in times)]
+    since = {i: percentile([g[i] for g in times if i in g], 50) for i in order}
+    rows = []
+    for n, i in enumerate(order):
+        prev = order[n - 1] if n else None
+        hop = [g[i] - (g[prev] if prev is not None else 0.0) for g in times
+               if i in g and (prev is None or prev in g)]
+        rows.append((HOPS[i][0], percentile(hop, 50) if hop else 0.0, since[i]))
+    return rows
 
 
 def print_breakdown(path: Path, windows: Sequence[tuple[float, float]], total_p50_s: float
                     ) -> None:
     rows = breakdown(read_marks(path), windows)
-    if not any(r[1] is not None for r in rows):
+    if not rows:
         print("  (no trace marks: the programs ran without NOPORTS_TRACE)")
         return
     print(f"  per hop (p50 over {len(windows)} rendezvous; ms; wall clock of each program, "
           f"one machine):")
     print(f"    {'hop':<44} {'this hop':>9} {'since request':>14}")
     for label, hop, since in rows:
-        if hop is None:
-            continue
         print(f"    {label:<44} {hop:>9.1f} {since:>14.1f}")
     print(f"    {'client: answer verified, socket handed over':<44} {'':>9} "
           f"{total_p50_s * 1000:>14.1f}   (goal <= 50 ms)")

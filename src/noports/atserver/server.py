@@ -178,7 +178,7 @@ class AtServer:
             self._generation[at] = row.created
             if at not in self.hosts:
                 host = Host(at, self.store, self.opts.config, remote=self.outbound,
-                            nudge=self.deliverer.nudge)
+                            nudge=self.deliverer.nudge, send_early=self.deliverer.send_early)
                 host.ensure_startup_keys()
                 self.hosts[at] = host
             await self._start_listener(at, row.port)

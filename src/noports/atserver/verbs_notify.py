@@ -41,24 +41,49 @@ def notif_meta(meta: Any, p: dict[str, str] | None = None) -> dict[str, Any]:
     return {k: j[k] for k in keep if k in j}
 
 
-def store_sent(s: Conn, n: Any, now: int) -> None:
-    row = NotificationRow(
+def sent_row(s: Conn, n: Any, now: int) -> NotificationRow:
+    return NotificationRow(
         atsign=s.me, id=n.id, kind="sent", from_atsign=n.from_atsign,
         to_atsign=n.to_atsign, key=n.key, status="queued", retry_count=0, next_attempt=now,
         epoch_ms=n.epoch_millis, expires_at=n.expires_at, data=N.to_storage(n))
-    s.host.store.put_notification(row)
+
+
+def store_sent(s: Conn, n: Any, now: int, row: NotificationRow | None = None) -> None:
+    s.host.store.put_notification(row or sent_row(s, n, now))
     s.host.nudge()
 
 
+async def send_and_store(s: Conn, n: Any, now: int) -> None:
+    """Queue a notification for another atSign, its delivery overlapping the commit.
+
+    Why: the commit fsyncs (milliseconds, more on a busy disk) and blocks this process;
+    a rendezvous crosses four notifications. When the recipient's connection is idle and
+    nothing is queued for it, the delivery's first write goes out before the commit
+    (``send_early``; one loop turn lets it), so the recipient works while we fsync. The
+    client is still answered only after the commit; if the commit fails the client gets
+    the error while the recipient may have the notification (delivery is at-least-once).
+    """
+    row = sent_row(s, n, now)
+    if s.host.send_early(row):
+        await asyncio.sleep(0)  # the delivery task writes its s2s line now
+    store_sent(s, n, now, row)
+
+
 def store_received(s: Conn, n: Any, kind: str = "received") -> NotificationRow:
-    """Persist a received/self notification and hand it to live monitors."""
+    """Hand a received/self notification to live monitors, then persist it.
+
+    Why in this order: the commit fsyncs, and a monitor (srvd, sshnpd, a waiting client)
+    should not wait for it; the sender is still answered only after the commit. If the
+    process dies between the two, the sender saw no ``success`` and sends it again, and
+    the monitor sees it twice: delivery is at-least-once, as with a lost acknowledgement.
+    """
     row = NotificationRow(
         atsign=s.me, id=n.id, kind=kind, from_atsign=n.from_atsign,
         to_atsign=n.to_atsign, key=n.key, status="delivered", retry_count=0,
         next_attempt=0, epoch_ms=n.epoch_millis, expires_at=n.expires_at,
         data=N.to_storage(n))
-    s.host.store.put_notification(row)
     s.host.publish(row, n)
+    s.host.store.put_notification(row)
     return row
 
 
@@ -81,7 +106,7 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
         if to == s.me:
             store_received(s, n)
         else:
-            store_sent(s, n, now)
+            await send_and_store(s, n, now)
         trace.mark("atserver.notify_stored", f"{s.me} {n.key}")
         return s.data(n.id)
     # receiving side: a pol-authenticated peer delivers a notification to us

@@ -99,14 +99,33 @@ class SessionHost:
         self._sessions[sid] = sess
         trace.mark("host.order", sid)
         written_at = loop.time()  # the line may be visible from here on
+        # The three set-up steps run at once (the key write's fsyncs take longest); nothing
+        # reaches sshd before the splice starts below, after all three, so no client can
+        # try the key before it is written. A failure is reported as before, key first.
+        key_t = asyncio.ensure_future(to_thread(functools.partial(
+            ak.add_ephemeral, o.public_line, sid, o.local_sshd_port, o.permissions,
+            owner=o.owner, until=int(time.time() + o.key_ttl + SWEEP_GRACE_S),
+            holder=os.getpid())))
+        local_t = asyncio.ensure_future(_open_local(o.local_sshd_port))
+        relay_t = asyncio.ensure_future(connect_relay(o.relay_host, o.relay_port,
+                                                      o.auth_line, timeout=CONNECT_TIMEOUT_S))
+        steps = (key_t, local_t, relay_t)
         try:
-            await to_thread(functools.partial(
-                ak.add_ephemeral, o.public_line, sid, o.local_sshd_port, o.permissions,
-                owner=o.owner, until=int(time.time() + o.key_ttl + SWEEP_GRACE_S),
-                holder=os.getpid()))
-        except (OSError, AuthorizedKeysError) as exc:
+            await asyncio.wait(steps, return_when=asyncio.FIRST_EXCEPTION)
+        finally:  # a failed connect ends the other; the key write always ends (then undone)
+            for t in (local_t, relay_t):
+                t.cancel()
+            await asyncio.wait(steps)
+        socks = [t.result() for t in (local_t, relay_t)
+                 if not t.cancelled() and t.exception() is None]
+        key_exc = key_t.exception()
+        if key_exc is not None:
+            for s in socks:
+                s.close()
             self._sessions.pop(sid, None)
-            log.error("cannot authorize the ephemeral key of session %s: %s", sid, exc,
+            if not isinstance(key_exc, (OSError, AuthorizedKeysError)):
+                raise key_exc
+            log.error("cannot authorize the ephemeral key of session %s: %s", sid, key_exc,
                       extra={"event": "session_failed", **ctx})
             self._emit(HostEvent("failed", sid, "cannot authorize session key"))
             return
@@ -114,21 +133,15 @@ class SessionHost:
         trace.mark("host.key_written", sid)
         remove_in = max(0.0, o.key_ttl - KEY_REMOVAL_MARGIN_S - (loop.time() - written_at))
         self._key_timers[sid] = loop.call_later(remove_in, self._expire_key, o)
-        try:
-            local = await _open_local(o.local_sshd_port)
-        except OSError as exc:
-            await self._fail(sess, f"cannot connect to the local sshd on port "
-                             f"{o.local_sshd_port}: {exc.strerror or exc}")
+        err = _step_error(local_t, f"cannot connect to the local sshd on port "
+                          f"{o.local_sshd_port}") or _step_error(
+            relay_t, f"cannot connect to the socket rendezvous {o.relay_host}:{o.relay_port}")
+        if err is not None:
+            for s in socks:
+                s.close()
+            await self._fail(sess, err)
             return
-        trace.mark("host.local_connected", sid)
-        try:
-            relay = await connect_relay(o.relay_host, o.relay_port, o.auth_line,
-                                        timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            local.close()
-            await self._fail(sess, f"cannot connect to the socket rendezvous "
-                             f"{o.relay_host}:{o.relay_port}: {exc.strerror or exc}")
-            return
+        local, relay = local_t.result(), relay_t.result()
         trace.mark("host.relay_connected", sid)
         sess.splice = await self._splice(sess, local, relay)
         sess.timers.append(loop.call_later(CLIENT_WAIT_S, self._check_client_arrived, sid))
@@ -239,6 +252,18 @@ class SessionHost:
         for o in orders:
             with contextlib.suppress(OSError, ValueError):
                 await to_thread(AuthorizedKeys(o.authorized_keys).remove_session, o.session_id)
+
+
+def _step_error(task: asyncio.Future[Any], what: str) -> str | None:
+    """``what: <cause>`` if a set-up step failed (a cancelled one: the other failed first)."""
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, OSError):
+        return f"{what}: {exc.strerror or exc}"
+    raise exc
 
 
 async def _open_local(port: int) -> socket.socket:
