@@ -503,7 +503,7 @@ def test_monitor_gets_a_notification_before_its_commit_and_a_failed_commit_is_re
     real_put = host.store.put_notification
     seen_by_monitor_at_commit: list[bool] = []
 
-    def failing_put(row):
+    def failing_put(row, **_kw):
         seen_by_monitor_at_commit.append(any(f'"id":"{row.id}"' in x for x in lines))
         raise sqlite3.OperationalError("disk I/O error")
 

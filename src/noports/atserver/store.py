@@ -302,9 +302,14 @@ class Store:
 
     # --- notifications --------------------------------------------------------------------
 
-    def put_notification(self, row: NotificationRow) -> None:
-        """Insert or overwrite (same id) a notification — committed before returning."""
-        with self._tx() as db:
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def put_notification(self, row: NotificationRow, *, durable: bool = True) -> None:
+        """Insert or overwrite (same id) a notification — committed before returning
+        (``durable=False``: not fsynced yet; the caller syncs the WAL before replying)."""
+        with self._tx(durable) as db:
             db.execute(
                 "INSERT OR REPLACE INTO notifications(atsign, id, kind, from_atsign, to_atsign, "
                 "key, status, retry_count, next_attempt, epoch_ms, expires_at, data) "
