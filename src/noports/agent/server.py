@@ -38,10 +38,15 @@ MAX_CONNECTIONS = 4096  # requests being read or set up at once (tunnels not cou
 KEY_POOL = 4
 
 
-def _ready_session_key() -> None:
-    """Top the pool up and put a finished key where ``flow._take_prestarted`` pops."""
+def _ready_session_key(top_up: bool = True) -> None:
+    """Top the pool up and put a finished key where ``flow._take_prestarted`` pops.
+
+    ``top_up=False`` (a set-up is starting): start a key only if the pool is empty; the
+    pool is topped up once the tunnel is handed over, so an RSA key search (~0.1 s of CPU)
+    does not compete with the rendezvous for the CPU.
+    """
     from noports.client.flow import _PRESTARTED, prestart_session_key
-    while len(_PRESTARTED) < KEY_POOL:
+    while len(_PRESTARTED) < (KEY_POOL if top_up else 1):
         prestart_session_key()
     done = [f for f in _PRESTARTED if f.done()]
     if done:
@@ -256,7 +261,7 @@ class Agent:
             progress = _RemoteProgress(conn, opts.quiet)
             shared = self.pool.get(params)
             if params.tunnel_mode == "aes":
-                _ready_session_key()
+                _ready_session_key(top_up=False)
             session = await open_session(params, progress=progress, client=shared)
         except SshnpError as exc:
             self.failures += 1
@@ -288,6 +293,8 @@ class Agent:
             return
         finally:
             theirs.close()
+            if params.tunnel_mode == "aes":
+                _ready_session_key()  # refill now that the rendezvous is over
         log.info("tunnel to %s%s via %s ready in %.3fs", params.device, params.device_atsign,
                  session.relay_atsign, took)
         conn.close()
