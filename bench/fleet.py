@@ -15,7 +15,8 @@ all 50. Per size and case: wall time of ``ansible-playbook`` (4 tasks: ping, com
 shell; forks 20; pipelining; ControlPersist; a fresh ControlPath dir so every run is a cold
 start with one connection per host), and, while the ControlPersist masters are still up:
 srvd RSS growth per relay session, sshnpd RSS with a live session, RSS of the controller's
-``sshnp --stdio`` processes. Plus sshnpd RSS/PSS idle, per-atserver RSS, Redis memory.
+``sshnp --stdio`` processes. Plus sshnpd RSS/PSS idle (daemon + its session host), per-atserver
+RSS, Redis memory.
 
 The plain-ssh baseline needs a path from the controller to sshds that accept no inbound
 connection. It uses ``ProxyCommand ip netns exec <device ns> socat STDIO TCP:127.0.0.1:22``:
@@ -64,6 +65,8 @@ from tests.harness.fleet import (
     stop_control_masters,
 )
 from tests.harness.plane import cmdlines
+
+from .noports_memory import device_rss_kib, session_host_pids
 
 
 def settle_rss(pids: list[int], seconds: float = 1.5) -> dict[int, int]:
@@ -142,7 +145,7 @@ def run_case(f: Fleet, case: str, devices: list[int], run_no: int, forks: int,
         for g, pids in groups.items():
             if n_sess:
                 res.extra[f"cpu_{g}"] = (sum(cpu_s(p) for p in pids) - cpu_before[g]) / n_sess
-        live = [rss_kib(f.daemons[i].popen.pid) for i in devices]
+        live = [device_rss_kib(f.daemons[i].popen.pid) for i in devices]
         res.extra["sshnpd_live_rss"] = statistics.median(live)
         clients = client_processes(f)
         res.extra["clients"] = len(clients)
@@ -176,9 +179,12 @@ def agent_processes(cp_dir: Path) -> list[int]:
 
 
 def measure_idle(f: Fleet, devices: list[int]) -> dict[str, float]:
+    """Per device: the daemon's RSS plus its session host's private pages (shared pages
+    once; decision 0032), and the PSS of both."""
     pids = [f.daemons[i].popen.pid for i in devices]
-    rss = list(settle_rss(pids, 2.0).values())
-    pss = [pss_kib(p) for p in pids]
+    time.sleep(2.0)
+    rss = [device_rss_kib(p) for p in pids]
+    pss = [pss_kib(p) + sum(pss_kib(h) for h in session_host_pids(p)) for p in pids]
     out = {"sshnpd_rss_med": statistics.median(rss), "sshnpd_rss_max": max(rss),
            "sshnpd_pss_med": statistics.median(pss), "sshnpd_rss_sum": sum(rss),
            "sshnpd_pss_sum": sum(pss)}
@@ -343,12 +349,13 @@ def report(args: argparse.Namespace, sizes: list[int],
 
     def row(label: str, vals: list[str]) -> None:
         print(f"{label:<52} " + " ".join(f"{v:>12}" for v in vals))
-    row("sshnpd RSS per device daemon, idle (median)",
+    row("sshnpd + session host RSS per device, idle (median)",
         [mib(idle[n]["sshnpd_rss_med"]) for n in sizes])
-    row("sshnpd RSS, idle (max)", [mib(idle[n]["sshnpd_rss_max"]) for n in sizes])
-    row("sshnpd PSS per daemon, idle (median; unshared part)",
+    row("sshnpd + session host RSS, idle (max)",
+        [mib(idle[n]["sshnpd_rss_max"]) for n in sizes])
+    row("sshnpd + session host PSS per device, idle (median)",
         [mib(idle[n]["sshnpd_pss_med"]) for n in sizes])
-    row("sshnpd RSS with a live session (median)",
+    row("sshnpd + session host RSS, a live session (median)",
         [mib(results[("sshnp", n)].extra.get("sshnpd_live_rss", 0))
          if ("sshnp", n) in results else "-" for n in sizes])
     row("srvd RSS growth per live session (vs before run)",

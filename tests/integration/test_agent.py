@@ -109,7 +109,10 @@ def test_both_modes_pinned_and_errors_name_the_step(world: World) -> None:
     bad = _ssh(world, relay="@np_norelay")
     assert bad.returncode == 255
     assert "sshnp: error: relay: " in bad.stderr and "@np_norelay" in bad.stderr, bad.stderr
-    assert _stats(world)["sessions"] == 2
+    st = _stats(world)
+    assert st["sessions"] == 2
+    # our sshnpd sealed the aes session's key to its X25519 key, not RSA (decision 0029)
+    assert st["key_exchanges"] == {"x25519": 1}, st
 
 
 def test_bad_huge_silent_requests_do_not_stop_the_others(world: World) -> None:

@@ -6,9 +6,10 @@ relay 2), then:
 
 * a play over every device with ``ansible_sshnp_agent: true`` succeeds on each device; while
   the ControlPersist masters live there is ONE agent process and no per-host sshnp process,
-  and the client's atServer saw at most two PKAM logins of the client atSign for the whole
-  play (the agent's command and monitor connections; the per-process design makes two per
-  host); when the masters are gone the agent exits after its idle time and removes its socket;
+  the client's atServer saw exactly ONE PKAM login of the client atSign for the whole play
+  and the agent holds exactly one TCP connection to it (commands and the monitor share it,
+  decision 0031; the per-process design makes two logins and two connections per host);
+  when the masters are gone the agent exits after its idle time and removes its socket;
 * with the agent directory unusable (mode 0755: not private) the same play (over two of the
   devices) still succeeds, through one standalone client per host, and Ansible shows the
   connector's warning.
@@ -16,6 +17,7 @@ relay 2), then:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,6 +105,24 @@ def _logins(f: Fleet, since: int) -> int:
     return sum(1 for ln in shard.proc.lines[since:] if f"{CLIENT}: pkam login" in ln)
 
 
+def _connections(pid: int, port: int) -> int:
+    """Established TCP connections of process `pid` to `port` (its /proc, its netns)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    n = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = row.split()
+                if f[3] == "01" and int(f[2].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                    n += 1
+    return n
+
+
 def test_play_through_one_agent_one_login_no_process_per_host_then_idle_exit(fl: Fleet
                                                                              ) -> None:
     shard = fl.shards[fl.shard_of[CLIENT]]
@@ -117,13 +137,15 @@ def test_play_through_one_agent_one_login_no_process_per_host_then_idle_exit(fl:
     assert len(agents) == 1, agents
     assert client_processes(fl) == [] and _connectors(fl) == []
     logins = _logins(fl, mark)
-    assert 1 <= logins <= 2, f"{logins} PKAM logins of {CLIENT} for {N} hosts"
+    assert logins == 1, f"{logins} PKAM logins of {CLIENT} for {N} hosts"
+    port = fl.shards[fl.shard_of[CLIENT]].ports[CLIENT.lower()]
+    assert _connections(agents[0], port) == 1
     stats = subprocess.run([str(Path(PY).parent / "sshnp-connect"), "--agent-stats",
                             "--agent-dir", str(run.cp_dir / "sshnp-agent")],
                            capture_output=True, text=True, timeout=30, env=fl.client_env())
     assert stats.returncode == 0, stats.stderr
     got = json.loads(stats.stdout)
-    assert (got["pid"], got["tunnels"], got["planes"]) == (agents[0], N, 1)
+    assert (got["pid"], got["tunnels"], got["planes"], got["logins"]) == (agents[0], N, 1, 1)
     # masters gone: the agent exits after its idle time and takes its socket with it
     for sock in control_sockets(run.cp_dir):
         subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"],

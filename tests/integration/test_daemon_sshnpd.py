@@ -413,6 +413,41 @@ def test_session_host_killed_under_a_live_session_is_named_and_replaced(env):
     lst.close()
 
 
+def maps_cryptography(pid: int) -> bool:
+    return "/cryptography/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_idle_session_host_is_replaced_by_a_bare_one_that_serves_the_next_session(env):
+    """--session-host-idle (decision 0032): a host that loaded its session code and then had
+    no session for that long is let go, a fresh one (cryptography not loaded) takes its place
+    with nothing lost, and the next session runs there."""
+    ak = AuthorizedKeys(env.ak_path)
+    d = env.start_daemon("--session-host-idle", "1", device="pi5")
+    host = session_host_pid(d)
+    assert not maps_cryptography(host)  # a bare interpreter until its first order
+    lst = listener()
+    sid, cn, rn, value = run(request_session(env, lst, encrypt=False, device="pi5"))
+    assert not value.startswith("Failed"), value
+    sock = accept_relay_side(lst, sid, cn, rn, env.keys["@device"].encrypt_public)
+    assert maps_cryptography(host) and sid in ak.ephemeral_sessions()
+    start = len(d.lines)
+    sock.close()  # the relay side ends the session: the key goes, the host becomes idle
+    d.wait_for(rf"session host {host} idle for 1s: replacing it", 20, start)
+    fresh = int(d.wait_for(r"session host (\d+) started", 10, start).group(1))
+    wait_until(lambda: not pid_alive(host), 30, "the idle host's exit")
+    assert fresh != host and not maps_cryptography(fresh)
+    assert sid not in ak.ephemeral_sessions()
+    sid2, cn2, rn2, value = run(request_session(env, lst, encrypt=False, device="pi5"))
+    assert not value.startswith("Failed"), value
+    sock = accept_relay_side(lst, sid2, cn2, rn2, env.keys["@device"].encrypt_public)
+    assert sid2 in ak.ephemeral_sessions() and maps_cryptography(fresh)
+    assert not [line for line in d.lines[start:] if '"level": "error"' in line]
+    sock.close()
+    assert d.stop(signal.SIGTERM) == 0
+    os.kill(fresh, signal.SIGTERM)
+    lst.close()
+
+
 def test_daemon_survives_garbage_and_atserver_restart(env):
     start = len(env.daemon.lines)
 

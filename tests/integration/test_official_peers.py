@@ -16,7 +16,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import signal
 import socket
 import ssl
 import subprocess
@@ -241,6 +244,29 @@ def test_stdio_as_proxycommand(official: OfficialReplyEnv, tmp_path: Path) -> No
     assert out.stdout.strip() == "proxied"
     # nothing was pinned by sshnp: the key in known_hosts is the one ssh accepted on first use
     assert kh.read_text().split()[1:3] == official.host_pub.read_text().split()[:2]
+
+
+def test_agent_tunnel_to_an_official_daemon_uses_rsa(official: OfficialReplyEnv,
+                                                     tmp_path: Path) -> None:
+    """Through the agent (sshnp-connect, ProxyUseFdpass): the official-style daemon ignores
+    our npX25519 and encrypts to the (reused) RSA key; the agent counts an rsa2048 session
+    (decision 0029)."""
+    kh, agent_dir = tmp_path / "known_hosts", tmp_path / "ag"
+    connect = str(Path(PY).parent / "sshnp-connect")
+    proxy = shlex.join([connect, "--agent-dir", str(agent_dir), "--agent-idle", "30",
+                        *official.sshnp_args("-q", "--known-hosts", str(kh))[3:]])
+    cmd = ["ssh", "-F", "/dev/null", "-o", f"ProxyCommand={proxy}", "-o", "ProxyUseFdpass=yes",
+           "-o", "HostKeyAlias=device_e2e/box1", "-o", f"UserKnownHostsFile={kh}", "-o",
+           "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes", "-i",
+           str(official.identity), "-o", "IdentitiesOnly=yes", f"{official.user}@box1", "echo",
+           "via-agent"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=official.env())
+    stats = subprocess.run([connect, "--agent-stats", "--agent-dir", str(agent_dir)],
+                           capture_output=True, text=True, timeout=30, env=official.env())
+    if stats.returncode == 0:
+        os.kill(json.loads(stats.stdout)["pid"], signal.SIGTERM)
+    assert out.returncode == 0 and out.stdout.strip() == "via-agent", out.stderr
+    assert json.loads(stats.stdout)["key_exchanges"] == {"rsa2048": 1}, stats.stdout
 
 
 def test_ssh_tunnel_mode_is_refused_with_the_way_out(official: OfficialReplyEnv) -> None:

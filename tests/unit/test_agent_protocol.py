@@ -101,3 +101,60 @@ def test_agent_directory_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path)
     os.chmod(d, 0o755)
     with pytest.raises(paths.AgentDirError, match="lets others in"):
         paths.ensure_dir(d)
+
+
+# --- the connector's lean side (decision 0029): same bytes as json, fewer imports -------------
+
+@given(st.lists(st.text(max_size=40), max_size=8), st.text(max_size=40))
+def test_encode_request_is_byte_identical_to_json(argv: list[str], cwd: str) -> None:
+    import json
+    want = json.dumps({"v": proto.VERSION, "op": "open", "argv": argv, "cwd": cwd},
+                      separators=(",", ":")).encode() + b"\n"
+    assert proto.encode_request("open", argv, cwd) == want
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+                    | st.floats(allow_nan=False),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12))
+def test_fast_loads_reads_what_json_reads(value: object) -> None:
+    import json
+    for text in (json.dumps(value), json.dumps(value, indent=1) + "\n ",
+                 json.dumps(value, ensure_ascii=False)):
+        assert proto._fast_loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "{", '{"t": "ok"} x', "\ufeff{}", '{"a": NaN',
+                                  '{"a": "\x01"}', "[1,]"])
+def test_fast_loads_fails_as_json_does(text: str) -> None:
+    import json
+    with pytest.raises(ValueError) as fast:
+        proto._fast_loads(text)
+    with pytest.raises(ValueError) as slow:
+        json.loads(text)
+    assert str(fast.value) == str(slow.value)
+
+
+def test_connector_hot_path_imports_no_python_layers() -> None:
+    """What a connector run loads on its way to a running agent: not socket, json, re,
+    collections, enum, typing (each import is paid once per host per run)."""
+    import ast
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "from noports.agent import connect, protocol as proto\n"
+            "a, b = connect._socket.socketpair()\n"
+            "r, w = connect.os.pipe()\n"
+            "connect.send_fds(a, proto.encode_request('open', ['-q'], '/'), [r])\n"
+            "data, fds = connect.recv_fds(b, 65536, 1)\n"
+            "assert proto.parse_request(data[:-1]).argv == ['-q'] and len(fds) == 1\n"
+            "connect.os.write(w, b'x'); assert connect.os.read(fds[0], 1) == b'x'\n"
+            "reply = proto.parse_reply(b'{\"t\":\"ok\",\"setup_s\":0.1,\"steps\":{\"a\":1}}')\n"
+            "assert reply.kind == 'ok' and reply.info['steps'] == {'a': 1}\n"
+            "print(repr(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    loaded = set(ast.literal_eval(out))
+    assert {"noports.agent.connect", "_socket", "_json"} <= loaded
+    assert not {"socket", "json", "re", "collections", "enum", "typing", "selectors",
+                "array"} & loaded, sorted(loaded)

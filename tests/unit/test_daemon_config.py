@@ -184,3 +184,20 @@ def test_json_log_formatter_has_extras_only_when_set():
     assert out["msg"] == "hello x" and out["level"] == "warning"
     assert out["event"] == "unauthorized" and out["sender"] == "@eve"
     assert "session" not in out and out["ts"].endswith("Z")
+
+
+def test_session_host_idle_flag_config_key_and_the_error_naming_them():
+    """--session-host-idle (decision 0032): default 300, 0 keeps the host loaded, anything
+    else outside 1..86400 is refused with the flag's name and the accepted range."""
+    from noports.daemon.handoff import host_argv
+
+    assert parse_args(["-a", "@d", "-m", "@c"]).session_host_idle == 300
+    assert parse_args(["-a", "@d", "-m", "@c", "--session-host-idle", "0"]).session_host_idle == 0
+    assert build_config({"atsign": "@d", "managers": ["@c"], **parse_config_text(
+        "session-host-idle = 45\n")}).session_host_idle == 45
+    for bad in ("0.5", "-1", "86401", "nan", "inf"):
+        with pytest.raises(ConfigError, match=r"--session-host-idle: expected 0 \(keep it\) "
+                                              r"or 1 <= seconds <= 86400"):
+            parse_args(["-a", "@d", "-m", "@c", "--session-host-idle", bad])
+    assert host_argv("json", False, "@d/x", "/ak", 0)[-2:] == ["--authorized-keys", "/ak"]
+    assert host_argv("json", False, "@d/x", "/ak", 45)[-2:] == ["--idle", "45"]

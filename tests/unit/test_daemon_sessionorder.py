@@ -79,7 +79,7 @@ def test_garbage_and_huge_lines_are_refused(line: bytes) -> None:
 def test_host_events_round_trip_and_validate() -> None:
     for ev in (HostEvent("ready", pid=42), HostEvent("started", SID),
                HostEvent("failed", SID, "cannot connect to the local sshd on port 22: refused"),
-               HostEvent("ended", SID)):
+               HostEvent("ended", SID), HostEvent("idle")):
         assert HostEvent.from_line(ev.to_line()) == ev
     for bad, why in (({"event": "ready"}, "ready needs a pid"),
                      ({"event": "ready", "pid": True}, "ready needs a pid"),
@@ -112,3 +112,29 @@ def test_twin_key_order_round_trips_and_old_orders_stay_valid():
     del half["iv_d2c"]
     with pytest.raises(OrderError, match="go together"):
         SessionOrder.from_line(_json.dumps(half).encode())
+
+
+def test_daemon_lets_an_idle_host_go_only_with_nothing_in_flight() -> None:
+    """The host says ``idle``; an order the daemon wrote meanwhile (awaiting its answer) or a
+    live session keeps it, so no order can go to a host that is leaving (decision 0032)."""
+    import asyncio
+
+    from noports.daemon.handoff import HostLink
+
+    let_go: list[str] = []
+    link = HostLink(["unused"])
+    link.on_idle = lambda: let_go.append("now")
+    loop = asyncio.new_event_loop()
+    try:
+        link._pending[SID] = loop.create_future()  # an order on its way
+        link._event(HostEvent("idle"))
+        assert let_go == []
+        link._pending.clear()
+        link.live.add(SID)  # a session still running
+        link._event(HostEvent("idle"))
+        assert let_go == []
+        link.live.clear()
+        link._event(HostEvent("idle"))
+        assert let_go == ["now"]
+    finally:
+        loop.close()

@@ -1,10 +1,13 @@
 """``sshnp-connect``: the ProxyCommand that asks the agent for a tunnel (OpenSSH
 ``ProxyUseFdpass=yes``), hands ssh the connected socket and exits.
 
-Why so small: OpenSSH starts one per host, so its start-up is paid N times; it imports only
-``os``, ``socket``, ``sys``, ``json`` (via ``protocol``) and ``paths``, never the runtime. It
-takes the arguments of ``sshnp --stdio`` plus its own ``--agent-*`` options; the agent
-parses and checks the sshnp arguments, so they behave exactly as in ``sshnp --stdio``.
+Why so small: OpenSSH starts one per host, so its start-up is paid N times. On the way to a
+running agent it imports only ``os``, ``sys``, ``stat`` (``paths``), ``_socket`` and ``_json``
+(``protocol``): the C modules under ``socket`` and ``json``, whose Python layers (enum,
+selectors, re, collections) cost more than the rest of the connector (decision 0029); what
+only the cold paths need (starting the agent, the fallback, ``--agent-stats``) is imported
+there. It takes the arguments of ``sshnp --stdio`` plus its own ``--agent-*`` options; the
+agent parses and checks the sshnp arguments, so they behave exactly as in ``sshnp --stdio``.
 
 If there is no agent it starts one the way OpenSSH's ControlMaster=auto does (lock file,
 detached process, wait for its socket). If the agent cannot be started or reached it warns
@@ -14,13 +17,16 @@ gets the tunnel (docs/agent.md#fallback).
 
 from __future__ import annotations
 
+import _socket
 import os
-import socket
 import sys
-import time
 
 from . import paths
 from . import protocol as proto
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing or socket costs start-up
+if TYPE_CHECKING:
+    from socket import socket
 
 START_TIMEOUT_S = 20.0  # a cold interpreter + cryptography on a loaded 2-CPU box
 EXIT_AGENT = 1
@@ -48,8 +54,28 @@ def socket_address(d: str) -> str:
     return f"/proc/self/fd/{fd}/{paths.SOCKET}"
 
 
-def try_connect(d: str) -> socket.socket | None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+INT_SIZE = 4  # SCM_RIGHTS carries C ints
+
+
+def send_fds(sock: socket, data: bytes, fds: list[int]) -> None:
+    """``socket.send_fds`` on a ``_socket.socket`` (no ``array``: it imports collections)."""
+    payload = b"".join(fd.to_bytes(INT_SIZE, sys.byteorder, signed=True) for fd in fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)])
+
+
+def recv_fds(sock: socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``: (data, received fds) from a ``_socket.socket``."""
+    data, ancdata, _flags, _addr = sock.recvmsg(bufsize, _socket.CMSG_SPACE(maxfds * INT_SIZE))
+    fds: list[int] = []
+    for level, kind, cdata in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += [int.from_bytes(cdata[i:i + INT_SIZE], sys.byteorder, signed=True)
+                    for i in range(0, len(cdata) - INT_SIZE + 1, INT_SIZE)]
+    return data, fds
+
+
+def try_connect(d: str) -> socket | None:
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.connect(socket_address(d))
         return s
@@ -89,13 +115,14 @@ def _log_tail(d: str) -> str:
         return ""
 
 
-def connect_or_start(d: str, idle: float) -> socket.socket:
+def connect_or_start(d: str, idle: float) -> socket:
     """A connection to the agent in ``d``, starting it if needed (ControlMaster=auto style:
     whoever holds the lock starts it; the others wait for the socket)."""
     s = try_connect(d)
     if s is not None:
         return s
     import fcntl
+    import time
     try:
         lock = os.open(os.path.join(d, paths.LOCK), os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as exc:
@@ -134,9 +161,9 @@ def connect_or_start(d: str, idle: float) -> socket.socket:
 
 def send_fd_to_ssh(fd: int) -> None:
     """OpenSSH ProxyUseFdpass: one byte with the fd as SCM_RIGHTS on our stdout."""
-    out = socket.socket(fileno=os.dup(1))
+    out = _socket.socket(fileno=os.dup(1))
     try:
-        socket.send_fds(out, [b"\0"], [fd])
+        send_fds(out, b"\0", [fd])
     finally:
         out.close()
 
@@ -147,7 +174,7 @@ def standalone(argv: list[str], reason: str | None) -> int:
     if reason:
         _err(f"sshnp: warning: the sshnp agent is not available ({reason}); running a "
              "standalone sshnp for this host")
-    a, b = socket.socketpair()
+    a, b = _socket.socketpair()
     try:
         null = os.open(os.devnull, os.O_WRONLY)
         try:
@@ -165,14 +192,14 @@ def standalone(argv: list[str], reason: str | None) -> int:
     return 0
 
 
-def converse(s: socket.socket, request: bytes, log_hint: str) -> tuple[proto.Reply, int | None]:
+def converse(s: socket, request: bytes, log_hint: str) -> tuple[proto.Reply, int | None]:
     """Send the request, echo progress and warnings to stderr, return the final reply and
     the fd that came with it."""
     s.sendall(request)
     lines = proto.LineBuffer()
     fd: int | None = None
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(s, 65536, 1)
+        data, fds = recv_fds(s, 65536, 1)
         for extra in fds:
             if fd is None:
                 fd = extra

@@ -1,11 +1,13 @@
 """One control-plane session per client atSign, shared by every tunnel the agent sets up.
 
 Why: today each ``sshnp --stdio`` logs in twice (command + monitor connection), fetches the
-keys it needs and exits with its master; the agent keeps one :class:`AtClient` (one command
-connection, one monitor connection, each a single PKAM login for as long as it stays up) per
-client atSign and hands :func:`noports.client.flow.open_session` a :class:`SharedClient`: the
-same interface, but ``monitor()`` returns a subscription to one shared monitor (the flow's
-router drops what is not for its session) and ``close()`` leaves the session open.
+keys it needs and exits with its master; the agent keeps one
+:class:`~noports.atclient.mux.MuxClient` per client atSign: ONE atServer connection and one
+PKAM login carry its commands and its monitor (decision 0031; a cut connection is opened
+again with one login and the monitor resumes from the last notification it saw). It hands
+:func:`noports.client.flow.open_session` a :class:`SharedClient`: the same interface, but
+``monitor()`` returns a subscription to one shared monitor (the flow's router drops what is
+not for its session) and ``close()`` leaves the session open.
 
 Caches have a bounded lifetime (``cache_ttl``): public keys and the device's shared username
 are reused for that long, and a signature that does not verify drops the cached public key at
@@ -173,8 +175,13 @@ class PlanePool:
         self.cache_ttl = cache_ttl
         self.clients: dict[tuple[Any, ...], SharedClient] = {}
 
+    @property
+    def logins(self) -> int:
+        """PKAM logins made by the live sessions (1 each, plus one per reconnect)."""
+        return sum(getattr(s.client, "logins", 0) for s in self.clients.values())
+
     def get(self, params: Any) -> SharedClient:
-        from noports.atclient.aio import AtClient
+        from noports.atclient.mux import MuxClient
         from noports.client.flow import client_ssl_context, load_client_keys
         key = (params.client_atsign, str(params.keys_path), params.root,
                str(params.ca_file) if params.ca_file else None)
@@ -185,8 +192,8 @@ class PlanePool:
             self.clients.pop(key, None)
             asyncio.get_running_loop().create_task(shared.aclose())
         keys = load_client_keys(params)
-        client = AtClient(params.client_atsign, keys, params.root, client_ssl_context(params),
-                          timeout=params.connect_timeout)
+        client = MuxClient(params.client_atsign, keys, params.root, client_ssl_context(params),
+                           timeout=params.connect_timeout)
         shared = self.clients[key] = SharedClient(client, self.cache_ttl)
         return shared
 

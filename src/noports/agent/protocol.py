@@ -1,8 +1,11 @@
 """Connector <-> agent protocol, pure (sans-IO): one JSON object per line, both ways.
 
 Why JSON lines and not something binary: the messages are few and small (a request with the
-connector's sshnp arguments, progress lines, one final answer), Python's ``json`` is already
-fast to import, and a line with a hard length bound is easy to cut without trusting the peer.
+connector's sshnp arguments, progress lines, one final answer), and a line with a hard length
+bound is easy to cut without trusting the peer. The connector's side (``encode_request``,
+``parse_reply``) uses the C parts of ``json`` (``_json``) directly: importing the ``json``
+package (and ``re`` with it) was a sixth of the connector's start-up, paid once per host
+(decision 0029); anything unusual (an error, no ``_json``) goes through ``json`` itself.
 
 Request (connector -> agent), exactly one per connection::
 
@@ -18,9 +21,6 @@ Replies (agent -> connector), any number of ``progress`` / ``warning`` then one 
 """
 
 from __future__ import annotations
-
-import json
-from collections import namedtuple
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing is a third of our start-up
 if TYPE_CHECKING:  # typing costs the connector's start-up more than all the rest
@@ -39,10 +39,76 @@ class ProtocolError(Exception):
     """A frame or message the other side must not have sent; the text says what was wrong."""
 
 
-#: op: str, argv: list[str], cwd: str
-Request = namedtuple("Request", "op argv cwd")
-#: kind: str, text: str, exit_code: int, info: dict[str, Any]
-Reply = namedtuple("Reply", "kind text exit_code info")
+class Request(tuple):  # a namedtuple without importing collections (connector start-up)
+    """op: str, argv: list[str], cwd: str"""
+
+    __slots__ = ()
+
+    def __new__(cls, op: str, argv: list[str], cwd: str) -> Request:
+        return tuple.__new__(cls, (op, argv, cwd))
+
+    op = property(lambda self: self[0])
+    argv = property(lambda self: self[1])
+    cwd = property(lambda self: self[2])
+
+
+class Reply(tuple):
+    """kind: str, text: str, exit_code: int, info: dict[str, Any]"""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, text: str, exit_code: int, info: dict[str, Any]) -> Reply:
+        return tuple.__new__(cls, (kind, text, exit_code, info))
+
+    kind = property(lambda self: self[0])
+    text = property(lambda self: self[1])
+    exit_code = property(lambda self: self[2])
+    info = property(lambda self: self[3])
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads from a JSONDecoder (json.loads' defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"),
+                      "-Infinity": float("-inf")}.__getitem__
+
+
+_SCAN: list[Any] = []
+
+
+def _fast_loads(text: str) -> Any:
+    """``json.loads`` by the C scanner alone; anything unusual goes to ``json.loads``."""
+    if not _SCAN:
+        try:
+            import _json
+            _SCAN.append(_json.make_scanner(_ScanContext()))
+        except (ImportError, AttributeError, TypeError):
+            _SCAN.append(None)
+    scan = _SCAN[0]
+    stripped = text.strip(" \t\n\r")
+    if scan is not None and stripped:
+        try:
+            obj, end = scan(stripped, 0)
+            if end == len(stripped):
+                return obj
+        except (StopIteration, ValueError):
+            pass
+    import json
+    return json.loads(text)  # the same result, or json's own error message
+
+
+def _quote(text: str) -> str:
+    try:
+        from _json import encode_basestring_ascii
+    except ImportError:
+        import json
+        return json.dumps(text)
+    return str(encode_basestring_ascii(text))
 
 
 class LineBuffer:
@@ -70,7 +136,7 @@ class LineBuffer:
 
 def _load(line: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(line.decode("utf-8"))
+        obj = _fast_loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"not a JSON line: {exc}") from None
     if not isinstance(obj, dict):
@@ -79,7 +145,11 @@ def _load(line: bytes) -> dict[str, Any]:
 
 
 def _dump(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+    import json
+    return _bounded(json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+def _bounded(data: bytes) -> bytes:
     if len(data) > MAX_LINE:
         raise ProtocolError(f"message longer than {MAX_LINE} bytes")
     return data
@@ -88,7 +158,10 @@ def _dump(obj: dict[str, Any]) -> bytes:
 # --- requests ----------------------------------------------------------------------------------
 
 def encode_request(op: str, argv: list[str] | None = None, cwd: str = "/") -> bytes:
-    return _dump({"v": VERSION, "op": op, "argv": list(argv or []), "cwd": cwd})
+    """The bytes ``json.dumps({"v", "op", "argv", "cwd"}, separators=(",", ":"))`` makes."""
+    args = ",".join(_quote(a) for a in (argv or []))
+    return _bounded((f'{{"v":{VERSION:d},"op":{_quote(op)},"argv":[{args}],'
+                     f'"cwd":{_quote(cwd)}}}\n').encode())
 
 
 def parse_request(line: bytes) -> Request:

@@ -26,6 +26,7 @@ from noports.client.progress import Progress
 
 from . import paths
 from . import protocol as proto
+from .keypool import KeyPool
 from .plane import DEFAULT_CACHE_TTL_S, PlanePool
 
 log = logging.getLogger("noports.agent")
@@ -33,25 +34,16 @@ log = logging.getLogger("noports.agent")
 REQUEST_TIMEOUT_S = 10.0  # a connector sends its request at once; a slow one is dropped
 SEND_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 4096  # requests being read or set up at once (tunnels not counted)
-#: aes session key pairs kept ready: RSA-2048 generation (~0.1 s CPU) is the longest local
-#: step of a set-up; made in threads while idle, one used per session as the protocol wants
-KEY_POOL = 4
 
 
-def _ready_session_key(top_up: bool = True) -> None:
-    """Top the pool up and put a finished key where ``flow._take_prestarted`` pops.
-
-    ``top_up=False`` (a set-up is starting): start a key only if the pool is empty; the
-    pool is topped up once the tunnel is handed over, so an RSA key search (~0.1 s of CPU)
-    does not compete with the rendezvous for the CPU.
-    """
-    from noports.client.flow import _PRESTARTED, prestart_session_key
-    while len(_PRESTARTED) < (KEY_POOL if top_up else 1):
-        prestart_session_key()
-    done = [f for f in _PRESTARTED if f.done()]
-    if done:
-        _PRESTARTED.remove(done[0])
-        _PRESTARTED.append(done[0])
+def _install_key_pool() -> KeyPool:
+    """aes sessions take the RSA pair from one pool reused for a bounded time (keypool.py,
+    decision 0029); our daemons use the session's X25519 key instead."""
+    from noports.client import flow
+    pool = KeyPool(flow._session_keypair)
+    flow.SESSION_KEY_SOURCE[:] = [pool.take]
+    pool.warm()  # the first pair, made while the agent waits for its first request
+    return pool
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -110,6 +102,8 @@ class Agent:
         self.stopping: asyncio.Event | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.setup_s: list[float] = []
+        self.keys: KeyPool | None = None
+        self.key_exchanges: dict[str, int] = {}  # aes sessions by how the key came
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -145,7 +139,7 @@ class Agent:
             loop.add_signal_handler(sig, self.stopping.set)
         log.info("sshnp agent %d serving %s (idle exit after %gs)", os.getpid(), self.dir,
                  self.idle_s)
-        _ready_session_key()
+        self.keys = _install_key_pool()
         accept = loop.create_task(self.accept_loop(listener))
         idle = loop.create_task(self.idle_watch())
         try:
@@ -168,6 +162,8 @@ class Agent:
         assert self.stopping is not None
         while True:
             await asyncio.sleep(min(1.0, max(self.idle_s / 4, 0.05)))
+            if self.keys is not None:
+                self.keys.drop_expired()
             busy = self.connections or self.tunnels
             if busy:
                 self.last_active = time.monotonic()
@@ -242,7 +238,10 @@ class Agent:
         return {"pid": os.getpid(), "tunnels": self.tunnels, "sessions": self.sessions,
                 "failures": self.failures, "refused": self.refused,
                 "connections": self.connections - 1, "planes": len(self.pool.clients),
-                "setup_p50_s": setups[len(setups) // 2] if setups else None}
+                "logins": self.pool.logins,
+                "setup_p50_s": setups[len(setups) // 2] if setups else None,
+                "key_exchanges": dict(self.key_exchanges),
+                **(self.keys.stats() if self.keys is not None else {})}
 
     async def open(self, conn: socket.socket, req: proto.Request) -> None:
         from noports.client.cli import parse_args
@@ -260,8 +259,6 @@ class Agent:
             _resolve(params, req.cwd)
             progress = _RemoteProgress(conn, opts.quiet)
             shared = self.pool.get(params)
-            if params.tunnel_mode == "aes":
-                _ready_session_key(top_up=False)
             session = await open_session(params, progress=progress, client=shared)
         except SshnpError as exc:
             self.failures += 1
@@ -281,6 +278,9 @@ class Agent:
         self.setup_s.append(took)
         del self.setup_s[:-1000]
         self.sessions += 1
+        if session.key_exchange:
+            self.key_exchanges[session.key_exchange] = (
+                self.key_exchanges.get(session.key_exchange, 0) + 1)
         mine, theirs = socket.socketpair()
         try:
             await progress.flush()
@@ -293,8 +293,6 @@ class Agent:
             return
         finally:
             theirs.close()
-            if params.tunnel_mode == "aes":
-                _ready_session_key()  # refill now that the rendezvous is over
         log.info("tunnel to %s%s via %s ready in %.3fs", params.device, params.device_atsign,
                  session.relay_atsign, took)
         conn.close()

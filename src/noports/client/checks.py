@@ -213,15 +213,25 @@ def rsa_decrypt(key: Any, ciphertext_b64: str) -> str:
     return key.decrypt(base64.b64decode(ciphertext_b64), padding.PKCS1v15()).decode("utf-8")
 
 
-def session_secrets(p: SessionParams, resp: SessionResponse, session_priv: Any
+def session_secrets(p: SessionParams, resp: SessionResponse, session_priv: Any,
+                    x25519_priv: Any = None
                     ) -> tuple[bytes, bytes, str, tuple[bytes, bytes] | None]:
     """AES mode: (key, iv, cipher id, daemon-to-client key and IV or None) from the device's
     answer, decrypted with our session key; the cipher must be one we offered (no downgrade
-    to something we did not ask for). Twin keys: ``aesKeyC2D``... (npproto/twinkeys.py)."""
-    from noports.npproto import twinkeys
+    to something we did not ask for). Twin keys: ``aesKeyC2D``... (npproto/twinkeys.py).
+
+    ``x25519_priv``: the session's X25519 key when the request offered one (npproto/kex.py):
+    an answer in those fields is opened with it; an answer without them is an official
+    daemon's (RSA, ``session_priv``); an answer with both kinds is refused."""
+    from noports.npproto import kex, twinkeys
     from noports.npproto.streamcipher import decode_session_secrets
     key_ct, iv_ct, d2c_key_ct, d2c_iv_ct = twinkeys.response_secrets(
         resp.session_aes_key, resp.session_iv, resp.extra)
+    if kex.in_response(resp.extra):
+        rsa_fields = (twinkeys.C2D_KEY, twinkeys.C2D_IV, twinkeys.D2C_KEY, twinkeys.D2C_IV)
+        mixed = bool(resp.session_aes_key or resp.session_iv
+                     or any(resp.extra.get(f) is not None for f in rsa_fields))
+        return _sealed_secrets(p, resp, x25519_priv, mixed=mixed)
     if not key_ct or not iv_ct or session_priv is None:
         raise SecurityError("the device sent no session key although encryption was "
                             "requested")
@@ -234,10 +244,32 @@ def session_secrets(p: SessionParams, resp: SessionResponse, session_priv: Any
                                          rsa_decrypt(session_priv, d2c_iv_ct))
     except (ValueError, ProtocolError, UnicodeDecodeError) as exc:
         raise SecurityError(f"cannot decrypt the session key: {exc}") from None
+    return key, iv, _chosen_cipher(p, resp), d2c
+
+
+def _chosen_cipher(p: SessionParams, resp: SessionResponse) -> str:
     cipher_id = resp.np_cipher or CIPHER_AES_CTR
     if cipher_id not in p.ciphers:
         raise SecurityError(f"the device chose cipher {cipher_id!r}, which was not offered")
-    return key, iv, cipher_id, d2c
+    return cipher_id
+
+
+def _sealed_secrets(p: SessionParams, resp: SessionResponse, x25519_priv: Any, *, mixed: bool
+                    ) -> tuple[bytes, bytes, str, tuple[bytes, bytes] | None]:
+    """The X25519 answer (npproto/kex.py): refused when not asked for or mixed with RSA."""
+    from noports.npproto import kex
+    if x25519_priv is None:
+        raise SecurityError(f"the device answered with an X25519 session key ({kex.FIELD_PK}) "
+                            "that this session did not offer")
+    if mixed:
+        raise SecurityError("the device answered with both an X25519 and an RSA session key; "
+                            "refusing the mixed answer", hint="is the device's sshnpd a "
+                            "modified or broken build?")
+    try:
+        key, iv, d2c = kex.unpack(kex.open_sealed(x25519_priv, resp.session_id, resp.extra))
+    except kex.KexError as exc:
+        raise SecurityError(f"cannot decrypt the session key: {exc}") from None
+    return key, iv, _chosen_cipher(p, resp), d2c
 
 
 def check_ssh_mode(p: SessionParams, resp: SessionResponse, host_keys: list[str]) -> None:

@@ -320,20 +320,8 @@ def _default_ssh() -> str:
 # --- outputs ---------------------------------------------------------------------------------
 
 def _bind_local(port: int) -> Any:
-    import socket
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        # a fixed port can be re-bound while a closed connection on it is in TIME_WAIT (the
-        # restart of ssh below; Linux never lets two sockets listen on it at once anyway)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        s.listen(1)
-    except OSError as exc:
-        s.close()
-        raise TunnelError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}",
-                          step="local port", hint="choose another -l/--local-port") from None
-    s.setblocking(False)
-    return s
+    from .npt_tunnel import bind_local
+    return bind_local(port, backlog=1)
 
 
 async def _accept(listener: Any, idle_timeout: float, progress: Progress) -> Any:
@@ -629,10 +617,10 @@ def run_stdio(params: SessionParams, *, quiet: bool = False) -> int:
         return EXIT_INTERRUPTED
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, prog: str = "sshnp") -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="sshnp %(asctime)s %(name)s %(levelname)s: %(message)s")
+                        format=f"{prog} %(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:

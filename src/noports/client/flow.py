@@ -3,7 +3,9 @@
 Why this order (each step starts as early as its inputs exist, so the critical path is
 connect -> relay request -> relay answer -> session request -> device answer):
 
-* the per-session RSA key is generated in a thread while the network works (aes mode);
+* the per-session RSA key is generated in a thread while the network works (aes mode; the
+  agent reuses one for a bounded time instead), and an X25519 key per session (~0.1 ms) lets
+  our daemons seal the session key without it (npproto/kex.py, decision 0029);
 * the command connection and the monitor connection authenticate concurrently; the monitor
   asks for a replay from just before we started, so nothing sent to us is missed even if
   its ``monitor`` command reaches the server after the first answer;
@@ -31,8 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from noports.npproto import kex, twinkeys
 from noports.npproto import keys as npkeys
-from noports.npproto import twinkeys
 from noports.npproto.envelope import dart_iso, relay_auth_payload, sign_envelope
 from noports.npproto.errors import ProtocolError
 from noports.npproto.escr import escr_auth_for
@@ -95,6 +97,7 @@ class Session:
     device_info: DeviceInfo | None
     tunnel: Tunnel
     timings: dict[str, float] = field(default_factory=dict)
+    key_exchange: str | None = None  # aes mode: "x25519" (our daemons) or "rsa2048"
 
     def close(self) -> None:
         self.tunnel.close()
@@ -305,6 +308,8 @@ class _Flow:
         self.public_key_sent = False
         self.username_task: asyncio.Task[str | None] | None = None
         self.keygen: asyncio.Future[tuple[str, Any]] | None = None
+        self.x25519: dict[str, Any] = {}  # session id -> this session's X25519 private key
+        self.key_exchange: str | None = None
         self.ping_sent = False
         self.apsk_task: asyncio.Task[str] | None = None
         self.relay_peer = "the relay"
@@ -562,6 +567,8 @@ class _Flow:
             extra=dict(extra or {}))
         if p.tunnel_mode == "aes":  # a key per direction if the daemon agrees (AES-CTR)
             req.extra[twinkeys.OFFER] = True
+            # our daemons seal the session key to this instead of the RSA key (decision 0029)
+            self.x25519[sid], req.extra[kex.FIELD_PK] = kex.new_client_key()
         return (npkeys.ssh_request_key(p.device_atsign, p.device, p.client_atsign),
                 sign_envelope(req.to_dict(), self.keys.encrypt_private))
 
@@ -688,14 +695,16 @@ class _Flow:
                        known_hosts=known, cipher=cipher,
                        device_info=self.router.heartbeat.result()
                        if self.router.heartbeat.done() else None,
-                       tunnel=tunnel, timings=self.timings)
+                       tunnel=tunnel, timings=self.timings, key_exchange=self.key_exchange)
 
     def aes_tunnel(self, resp: SessionResponse, relay_sock: socket.socket,
                    session_priv: Any) -> tuple[Tunnel, str]:
         from noports.npproto.streamcipher import new_session_cipher
 
         from .tunnel import AesTunnel
-        key, iv, cipher_id, d2c = checks.session_secrets(self.p, resp, session_priv)
+        key, iv, cipher_id, d2c = checks.session_secrets(
+            self.p, resp, session_priv, self.x25519.get(resp.session_id))
+        self.key_exchange = kex.KEX_X25519 if kex.in_response(resp.extra) else kex.KEX_RSA
         cipher = new_session_cipher(cipher_id, key, iv, is_client=True, d2c=d2c)
         return AesTunnel(relay_sock, cipher, peer=self.relay_peer), cipher_id
 
@@ -747,7 +756,14 @@ def prestart_session_key() -> None:
     _PRESTARTED.append(fut)
 
 
+#: a long-lived process (the agent) sets this to hand each session its RSA pair as a
+#: concurrent Future (a pair reused for a bounded time: noports.agent.keypool, decision 0029)
+SESSION_KEY_SOURCE: list[Callable[[], Any]] = []
+
+
 def _take_prestarted() -> Any:
+    if SESSION_KEY_SOURCE:
+        return SESSION_KEY_SOURCE[0]()
     return _PRESTARTED.pop() if _PRESTARTED else None
 
 

@@ -296,10 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.error(str(exc))
         return EXIT_USAGE
     progress.quiet = opts.quiet
-    level = logging.WARNING if opts.verbose <= 0 else \
-        logging.INFO if opts.verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="npt %(asctime)s %(name)s %(levelname)s: %(message)s")
+    from .cli import _setup_logging  # the shared log format, "npt" in front
+    _setup_logging(opts.verbose, "npt")
     try:
         if opts.exit_when_connected:
             return _background(opts, progress)  # forks first; the child makes the key

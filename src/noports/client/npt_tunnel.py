@@ -149,14 +149,17 @@ class MultiTunnel:
                 self._arm_idle(s.target.timeout_s + IDLE_SLACK_S)
 
 
-def bind_local(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """The npt listening socket (loopback only: the official binds all interfaces)."""
+def bind_local(port: int, host: str = "127.0.0.1", backlog: int = 64) -> socket.socket:
+    """A local listening socket for npt and sshnp's local port (loopback only: the official
+    npt binds all interfaces)."""
     from .errors import TunnelError
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        # a fixed port can be re-bound while a closed connection on it is in TIME_WAIT (sshnp
+        # restarts ssh on it; Linux never lets two sockets listen on it at once anyway)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
-        s.listen(64)
+        s.listen(backlog)
     except OSError as exc:
         s.close()
         raise TunnelError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",

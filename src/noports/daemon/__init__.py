@@ -11,6 +11,8 @@ Layout (sans-IO core, thin asyncio edges):
 * :mod:`.handoff` - starts the daemon's session host and hands it sessions;
 * :mod:`.sessionhost` - the process that carries sessions, so they outlive the daemon
   (docs/decisions/0024-sessions-outlive-daemon.md);
+* :mod:`.sessionhost_start` - its bare start, until the first session
+  (docs/decisions/0032-sshnpd-idle-memory.md);
 * :mod:`.cli` - ``sshnpd`` command line and logging set-up.
 """
 

@@ -34,6 +34,9 @@ DEFAULT_DEVICE_GROUP = "__none__"
 EPHEMERAL_KEY_TTL = 15.0  # seconds an ephemeral key stays authorized (official: 15 s)
 REQUEST_WINDOW = 60.0  # seconds a request's timestamp may differ from the device clock
 MAX_REQUEST_WINDOW = 3600.0
+# a session host without sessions for this long is replaced by a fresh, small one (its session
+# code loads again with the next session): docs/decisions/0032-sshnpd-idle-memory.md
+SESSION_HOST_IDLE_S = 300.0
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,7 @@ class DaemonConfig:
     any_client_timezone: bool = False
     storage_path: Path | None = None
     monitor_heartbeat: float = MONITOR_HEARTBEAT_S
+    session_host_idle: float = SESSION_HOST_IDLE_S
     log_format: str = "text"
     verbose: bool = False
     # TEST ONLY (hidden --test-official-reply, never read from config files): answer session
@@ -101,6 +105,7 @@ SETTINGS: dict[str, str] = {
     "ssh_algorithm": "str", "device_group": "str", "ephemeral_key_ttl": "float",
     "max_sessions": "int", "log_format": "str", "verbose": "bool", "storage_path": "str",
     "request_window": "float", "any_client_timezone": "bool", "monitor_heartbeat": "float",
+    "session_host_idle": "float",
 }
 ALIASES = {"manager": "managers", "po": "permit_open", "dg": "device_group",
            "key": "key_file", "keys": "key_file", "un_hide": None, "username": None}
@@ -442,6 +447,11 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
     if not 1 <= beat <= 300:
         raise ConfigError(f"--monitor-heartbeat: expected 1 <= seconds <= 300, got {beat:g}")
 
+    host_idle = float(s.get("session_host_idle", SESSION_HOST_IDLE_S))
+    if not (host_idle == 0 or 1 <= host_idle <= 86400):
+        raise ConfigError(f"--session-host-idle: expected 0 (keep it) or 1 <= seconds <= "
+                          f"86400, got {host_idle:g}")
+
     def path(name: str) -> Path | None:
         v = s.get(name)
         return Path(os.path.expanduser(str(v))) if v else None
@@ -462,5 +472,6 @@ def build_config(settings: Mapping[str, Any]) -> DaemonConfig:
         ssh_algorithm=algo, device_group=group, ephemeral_key_ttl=ttl,
         max_sessions=max_sessions, request_window=window,
         any_client_timezone=bool(s.get("any_client_timezone", False)),
-        storage_path=path("storage_path"), monitor_heartbeat=beat, log_format=log_format,
+        storage_path=path("storage_path"), monitor_heartbeat=beat,
+        session_host_idle=host_idle, log_format=log_format,
         verbose=bool(s.get("verbose", False)))

@@ -27,7 +27,7 @@ from typing import Any
 
 from noports import crypto
 from noports.atprotocol.atsign import InvalidAtSign, normalize_atsign
-from noports.npproto import escr, twinkeys
+from noports.npproto import escr, kex, twinkeys
 from noports.npproto.dartjson import dart_json_decode
 from noports.npproto.envelope import (
     parse_dart_iso,
@@ -177,6 +177,7 @@ class SessionPlan:
     ephemeral: EphemeralKey
     response: Reply
     d2c: tuple[bytes, bytes] | None = None  # twin keys: the daemon-to-client key and IV
+    key_exchange: str | None = None  # how the client got key/iv: "x25519" or "rsa2048"
 
     def __repr__(self) -> str:
         return (f"SessionPlan(session_id={self.session_id!r}, client={self.client!r}, "
@@ -452,10 +453,18 @@ class DaemonHandler:
         cipher_id = key = iv = None
         aes_ct = iv_ct = None
         official = self.config.official_reply  # test-only: answer as official daemons do
+        x_pk = None  # the client's X25519 key: seal the secrets with it, not RSA (0029)
+        if sr.encrypt_rvd_traffic and not official:
+            try:
+                x_pk = kex.offered(sr.extra)
+            except kex.KexError as exc:
+                return self._error_reply(sender, sid, ERR_TUNNEL.format(
+                    err=f"unusable {kex.FIELD_PK}: {exc}"))
         if sr.encrypt_rvd_traffic:
             cipher_id = negotiate_cipher(None if official else sr.np_ciphers,
                                          self.supported_ciphers)
             key, iv = self._randbytes(KEY_LEN), self._randbytes(IV_LEN)
+        if key is not None and iv is not None and x_pk is None:
             try:
                 assert sr.client_ephemeral_pk is not None  # from_dict checked it
                 aes_ct = crypto.rsa_encrypt(sr.client_ephemeral_pk,
@@ -465,8 +474,17 @@ class DaemonHandler:
             except (crypto.CryptoError, ValueError, TypeError) as exc:
                 return self._error_reply(sender, sid, ERR_TUNNEL.format(
                     err=f"unusable clientEphemeralPK ({type(exc).__name__})"))
-        d2c, twin = None, None
-        if cipher_id == CIPHER_AES_CTR and twinkeys.offered(sr.extra):
+        d2c, twin, sealed = None, None, None
+        if x_pk is not None:
+            assert key is not None and iv is not None
+            if cipher_id == CIPHER_AES_CTR and twinkeys.offered(sr.extra):
+                d2c = (self._randbytes(KEY_LEN), self._randbytes(IV_LEN))
+            try:
+                sealed = kex.seal(x_pk, sid, kex.pack(key, iv, d2c))
+            except kex.KexError as exc:
+                return self._error_reply(sender, sid, ERR_TUNNEL.format(
+                    err=f"unusable {kex.FIELD_PK}: {exc}"))
+        elif cipher_id == CIPHER_AES_CTR and twinkeys.offered(sr.extra):
             d2c, twin = self._twin_keys(sr.client_ephemeral_pk, aes_ct, iv_ct)
         auth_line = None
         if sr.authenticate_to_rvd:
@@ -486,13 +504,16 @@ class DaemonHandler:
         if twin is not None:  # official names: aesKeyC2D/ivC2D replace sessionAESKey/IV
             resp.session_aes_key = resp.session_iv = None
             resp.extra.update(twin)
+        if sealed is not None:  # X25519: no RSA ciphertexts at all
+            resp.extra.update(sealed)
         key_name = _name(session_response_key(sender, sid, self.config.device,
                                               self.config.atsign))
         envelope = sign_envelope(resp.to_dict(), self._signing_key)
         return SessionPlan(
             session_id=sid, client=sender, relay_host=sr.host, relay_port=sr.port,
             auth_line=auth_line, cipher_id=cipher_id, key=key, iv=iv, ephemeral=eph,
-            response=Reply(sender, key_name, envelope, session_id=sid), d2c=d2c)
+            response=Reply(sender, key_name, envelope, session_id=sid), d2c=d2c,
+            key_exchange=None if key is None else kex.KEX_X25519 if sealed else kex.KEX_RSA)
 
     def _twin_keys(self, client_pk: str | None, c2d_key_ct: str | None, c2d_iv_ct: str | None
                    ) -> tuple[tuple[bytes, bytes] | None, dict[str, str] | None]:

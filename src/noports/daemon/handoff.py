@@ -31,10 +31,14 @@ class HostError(RuntimeError):
     """The session host could not be started or died; the message says which and why."""
 
 
-def host_argv(log_format: str, verbose: bool, owner: str, authorized_keys: str) -> list[str]:
-    """``python -m noports.daemon.sessionhost ...`` with this daemon's interpreter."""
-    argv = [sys.executable, "-m", "noports.daemon.sessionhost", "--log-format", log_format,
+def host_argv(log_format: str, verbose: bool, owner: str, authorized_keys: str,
+              idle_after: float = 0.0) -> list[str]:
+    """``python -m noports.daemon.sessionhost_start ...`` with this daemon's interpreter
+    (a bare interpreter until the first order: docs/decisions/0032-sshnpd-idle-memory.md)."""
+    argv = [sys.executable, "-m", "noports.daemon.sessionhost_start", "--log-format", log_format,
             "--for", owner, "--authorized-keys", authorized_keys]
+    if idle_after > 0:
+        argv += ["--idle", f"{idle_after:g}"]
     return [*argv, "-v"] if verbose else argv
 
 
@@ -62,6 +66,7 @@ class HostLink:
         self._reader_task: Optional[asyncio.Task[None]] = None  # noqa: UP045
         self._read_transport: Optional[asyncio.BaseTransport] = None  # noqa: UP045
         self.on_lost = None  # callable(set of sids) when the host died under live sessions
+        self.on_idle = None  # callable() when the idle host may be let go (nothing in flight)
 
     async def spawn(self) -> int:
         """Start the host and wait for its ``ready``; returns its pid."""
@@ -139,6 +144,10 @@ class HostLink:
         if ev.event == "ready":
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(ev.pid)
+            return
+        if ev.event == "idle":  # an order written since then is in _pending: keep the host
+            if not self._pending and not self.live and self.on_idle is not None:
+                self.on_idle()
             return
         fut = self._pending.get(ev.session_id)
         if ev.event == "started":

@@ -37,6 +37,7 @@ from noports.atclient.aio import (
     AtTimeoutError,
     Notification,
 )
+from noports.cliargs import pid_alive as cliargs_pid_alive
 from noports.compat import to_thread
 from noports.keys.apsk import ensure_signing_key_published
 from noports.keys.atkeys import AtKeys
@@ -86,15 +87,10 @@ class DaemonError(RuntimeError):
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a session host holding an authorized_keys line)."""
-    if pid <= 1:
+    """Whether ``pid`` is a live process (a session host holding an authorized_keys line);
+    unlike :func:`noports.cliargs.pid_alive`, a zombie (ended, not yet reaped) is not."""
+    if not cliargs_pid_alive(pid) or pid <= 1:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             return fh.read().rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
@@ -123,8 +119,9 @@ class Daemon:
         self.client: AtClient | None = None
         self.host_keys: list[str] = []
         self.host = HostLink(host_argv(config.log_format, config.verbose, self.owner,
-                                       str(config.authorized_keys)))
+                                       str(config.authorized_keys), config.session_host_idle))
         self.host.on_lost = self._host_lost
+        self.host.on_idle = self._retire_host
         self._host_spawn: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.revocation = RevocationGate()  # our key refused as revoked: log in rarely
@@ -252,6 +249,29 @@ class Daemon:
                     await to_thread(self.authorized_keys.remove_session, sid)
         self._spawn(clean(), "clean after the session host")
 
+    def _retire_host(self) -> None:
+        """The host had no session for --session-host-idle seconds and nothing is in flight:
+        let it go (it exits) and start a fresh one, a bare interpreter until its first order
+        (memory: docs/decisions/0032-sshnpd-idle-memory.md)."""
+        old = self.host
+        if self._stop is not None and self._stop.is_set():
+            return
+        log.info("session host %d idle for %gs: replacing it by a fresh one", old.pid,
+                 self.config.session_host_idle, extra={"event": "session_host_retired"})
+        self.host = HostLink(old.argv)
+        self.host.on_lost = self._host_lost
+        self.host.on_idle = self._retire_host
+        old.close()
+        self._host_spawn = asyncio.ensure_future(self._spawn_host())
+        self._spawn(self._reap(old), "reap the retired session host")
+
+    @staticmethod
+    async def _reap(old: HostLink) -> None:
+        for _attempt in range(120):  # it exits as soon as it sees the end of its pipe
+            if old.proc is None or old.proc.poll() is not None:
+                return
+            await asyncio.sleep(0.5)
+
     async def _ensure_host(self) -> bool:
         """The host is up (started at run(), started again if it died since)."""
         if self._host_spawn is not None and not self._host_spawn.done():
@@ -259,6 +279,7 @@ class Daemon:
         if not self.host.running:
             self.host = HostLink(self.host.argv)
             self.host.on_lost = self._host_lost
+            self.host.on_idle = self._retire_host
             self._host_spawn = asyncio.ensure_future(self._spawn_host())
             await asyncio.shield(self._host_spawn)
         return self.host.running

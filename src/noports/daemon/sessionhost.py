@@ -43,6 +43,7 @@ from .sessionorder import MAX_LINE, HostEvent, OrderError, SessionOrder
 log = logging.getLogger("noports.sshnpd")
 
 CONNECT_TIMEOUT_S = 10.0
+IDLE_CHECK_MAX_S = 5.0  # how often an idle host checks whether to announce ``idle``
 CLIENT_WAIT_S = 60.0  # close a session whose client never reached the relay
 SWEEP_GRACE_S = 60  # an ephemeral line is "expired" for any daemon ttl + this after writing
 KEY_REMOVAL_MARGIN_S = 0.5  # removal starts this long before the ttl ends
@@ -65,6 +66,7 @@ class SessionHost:
         self._key_timers: Dict[str, asyncio.TimerHandle] = {}  # noqa: UP006
         self._tasks: set[asyncio.Task[Any]] = set()
         self.changed = asyncio.Event()  # something ended: the main loop re-checks idle()
+        self.active_at = time.monotonic()  # last order or finished task (idle announcement)
 
     def idle(self) -> bool:
         return not (self._sessions or self._key_timers or self._tasks)
@@ -74,6 +76,7 @@ class SessionHost:
         return len(self._sessions)
 
     def order(self, order: SessionOrder) -> None:
+        self.active_at = time.monotonic()
         self._spawn(self._start(order), f"session {order.session_id}")
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -83,6 +86,7 @@ class SessionHost:
 
         def done(t: asyncio.Task[Any]) -> None:
             self._tasks.discard(t)
+            self.active_at = time.monotonic()
             if not t.cancelled() and t.exception() is not None:
                 log.error("%s: %s", name, t.exception())
             self.changed.set()
@@ -111,11 +115,16 @@ class SessionHost:
                                                       o.auth_line, timeout=CONNECT_TIMEOUT_S))
         steps = (key_t, local_t, relay_t)
         try:
-            await asyncio.wait(steps, return_when=asyncio.FIRST_EXCEPTION)
-        finally:  # a failed connect ends the other; the key write always ends (then undone)
-            for t in (local_t, relay_t):
-                t.cancel()
+            # the key write and the local connect always end (bounded, and reported first);
+            # if either failed, the relay dial is not waited for
+            await asyncio.wait((key_t, local_t))
+            if key_t.exception() is not None or local_t.exception() is not None:
+                relay_t.cancel()
             await asyncio.wait(steps)
+        except BaseException:  # cancelled: the key write ends by itself, then is undone
+            local_t.cancel()
+            relay_t.cancel()
+            raise
         socks = [t.result() for t in (local_t, relay_t)
                  if not t.cancelled() and t.exception() is None]
         key_exc = key_t.exception()
@@ -302,8 +311,26 @@ class _Out:
             self.open = False
 
 
-async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
-    """Take orders until the daemon's pipe ends, then exit when the last session ends."""
+async def announce_idle(host: SessionHost, out: Callable[[HostEvent], None],
+                        idle_after: float) -> None:
+    """Say ``idle`` once per idle spell of ``idle_after`` seconds (no session, key or task):
+    the daemon may then let this host go and start a fresh one, a bare interpreter until its
+    first order (docs/decisions/0032-sshnpd-idle-memory.md)."""
+    said = False
+    while True:
+        await asyncio.sleep(min(IDLE_CHECK_MAX_S, idle_after / 2))
+        quiet = host.idle() and time.monotonic() - host.active_at >= idle_after
+        if quiet and not said:
+            out(HostEvent("idle"))
+        said = quiet
+
+
+async def serve(order_fd: int = 0, event_fd: int = 1, pending: bytes | None = None,
+                idle_after: float = 0.0) -> int:
+    """Take orders until the daemon's pipe ends, then exit when the last session ends.
+
+    ``pending``: what :mod:`.sessionhost_start` already read from the pipe (it announced
+    ``ready`` itself, so this does not). ``idle_after`` > 0: announce idle spells."""
     loop = asyncio.get_running_loop()
     out = _Out(event_fd)
     host = SessionHost(out)
@@ -313,9 +340,12 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reader = asyncio.StreamReader(limit=MAX_LINE + 1)
+    if pending:
+        reader.feed_data(pending)  # ahead of anything the pipe brings next
     transport, _protocol = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(order_fd, "rb", 0))
-    out(HostEvent("ready", pid=os.getpid()))
+    if pending is None:
+        out(HostEvent("ready", pid=os.getpid()))
     log.debug("session host %d ready", os.getpid(), extra={"event": "session_host_ready"})
 
     async def orders() -> None:
@@ -334,6 +364,8 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
 
     reading = asyncio.ensure_future(orders())
     stopping = asyncio.ensure_future(stop.wait())
+    idler = asyncio.ensure_future(announce_idle(host, out, idle_after) if idle_after > 0
+                                  else asyncio.sleep(0))
     await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
         out.open = False
@@ -351,11 +383,12 @@ async def serve(order_fd: int = 0, event_fd: int = 1) -> int:
         await host.close_all("session host stopped")
     reading.cancel()
     stopping.cancel()
+    idler.cancel()
     transport.close()
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, pending: bytes | None = None) -> int:
     p = argparse.ArgumentParser(prog="sshnpd-sessions",
                                 description="sshnpd's session host (started by sshnpd only)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -363,11 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--for", dest="owner", default="",
                    help="the daemon's atSign/device (shown in ps)")
     p.add_argument("--authorized-keys", default="", help="shown in ps")
+    p.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                   help="say 'idle' after this long without sessions (0: never)")
     args = p.parse_args(argv)
     from .cli import setup_logging
     setup_logging(args.log_format, args.verbose)
     try:
-        return asyncio.run(serve())
+        return asyncio.run(serve(pending=pending, idle_after=args.idle))
     except KeyboardInterrupt:
         return 130
 

@@ -9,7 +9,9 @@ the relay, splice, remove the key. One JSON object per line each way:
 * daemon -> host: ``{"op": "start", ...}`` (a :class:`SessionOrder`; it holds the session's
   secrets, so it travels over a pipe, never argv or the environment);
 * host -> daemon: ``{"event": "ready", "pid": N}`` once, then per session ``started``,
-  ``failed`` (with the error the client is told) and ``ended``.
+  ``failed`` (with the error the client is told) and ``ended``; ``{"event": "idle"}`` when it
+  has had no session and no key for a while (the daemon may then let it go and start a fresh,
+  small one: docs/decisions/0032-sshnpd-idle-memory.md).
 
 Both sides validate what they read: a line that is not one of these is an error, never a guess.
 """
@@ -26,7 +28,7 @@ from noports.npproto.escr import EscrAuth
 from noports.npproto.keys import validate_session_id
 
 MAX_LINE = 64 * 1024  # an order is ~1 KiB; anything longer is not one of ours
-HOST_EVENTS = ("ready", "started", "failed", "ended")
+HOST_EVENTS = ("ready", "started", "failed", "ended", "idle")
 
 
 class OrderError(ValueError):
@@ -109,7 +111,7 @@ class SessionOrder:
 
 @dataclass(frozen=True)
 class HostEvent:
-    """What the host reports: ``ready`` (with its pid) or a session's fate."""
+    """What the host reports: ``ready`` (with its pid), ``idle``, or a session's fate."""
 
     event: str
     session_id: str = ""
@@ -138,6 +140,8 @@ class HostEvent:
                 if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
                     raise ValueError("ready needs a pid")
                 return cls("ready", pid=pid)
+            if event == "idle":
+                return cls("idle")
             sid = validate_session_id(_str(d, "session_id"))
             error = _opt_str(d, "error") or ""
         except ValueError as exc:
