@@ -45,6 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.rendezvous_trace import print_breakdown
 from noports.agent import protocol as proto
 from noports.agent.connect import socket_address
 from tests.harness.fleet import cpu_s, pss_kib
@@ -52,6 +53,7 @@ from tests.harness.world import PY, World, noports_world, percentile
 
 CONNECT = str(Path(PY).parent / "sshnp-connect")
 STEPS: list[dict[str, float]] = []  # the flow's own marks per warm rendezvous
+WINDOWS: list[tuple[float, float]] = []  # wall clock (start, end) of each warm rendezvous
 
 
 def client_args(w: World, i: int, kh: Path) -> list[str]:
@@ -86,6 +88,7 @@ def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
     """(request -> fd seconds, agent-side set-up seconds, the tunnel) on a warm agent."""
     s = socket.socket(socket.AF_UNIX)
     s.connect(socket_address(str(d)))
+    w0 = time.time()
     t0 = time.perf_counter()
     s.sendall(proto.encode_request("open", args, os.getcwd()))
     buf = proto.LineBuffer()
@@ -101,6 +104,7 @@ def rendezvous(d: Path, args: list[str]) -> tuple[float, float, socket.socket]:
                 raise RuntimeError(r.text)
             if r.kind == "ok":
                 took = time.perf_counter() - t0
+                WINDOWS.append((w0, time.time()))
                 s.close()
                 assert fd is not None
                 STEPS.append(r.info.get("steps") or {})
@@ -151,6 +155,10 @@ def _nofile(pid: int) -> str:
     return "?"
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def banner_ok(sock: socket.socket) -> bool:
     sock.settimeout(20)
     try:
@@ -174,17 +182,26 @@ def main() -> int:
     ap.add_argument("--agent-nofile", type=int, default=1024,
                     help="soft open-files limit the agent is started with (1024, the usual "
                     "default; 0 = this shell's); the agent raises it to the hard limit")
+    ap.add_argument("--no-trace", action="store_true",
+                    help="run the programs without NOPORTS_TRACE (no per-hop breakdown)")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # the bench holds every tunnel's fd itself; the agent starts with the caller's own soft
     # limit (--agent-nofile), as a user's would, and must raise it itself
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
-    agent_soft = min(args.agent_nofile or soft, hard)
-
-    def agent_limits() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (agent_soft, hard))
+    args.agent_limits = (min(args.agent_nofile or soft, hard), hard)
     per_dev = -(-args.tunnels // args.devices) + args.rendezvous + 4
-    with tempfile.TemporaryDirectory(prefix="npat-") as tmp, noports_world(
+    with tempfile.TemporaryDirectory(prefix="npat-") as tmp0:
+        if args.no_trace:
+            os.environ.pop("NOPORTS_TRACE", None)
+        elif not os.environ.get("NOPORTS_TRACE"):  # set by the caller: kept after the run
+            # every program started from here on appends its marks
+            os.environ["NOPORTS_TRACE"] = str(Path(tmp0) / "trace")
+        return world(args, per_dev, Path(tmp0))
+
+
+def world(args: argparse.Namespace, per_dev: int, tmp0: Path) -> int:
+    with tempfile.TemporaryDirectory(prefix="npat-", dir=tmp0) as tmp, noports_world(
             Path(tmp), args.devices, namespaced=args.netns, daemons=False,
             srvd_args=("--max-sessions-per-atsign", str(4 * args.tunnels + 200))) as w:
         for i in range(1, args.devices + 1):
@@ -197,7 +214,8 @@ def main() -> int:
             agent = subprocess.Popen([PY, "-m", "noports.agent", "--dir", str(d), "--idle",
                                       "900"], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=log, env=w.client_env(),
-                                     preexec_fn=agent_limits)
+                                     preexec_fn=lambda: resource.setrlimit(
+                                         resource.RLIMIT_NOFILE, args.agent_limits))
         try:
             return run(args, w, kh, d, agent)
         finally:
@@ -279,10 +297,10 @@ def run(args: argparse.Namespace, w: World, kh: Path, d: Path, agent: subprocess
           f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print()
     print(f"{'per live tunnel on the controller':<46} {'per-process':>12} {'agent':>12}")
-    print(f"{'PSS (MiB)':<46} {statistics.median(base_pss) / 1024:>12.2f} "
+    print(f"{'PSS (MiB)':<46} {median(base_pss) / 1024:>12.2f} "
           f"{(pss1 - pss0) / max(n, 1) / 1024:>12.3f}")
     print(f"{'client CPU (s): process / agent+connector':<46} "
-          f"{statistics.median(base_cpu):>12.3f} "
+          f"{median(base_cpu):>12.3f} "
           f"{(cpu1 - cpu0) / max(n, 1) + conn_cpu:>12.3f}")
     print(f"{'  of which agent CPU per tunnel (s)':<46} {'':>12} "
           f"{(cpu1 - cpu0) / max(n, 1):>12.3f}")
@@ -298,6 +316,9 @@ def run(args: argparse.Namespace, w: World, kh: Path, d: Path, agent: subprocess
     print("  where (flow marks, p50 ms since the request reached the flow): " + ", ".join(
         f"{k} {percentile([st[k] for st in STEPS if k in st], 50) * 1000:.0f}"
         for k in marks))
+    trace = os.environ.get("NOPORTS_TRACE")
+    if trace:
+        print_breakdown(Path(trace), WINDOWS, percentile(rv, 50))
     for s in opened + held:
         s.close()
     for p in base_procs:

@@ -11,6 +11,7 @@ p50/p90 over N runs, interleaved so machine noise hits every case alike.
     .venv/bin/python -m bench.sshnp_setup            # 30 runs per case, loopback
     .venv/bin/python -m bench.sshnp_setup --quick    # 8 runs per case
     .venv/bin/python -m bench.sshnp_setup --netns    # namespaced topology (root)
+    .venv/bin/python -m bench.sshnp_setup --runs 12 --agent-only   # plain ssh vs the agent
 
 The ``agent stdio`` cases are a cold ``ssh`` whose ProxyCommand is ``sshnp-connect`` with the
 controller agent already up (docs/agent.md): what every host after the first costs.
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--no-proxy", action="store_true", help="skip the ProxyCommand cases")
     ap.add_argument("--no-agent", action="store_true",
                     help="skip the controller agent cases (sshnp-connect, docs/agent.md)")
+    ap.add_argument("--agent-only", action="store_true",
+                    help="only plain ssh and the agent cases (issue 13's goal: agent stdio "
+                    "p50 <= 1.15x plain ssh), a shorter run")
     args = ap.parse_args()
     runs = args.runs or (8 if args.quick else 30)
     if args.netns and os.geteuid() != 0:
@@ -77,9 +81,9 @@ def main() -> None:
         env = w.client_env()
         kh = Path(tmp) / "proxy_known_hosts"
         cases: dict[str, list[str]] = {"plain ssh (baseline)": w.direct_ssh_argv(i) + ["echo x"]}
-        for mode in ("aes", "ssh"):
+        for mode in () if args.agent_only else ("aes", "ssh"):
             cases[f"sshnp exec  {mode}"] = w.sshnp_argv(i, mode=mode) + ["echo x"]
-        if not args.no_proxy:
+        if not (args.no_proxy or args.agent_only):
             for mode in ("aes", "ssh"):
                 cases[f"sshnp stdio {mode}"] = w.proxy_ssh_argv(i, "echo x", mode=mode,
                                                                known_hosts=kh)
@@ -111,6 +115,11 @@ def main() -> None:
                   f"{off:>18}")
         if not args.no_agent:
             stop_agent(agent_dir, env)
+            for mode in ("aes", "ssh"):
+                r = percentile(samples[f"agent stdio {mode}"], 50) / base
+                print(f"agent stdio {mode}: {r:.2f}x plain ssh at p50 (issue 13 goal <= 1.15x: "
+                      f"{'met' if r <= 1.15 else 'NOT met'}); load average "
+                      f"{os.getloadavg()[0]:.1f} at the end")
         best = min(percentile(v, 50) for n, v in samples.items() if n.startswith(("sshnp", "agent")))
         worst = max(percentile(v, 50) for n, v in samples.items() if n.startswith(("sshnp", "agent")))
         print(f"target p50 <= 0.500 s: best {best:.3f} s, worst {worst:.3f} s -> "

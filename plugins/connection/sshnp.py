@@ -219,6 +219,9 @@ options:
         task's C(async) time is used up; C(wait_for_connection), C(reboot)); a dead relay would make every
         retry wait the whole relay timeout. The first attempt after the hold makes a real rendezvous again;
         after a relay failure in this run (within 10 minutes) it waits 5 s for the relay instead of O(relay_timeout).
+      - A retry in the last 10 s of the hold starts that rendezvous in the background (an C(ssh -N) master) and
+        still fails at once, so a retry loop never waits for it. If it succeeds, the next retry uses its master;
+        if it fails, its failure starts a new hold.
     type: float
     default: 30
     vars:
@@ -286,11 +289,14 @@ all:
 # ansible pi4 -i inventory.yml -m ansible.builtin.ping
 """
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 import typing as t
@@ -328,6 +334,10 @@ RETRY_RELAY_TIMEOUT_S = 5.0
 #: ... for this long after the failure
 RETRY_WINDOW_S = 600.0
 _RELAY_FAILURE = re.compile(r"^(?:relay: |tunnel: relay connection lost)")
+#: a retry in the last PROBE_LEAD_S of a hold starts the next rendezvous in the background
+PROBE_LEAD_S = 10.0
+#: this worker's background rendezvous (``ssh -N``), by marker path: polled to reap them
+_PROBES: dict[str, subprocess.Popen] = {}
 #: ``sh -c`` script: $1 is the log file, the rest is the client's argv
 _REDIRECT_STDERR = 'f=$1; shift; exec "$@" 2>"$f"'
 
@@ -402,6 +412,19 @@ def _run_started() -> float | None:
         return btime + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def _probe_running(path: str, pid: int) -> bool:
+    """Whether the background ``ssh -N`` of marker ``path`` still runs: this worker's own
+    child is polled (and so reaped), another worker's is looked up in /proc (not a zombie)."""
+    own = _PROBES.get(path)
+    if own is not None and own.pid == pid:
+        return own.poll() is None
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def client_warnings(text: bytes | str) -> list[str]:
@@ -629,9 +652,34 @@ class Connection(SshConnection):
 
     # -- failures ------------------------------------------------------------------------
 
+    def _run(self, cmd: list[bytes], in_data: bytes | None, sudoable: bool = True,
+             checkrc: bool = True) -> tuple[int, bytes, bytes]:
+        # the hold is checked before ssh.py's reconnection_retries: a held failure would
+        # only be held again after each of its pauses
+        held = self.held_failure(cmd)
+        if held:
+            raise AnsibleConnectionFailure(held)
+        return super()._run(cmd, in_data, sudoable=sudoable, checkrc=checkrc)
+
+    def reset(self) -> None:
+        """ssh.py's reset asks the master to stop (``ssh -O check``, then ``-O stop``); with no
+        master socket there is nothing to ask, and an ``async`` poll loop calls reset() after
+        every failed retry: skip the ssh process then."""
+        self.host = self.get_option("host") or self._play_context.remote_addr
+        try:
+            control = _control_path(self._build_command(
+                self.get_option("ssh_executable"), "ssh", "-O", "check", self.host))
+        except AnsibleError:
+            control = None
+        if control is not None and "%" not in control and not os.path.exists(control):
+            display.vvv("SSH: sshnp: no master socket; nothing to reset", host=self.host)
+            self.close()
+            return
+        super().reset()
+
     def _bare_run(self, cmd: list[bytes], in_data: bytes | None, sudoable: bool = True,
                   checkrc: bool = True) -> tuple[int, bytes, bytes]:
-        held = self.held_failure(cmd)
+        held = self.held_failure(cmd)  # again here for sftp/scp, which do not pass _run
         if held:
             raise AnsibleConnectionFailure(held)
         started = time.time()
@@ -677,7 +725,12 @@ class Connection(SshConnection):
         """The failure to repeat at once instead of a new rendezvous (see ``failure_hold``):
         the client log of this host says the last tunnel failed (its ``sshnp: error:``
         line) less than ``failure_hold`` seconds ago, during this Ansible run, and no
-        ControlMaster is up. Else None."""
+        ControlMaster is up; or a background rendezvous for it is still under way. Else None.
+
+        In the last :data:`PROBE_LEAD_S` of the hold, the retry also starts that rendezvous in
+        the background (:meth:`start_probe`): a retry loop (``async``/``poll``,
+        ``wait_for_connection``) then never waits for it, and finds its master (or its fresh
+        failure, a new hold) on a later retry."""
         try:
             hold = float(self._opt("failure_hold") or 0)
         except (TypeError, ValueError):
@@ -691,14 +744,80 @@ class Connection(SshConnection):
             ident = self.sshnp_identity()
         except AnsibleError:
             return None
+        probing = self.probe_under_way(ident)
+        if probing is not None:
+            step, age = probing
+            display.vvv(f"SSH: sshnp: the tunnel failed {age:.1f}s ago; a rendezvous is under "
+                        "way in the background", host=self.host)
+            return (f"sshnp: {step} [{ident.describe()}] (failed {age:.0f}s ago in this run; "
+                    "a new rendezvous is under way in the background: failure_hold)")
         found = self.failure_in_this_run(ident, hold)
         if found is None:
             return None
         step, age = found
         display.vvv(f"SSH: sshnp: the tunnel failed {age:.1f}s ago; not retried before "
                     f"failure_hold ({hold:g}s)", host=self.host)
+        if age >= hold - PROBE_LEAD_S:
+            self.start_probe(ident, step, time.time() - age)
         return (f"sshnp: {step} [{ident.describe()}] (failed {age:.0f}s ago in this run; a "
                 f"new rendezvous is tried {hold:g}s after the failure: failure_hold)")
+
+    def probe_path(self, ident: SshnpIdentity) -> str:
+        """Marker of a background rendezvous: its pid, start, and the failure it retries."""
+        return self.client_log_path(ident) + ".probe"
+
+    def probe_under_way(self, ident: SshnpIdentity) -> tuple[str, float] | None:
+        """(the failure being retried, its age) while a background rendezvous for this host
+        runs (its ProxyCommand has emptied the client log meanwhile), else None (and the
+        marker of a finished one is removed: the log or the master socket tells how it went)."""
+        path = self.probe_path(ident)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                probe = json.load(fh)
+            pid, started = int(probe["pid"]), float(probe["started"])
+            step, failed = str(probe["step"]), float(probe["failed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        now = time.time()
+        if _probe_running(path, pid) and 0 <= now - started < self.connect_timeout_budget(ident):
+            run_start = _run_started()
+            if run_start is not None and started >= run_start:
+                return step, now - failed
+            return None  # a previous run's: a new run never inherits a hold
+        _PROBES.pop(path, None)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+
+    def start_probe(self, ident: SshnpIdentity, step: str, failed: float) -> None:
+        """Start ``ssh -N`` with this host's tunnel options in the background: with
+        ControlPersist it returns once authenticated and leaves a master the next retry uses;
+        through a dead relay its client writes a fresh failure (a new hold). Not with a
+        password (sshpass needs a pipe per ssh run): the attempt after the hold then makes the
+        rendezvous itself, as without probes."""
+        if self._opt("password") or self._play_context.password:
+            return
+        path = self.probe_path(ident)
+        try:
+            cmd = self._build_command(self.get_option("ssh_executable"), "ssh", "-N", self.host)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except (OSError, AnsibleError):
+            return  # another worker's probe marker, or no way to build the command
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            display.vvv(f"SSH: sshnp: cannot start a background rendezvous: {exc}",
+                        host=self.host)
+            return
+        _PROBES[path] = proc
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump({"pid": proc.pid, "started": time.time(), "step": step,
+                       "failed": failed}, fh)
+        display.vvv(f"SSH: sshnp: background rendezvous started (ssh pid {proc.pid})",
+                    host=self.host)
 
     def surface_client_warnings(self) -> list[str]:
         """Show the client's warnings (host key rotation) as Ansible warnings, once per client

@@ -142,7 +142,14 @@ def _destroy(run_id: str) -> None:
 
 
 def cleanup_stale() -> list[str]:
-    """Remove leftovers of runs whose owner process is gone; returns their ids."""
+    """Remove leftovers of runs whose owner process is gone; returns their ids. Under the
+    lock: a run being built writes its state file there, and a half-written one would
+    look stale."""
+    with _lock():
+        return _cleanup_stale_locked()
+
+
+def _cleanup_stale_locked() -> list[str]:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     live: set[str] = set()
     stale: set[str] = set()
@@ -401,8 +408,8 @@ class Topology:
     def build(self) -> Topology:
         self.base.mkdir(parents=True, exist_ok=True)
         if self.namespaced:
-            cleanup_stale()
-            with _lock():
+            with _lock():  # cleanup inside the lock: another run may be writing its state
+                _cleanup_stale_locked()
                 used = _used_subnet_x()
                 candidates = [PREFERRED_X] + [x for x in range(100, 250)]
                 free = [x for x in candidates if x not in used]

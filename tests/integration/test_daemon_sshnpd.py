@@ -308,6 +308,37 @@ def test_relay_unreachable_gets_official_error(env):
     wait_until(lambda: sid not in env.ak_path.read_text(), 5, "key removal after failure")
 
 
+def test_local_sshd_down_is_named_and_the_early_relay_socket_closed(env):
+    """The session host writes the key and dials sshd and the relay at once: when sshd is
+    down the client hears so, the relay connection made meanwhile is closed, and the key
+    written meanwhile is removed."""
+    dead = listener()
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    env.start_daemon("--local-sshd-port", str(dead_port), "--permit-open",
+                     f"localhost:{dead_port}", device="pidown")
+    relay = listener()
+    sid, cn, rn, value = run(request_session(env, relay, encrypt=False, device="pidown"))
+    assert value.startswith("Failed to start up the daemon side of the srv socket tunnel : "
+                            f"cannot connect to the local sshd on port {dead_port}"), value
+    relay.settimeout(2)
+    try:
+        sock, _ = relay.accept()
+    except TimeoutError:
+        sock = None  # never dialled: nothing to close
+    if sock is not None:  # dialled meanwhile: its auth line, then closed, nothing pumped
+        sock.settimeout(10)
+        got = b""
+        while chunk := sock.recv(4096):
+            got += chunk
+        sock.close()
+        assert got.endswith(b"\n") and got.count(b"\n") == 1, got
+        assert verify_relay_auth(got.rstrip(b"\n"), sid, cn, rn,
+                                 env.keys["@device"].encrypt_public)
+    relay.close()
+    wait_until(lambda: sid not in env.ak_path.read_text(), 5, "key removal after failure")
+
+
 def session_host_pid(daemon: Proc) -> int:
     """The pid of a daemon's session host, from its own log line."""
     return int(daemon.wait_for(r'session host (\d+) started', 20).group(1))

@@ -120,9 +120,13 @@ def host_pids(text: str) -> list[int]:
     return [int(p) for p in re.findall(r"session host (\d+) started", text)]
 
 
-def box_hosts() -> list[int]:
-    """Live session hosts of the role's daemon (their argv names the owner)."""
-    return [p for p in pids_mentioning(f"--for {OWNER} ") if p in pids_mentioning("sessionhost")]
+def box_hosts(base: Path) -> list[int]:
+    """Live session hosts of this world's ``box`` daemon: their argv names the owner and the
+    world's authorized_keys file. Only this world's: other runs of this module on the machine
+    (other worktrees, another xdist worker) have hosts with the same owner, and the teardown
+    below SIGTERMs what this returns - which cuts every session of such a host."""
+    return [p for p in pids_mentioning(f"--for {OWNER} ")
+            if p in pids_mentioning("sessionhost") and p in pids_mentioning(str(base))]
 
 
 def upgrade_source(base: Path) -> Path:
@@ -135,6 +139,25 @@ def upgrade_source(base: Path) -> Path:
     init.write_text(re.sub(r'DAEMON_VERSION = "[^"]*"', f'DAEMON_VERSION = "{UPGRADE_VERSION}"',
                            text))
     return snap
+
+
+def test_box_hosts_are_only_this_worlds(tmp_path: Path) -> None:
+    """Another run of this module (another worktree, another worker) has session hosts with
+    the same owner; the teardown SIGTERMs what ``box_hosts`` returns, and a SIGTERMed host
+    cuts its sessions ("relay connection lost ... without the device's end-of-stream frame"
+    in that run's play). So only hosts naming this world's files count."""
+    fake = [PY, "-c", "import time; time.sleep(60)", "-m", "noports.daemon.sessionhost",
+            "--for", OWNER, "--authorized-keys"]
+    theirs = subprocess.Popen([*fake, str(tmp_path / "other" / "authorized_keys")])
+    mine = subprocess.Popen([*fake, str(tmp_path / "mine" / "authorized_keys")])
+    try:
+        wait_until(lambda: {theirs.pid, mine.pid} <= set(pids_mentioning(f"--for {OWNER} ")),
+                   10, "the fake hosts")
+        assert box_hosts(tmp_path / "mine") == [mine.pid]
+    finally:
+        for proc in (theirs, mine):
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +207,7 @@ def day2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day2]:
             yield d
         finally:
             close_masters(cp_dir)
-            for pid in [*box_hosts(), *([int(d.pid_file.read_text().split()[0])]
+            for pid in [*box_hosts(d.base), *([int(d.pid_file.read_text().split()[0])]
                                         if d.pid_file.exists() else [])]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGTERM)
@@ -220,7 +243,7 @@ def test_live_session_survives_runner_restart_and_new_daemon_serves(day2: Day2) 
     assert re.search(r"session \S+ for " + re.escape(CLIENT), after), after[-2000:]
     # the old session is still served by the old daemon's host; it ends when the user is done
     finish(proc, release, "runner")
-    wait_until(lambda: not any(p in box_hosts() for p in old_hosts), 15,
+    wait_until(lambda: not any(p in box_hosts(day2.base) for p in old_hosts), 15,
                "the old session host to exit after its last session")
 
 
@@ -243,7 +266,7 @@ def test_role_over_sshnp_reconfigures_upgrades_and_removes_itself(day2: Day2) ->
     finish(proc, release, "role")
     # once the play's tunnel is closed too, the last session host exits and leaves no key
     close_masters(day2.cp_dir)
-    wait_until(lambda: not box_hosts(), 20, "every session host of box to exit")
+    wait_until(lambda: not box_hosts(day2.base), 20, "every session host of box to exit")
     lines = day2.world.ephemeral_lines(1)
     assert not [ln for ln in lines if f"owner={OWNER}" in ln], lines
 

@@ -318,6 +318,33 @@ def test_watcher_closes_and_survives_lookup_failures():
     assert closed == [("a", "@dev revoked a device key")] and w.ended == 1
 
 
+def test_a_failed_lookup_at_open_is_not_taken_for_no_marker():
+    """An old marker (revoked long before the session opened) that could not be read on the
+    first check must not end the session when a later check reads it; a marker that really
+    appears (or changes) after that still does."""
+    from noports.atclient.connection import AtProtocolError
+    from noports.relay.revocation import LiveSession, RevocationWatcher
+
+    state = {"down": True, "marker": json.dumps({"lastRevokedAt": 10})}
+    closed: list[str] = []
+
+    async def lookup(who: str) -> str | None:
+        if who == "@none":
+            raise AtProtocolError("AT0015", "no marker")
+        if state["down"]:
+            raise ConnectionError("atServer unreachable")
+        return state["marker"]
+
+    sessions = [LiveSession("s", frozenset({"@dev", "@none"}), 5000)]
+    w = RevocationWatcher(lookup, lambda: sessions, lambda sid, r: closed.append(sid))
+    assert asyncio.run(w.check_once()) == []          # @dev unknown, @none has no marker
+    state["down"] = False
+    assert asyncio.run(w.check_once()) == []          # the old marker is not a change
+    assert asyncio.run(w.check_once()) == [] and closed == []
+    state["marker"] = json.dumps({"lastRevokedAt": 20})  # revoked again: a real change
+    assert asyncio.run(w.check_once()) == ["s"] and closed == ["s"]
+
+
 def test_cli_names_what_is_missing(tmp_path, capsys):
     from noports import admin
 

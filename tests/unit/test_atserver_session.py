@@ -486,3 +486,38 @@ def test_invalid_atsign_keeps_connection_open(env):
         r = handle(s, cmd)
         assert body(r).startswith("error:") and not r.close, cmd
     assert body(handle(s, "from:@alice")).startswith("data:")
+
+
+def test_monitor_gets_a_notification_before_its_commit_and_a_failed_commit_is_retried(
+        env, monkeypatch):
+    """Received notifications reach monitors before the fsync; the sender still hears
+    ``success`` only once stored. A store that fails (disk full, I/O error) costs the
+    sender an error and a retry (the monitor sees it twice: at-least-once), never the
+    server or its other connections."""
+    import sqlite3
+    host, *_ = env
+    owner = cram_auth(host)
+    lines: list[str] = []
+    owner.emit = lines.append
+    handle(owner, "monitor:0")
+    real_put = host.store.put_notification
+    seen_by_monitor_at_commit: list[bool] = []
+
+    def failing_put(row, **_kw):
+        seen_by_monitor_at_commit.append(any(f'"id":"{row.id}"' in x for x in lines))
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(host.store, "put_notification", failing_put)
+    note = "notify:id:r1:update:isEncrypted:true:ivNonce:IV==:@alice:ping.x@bob:ENC"
+    r = handle(pol_session(host), note)
+    assert body(r).startswith("error:"), r.text  # no "success": the sender will retry
+    assert seen_by_monitor_at_commit == [True]
+    monkeypatch.setattr(host.store, "put_notification", real_put)
+    assert body(handle(owner, "noop:0")) == "data:ok"  # the owner is still served
+    r = handle(pol_session(host), note)  # the sender's retry
+    assert r.text == "data:success\n@bob@"
+    assert host.store.get_notification("@alice", "r1") is not None
+    assert len([x for x in lines if '"id":"r1"' in x]) == 2
+    r = handle(pol_session(host), note)  # a lost ack's re-delivery: stored once, not pushed
+    assert r.text == "data:success\n@bob@"
+    assert len([x for x in lines if '"id":"r1"' in x]) == 2

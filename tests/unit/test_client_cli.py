@@ -162,3 +162,12 @@ def test_error_text_and_progress(capsys: pytest.CaptureFixture) -> None:
 def test_params_validation() -> None:
     with pytest.raises(UsageError, match="at least one relay"):
         SessionParams(client_atsign="@a", device_atsign="@d", relays=[])
+
+
+def test_parses_share_nothing_though_the_parser_is_reused():
+    """The agent parses every request with one parser: nothing leaks between requests."""
+    a = cli.parse_args(["-f", "@a", "-t", "@d", "-r", "@r1", "-r", "@r2", "--stdio"])
+    b = cli.parse_args(["-f", "@b", "-t", "@e", "-r", "@r3"])
+    assert a.params.relays == ["@r1", "@r2"] and a.output == "stdio"
+    assert b.params.relays == ["@r3"] and b.params.client_atsign == "@b"
+    assert b.output == "exec"

@@ -269,3 +269,28 @@ def test_truncated_relay_stream_is_named_not_raised() -> None:
 
     asyncio.run(main())
     assert errors == []
+
+
+def test_relay_address_is_parsed_in_place_and_names_still_resolve(monkeypatch) -> None:
+    """connect_relay's lookup: an IP address (what relays answer) needs no executor hop
+    (a wait on a busy machine); a host name still goes to the loop's getaddrinfo."""
+    from noports.relay import pump
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        asked: list[str] = []
+        real = loop.getaddrinfo
+
+        async def spy(host, port, **kw):
+            asked.append(host)
+            return await real(host, port, **kw)
+
+        monkeypatch.setattr(loop, "getaddrinfo", spy)
+        v4 = await pump._resolve("127.0.0.1", 4000)
+        v6 = await pump._resolve("::1", 4000)
+        assert v4[0][4] == ("127.0.0.1", 4000) and v6[0][4][:2] == ("::1", 4000)
+        assert asked == []
+        named = await pump._resolve("localhost", 4000)
+        assert asked == ["localhost"] and named
+
+    asyncio.run(main())

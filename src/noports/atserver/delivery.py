@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from noports import trace
 from noports.atprotocol import notifications as N
 
 from .host import ServerConfig
@@ -40,9 +41,33 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._workers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._stopping = False
+        # (sender, recipient) pairs with rows waiting (queued, errored, backing off) as of
+        # the last look at the queue; None until the first look (after a restart, old rows
+        # may wait). Only a pair outside it may send early: order per pair is kept.
+        self._waiting: set[tuple[str, str]] | None = None
 
     def nudge(self) -> None:
         self._wake.set()
+
+    def send_early(self, row: NotificationRow) -> bool:
+        """Start delivering ``row`` (not committed yet: the caller commits it right after
+        one loop turn) on an idle pooled connection; False: the queue will deliver it.
+
+        Only when nothing else is queued or in flight for the pair, so the order per
+        (sender, recipient) holds; the row is taken from memory, not from the store.
+        """
+        k = (row.atsign, row.to_atsign)
+        if self._stopping or self._waiting is None or k in self._waiting:
+            return False
+        t = self._workers.get(k)
+        if t is not None and not t.done():
+            return False
+        if not self.outbound.idle(row.atsign, row.to_atsign, handshake=True):
+            return False
+        self._waiting.add(k)  # until the next look at the queue
+        self._workers[k] = asyncio.create_task(self._deliver(k[0], k[1], [row], early=True),
+                                               name=f"deliver {k[0]}->{k[1]} (early)")
+        return True
 
     async def run(self) -> None:
         while not self._stopping:
@@ -58,7 +83,9 @@ class Deliverer:
         now = self.clock()
         hosted = self.hosted()
         due: dict[tuple[str, str], list[NotificationRow]] = {}
-        for row in self.store.pending_sent():
+        pending = self.store.pending_sent()
+        self._waiting = {(row.atsign, row.to_atsign) for row in pending}
+        for row in pending:
             if row.atsign not in hosted or row.next_attempt > now:
                 continue
             if row.expires_at is not None and row.expires_at < now:
@@ -73,9 +100,10 @@ class Deliverer:
                 self._workers[k] = asyncio.create_task(self._deliver(k[0], k[1], rows),
                                                        name=f"deliver {k[0]}->{k[1]}")
 
-    async def _deliver(self, me: str, to: str, rows: list[NotificationRow]) -> None:
+    async def _deliver(self, me: str, to: str, rows: list[NotificationRow], *,
+                       early: bool = False) -> None:
         try:
-            await self._deliver_rows(me, to, rows)
+            await self._deliver_rows(me, to, rows, early=early)
         finally:
             # Rows queued for this recipient while we were busy were skipped by _dispatch
             # (one worker per pair keeps order); look again now instead of at the next tick.
@@ -83,15 +111,19 @@ class Deliverer:
             if not self._stopping:
                 self.nudge()
 
-    async def _deliver_rows(self, me: str, to: str, rows: list[NotificationRow]) -> None:
+    async def _deliver_rows(self, me: str, to: str, rows: list[NotificationRow], *,
+                            early: bool = False) -> None:
         for i, row in enumerate(rows):
-            current = self.store.get_notification(me, row.id)
+            # early: the row is being committed while this runs; it is the one in hand
+            current = row if early else self.store.get_notification(me, row.id)
             if current is None or current.status not in ("queued", "errored"):
                 continue
             try:
                 cmd = N.s2s_notify_command(N.from_storage(current.data))
+                trace.mark("atserver.s2s_out", f"{me} {current.key}")
                 r = await self.outbound.request(me, to, cmd, handshake=True,
                                                 timeout=NOTIFY_TIMEOUT)
+                trace.mark("atserver.s2s_ack", f"{me} {current.key}")
                 ok = r.ok and (r.data or "").strip() == "success"
                 why = "" if ok else f"{r.code} {r.message[:120]}"
             except RemoteError as err:
@@ -100,7 +132,9 @@ class Deliverer:
                 log.exception("delivering a notification %s -> %s", me, to)
                 ok, why = False, type(exc).__name__
             if ok:
-                self.store.set_notification_status(me, row.id, "delivered")
+                # not fsynced: if this mark is lost (power cut), the row is delivered again
+                # and the recipient drops the exact duplicate (verbs_notify._is_redelivery)
+                self.store.set_notification_status(me, row.id, "delivered", durable=False)
                 log.info("notification %s %s -> %s delivered", row.id, me, to)
                 continue
             # failure: back off this one and everything after it (keeps order per recipient)
@@ -109,6 +143,8 @@ class Deliverer:
                         self.config.retry_max_ms)
             log.info("notification %s %s -> %s failed (%s), retry %d in %d ms",
                      row.id, me, to, why, retries, delay)
+            if self._waiting is not None:
+                self._waiting.add((me, to))  # no early send overtakes it
             self.store.set_notification_status(me, row.id, "errored", retry_count=retries,
                                                next_attempt=self.clock() + delay)
             for later in rows[i + 1:]:

@@ -90,6 +90,11 @@ class Host:
     clock: Callable[[], int] = wall_clock_ms
     remote: Remote | None = None
     nudge: Callable[[], None] = lambda: None
+    #: start delivering a sent notification before its commit (delivery.Deliverer.send_early)
+    send_early: Callable[[NotificationRow], bool] = lambda _row: False
+    #: when set, notification rows commit without the fsync and this makes them durable
+    #: off the event loop before the reply (walsync.WalSync); None: each commit fsyncs
+    flush: Callable[[], Awaitable[None]] | None = None
     sleep: Callable[[float], Awaitable[None]] | None = None
     started_ms: int = 0
     monitors: set[MonitorSink] = field(default_factory=set)

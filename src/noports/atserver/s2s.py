@@ -184,6 +184,10 @@ class OutboundConnection:
             self.last_used = time.monotonic()
             return to_remote(reply, reply.line)
 
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -256,6 +260,15 @@ class Outbound:
         r = await conn.command("pol")
         if not (r.ok and r.data and r.data.startswith(me + "@")):
             raise RemoteError("AT0008", f"pol refused by {other}: {r.code} {r.message}")
+
+    def idle(self, me: str, other: str, *, handshake: bool) -> bool:
+        """Whether a pooled connection to `other` is open and has no command in flight
+        (a command started now writes at once, without waiting)."""
+        k = (me, other, handshake)
+        conn = self._pool.get(k)
+        lock = self._opening.get(k)
+        return (conn is not None and not conn.closed and not conn.busy
+                and (lock is None or not lock.locked()))
 
     async def request(self, me: str, other: str, line: str, *, handshake: bool,
                       timeout: float = COMMAND_TIMEOUT) -> RemoteReply:

@@ -31,6 +31,7 @@ from .host import Host, ServerConfig, fresh_meta_storage, wall_clock_ms
 from .s2s import Outbound, Resolver
 from .session import Reply, Session
 from .store import Store
+from .walsync import WalSync
 
 log = logging.getLogger("noports.atserver")
 
@@ -79,6 +80,7 @@ class AtServer:
         self._generation: dict[str, int] = {}  # hosted.created of each listener's row
         self.conns: dict[str, set[asyncio.StreamWriter]] = {}
         self._bind_failed: set[str] = set()
+        self.walsync = WalSync(self.store.wal_path)
         self.deliverer = Deliverer(self.store, self.outbound, opts.config, wall_clock_ms,
                                    lambda: set(self.hosts))
         self._tasks: list[asyncio.Task[None]] = []
@@ -178,7 +180,8 @@ class AtServer:
             self._generation[at] = row.created
             if at not in self.hosts:
                 host = Host(at, self.store, self.opts.config, remote=self.outbound,
-                            nudge=self.deliverer.nudge)
+                            nudge=self.deliverer.nudge, send_early=self.deliverer.send_early,
+                            flush=self.walsync)
                 host.ensure_startup_keys()
                 self.hosts[at] = host
             await self._start_listener(at, row.port)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from noports import trace
 from noports.atprotocol.errors import (
     AtError,
     RemoteError,
@@ -263,6 +264,9 @@ class Session(Conn):
                 self.closed = True
                 return Reply(None, close=True)
             verb = VERBS.get(cmd.verb)
+            if trace.enabled():  # the verb and, past login, the start of the line
+                trace.mark("atserver.cmd", f"{self.me} {cmd.verb} " + (
+                    line[:60] if self.authenticated or self.pol_atsign else ""))
             if verb is not None and verb.access == OWNER and not self.authenticated:
                 raise unauthenticated("Command cannot be executed without auth")
             if verb is None or verb.handler is None:

@@ -168,15 +168,26 @@ class Store:
         self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, committed (and fsynced, synchronous=FULL) on exit."""
-        self._db.execute("BEGIN IMMEDIATE")
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction, committed (and fsynced, synchronous=FULL) on exit.
+
+        ``durable=False``: committed without the fsync (synchronous=NORMAL in WAL mode):
+        it survives ``kill -9`` but maybe not a power cut, until the next durable commit
+        fsyncs the log it is in. Only for marks whose loss is harmless.
+        """
+        if not durable:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     # --- hosted atSigns -------------------------------------------------------------------
 
@@ -291,9 +302,14 @@ class Store:
 
     # --- notifications --------------------------------------------------------------------
 
-    def put_notification(self, row: NotificationRow) -> None:
-        """Insert or overwrite (same id) a notification — committed before returning."""
-        with self._tx() as db:
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def put_notification(self, row: NotificationRow, *, durable: bool = True) -> None:
+        """Insert or overwrite (same id) a notification — committed before returning
+        (``durable=False``: not fsynced yet; the caller syncs the WAL before replying)."""
+        with self._tx(durable) as db:
             db.execute(
                 "INSERT OR REPLACE INTO notifications(atsign, id, kind, from_atsign, to_atsign, "
                 "key, status, retry_count, next_attempt, epoch_ms, expires_at, data) "
@@ -333,8 +349,9 @@ class Store:
 
     def set_notification_status(self, atsign: str, nid: str, status: str, *,
                                 retry_count: int | None = None,
-                                next_attempt: int | None = None) -> None:
-        with self._tx() as db:
+                                next_attempt: int | None = None,
+                                durable: bool = True) -> None:
+        with self._tx(durable) as db:
             sets, args = ["status=?"], [status]
             if retry_count is not None:
                 sets.append("retry_count=?")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from noports import trace
 from noports.atprotocol import notifications as N
 from noports.atprotocol.grammar import Command
 
@@ -44,6 +45,7 @@ def _matches(s: Conn, row: NotificationRow) -> bool:
 def emit_notification(s: Conn, row: NotificationRow, n: Any, *, replay: bool) -> None:
     if _matches(s, row):
         s.emit(N.monitor_line(n, replay=replay).rstrip("\n") + "\n")
+        trace.mark("atserver.monitor_out", f"{s.me} {row.key}")
 
 
 def deliver_notification(s: Conn, row: NotificationRow, n: Any) -> None:

@@ -12,6 +12,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
+from noports import trace
 from noports.atprotocol import keys as K
 from noports.atprotocol import metadata as M
 from noports.atprotocol import notifications as N
@@ -40,25 +41,67 @@ def notif_meta(meta: Any, p: dict[str, str] | None = None) -> dict[str, Any]:
     return {k: j[k] for k in keep if k in j}
 
 
-def store_sent(s: Conn, n: Any, now: int) -> None:
-    row = NotificationRow(
+def sent_row(s: Conn, n: Any, now: int) -> NotificationRow:
+    return NotificationRow(
         atsign=s.me, id=n.id, kind="sent", from_atsign=n.from_atsign,
         to_atsign=n.to_atsign, key=n.key, status="queued", retry_count=0, next_attempt=now,
         epoch_ms=n.epoch_millis, expires_at=n.expires_at, data=N.to_storage(n))
-    s.host.store.put_notification(row)
+
+
+def store_sent(s: Conn, n: Any, now: int) -> None:
+    s.host.store.put_notification(sent_row(s, n, now))
     s.host.nudge()
 
 
+async def _put_durably(s: Conn, row: NotificationRow, *, sent: bool = False) -> None:
+    """Commit ``row``; on disk when this returns. With the host's ``flush`` the fsync
+    runs in a thread (walsync.py) so the event loop serves others meanwhile; a sent row
+    is handed to the delivery queue as soon as it is committed."""
+    flush = s.host.flush
+    s.host.store.put_notification(row, durable=flush is None)
+    if sent:
+        s.host.nudge()
+    if flush is not None:
+        await flush()
+
+
+async def send_and_store(s: Conn, n: Any, now: int) -> None:
+    """Queue a notification for another atSign, its delivery overlapping the commit.
+
+    Why: the fsync takes milliseconds (more on a busy disk) and a rendezvous crosses four
+    notifications. When the recipient's connection is idle and nothing is queued for it,
+    the delivery's first write goes out before the commit (``send_early``; one loop turn
+    lets it), so the recipient works while we store; otherwise the queue gets the row as
+    soon as it is committed, while the fsync runs (``_put_durably``). The client is still
+    answered only once the row is on disk; if the commit fails the client gets the error
+    while the recipient may have the notification (delivery is at-least-once).
+    """
+    row = sent_row(s, n, now)
+    if s.host.send_early(row):
+        await asyncio.sleep(0)  # the delivery task writes its s2s line now
+    await _put_durably(s, row, sent=True)
+
+
 def store_received(s: Conn, n: Any, kind: str = "received") -> NotificationRow:
-    """Persist a received/self notification and hand it to live monitors."""
-    row = NotificationRow(
+    """Hand a received/self notification to live monitors, then persist it.
+
+    Why in this order: the commit fsyncs, and a monitor (srvd, sshnpd, a waiting client)
+    should not wait for it; the sender is still answered only after the commit. If the
+    process dies between the two, the sender saw no ``success`` and sends it again, and
+    the monitor sees it twice: delivery is at-least-once, as with a lost acknowledgement.
+    """
+    row = received_row(s, n, kind)
+    s.host.publish(row, n)
+    s.host.store.put_notification(row)
+    return row
+
+
+def received_row(s: Conn, n: Any, kind: str = "received") -> NotificationRow:
+    return NotificationRow(
         atsign=s.me, id=n.id, kind=kind, from_atsign=n.from_atsign,
         to_atsign=n.to_atsign, key=n.key, status="delivered", retry_count=0,
         next_attempt=0, epoch_ms=n.epoch_millis, expires_at=n.expires_at,
         data=N.to_storage(n))
-    s.host.store.put_notification(row)
-    s.host.publish(row, n)
-    return row
 
 
 async def v_notify(s: Conn, cmd: Command) -> Reply:
@@ -76,10 +119,12 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
         to = K.fix_atsign(p["forAtSign"])
         n = build_notification(s, p, from_atsign=s.me, to=to, now=now, ttln=ttln)
         _check_id_owner(s, n, "received" if to == s.me else "sent")
+        trace.mark("atserver.notify_in", f"{s.me} {n.key}")
         if to == s.me:
             store_received(s, n)
         else:
-            store_sent(s, n, now)
+            await send_and_store(s, n, now)
+        trace.mark("atserver.notify_stored", f"{s.me} {n.key}")
         return s.data(n.id)
     # receiving side: a pol-authenticated peer delivers a notification to us
     sender = s.pol_atsign
@@ -91,10 +136,16 @@ async def v_notify(s: Conn, cmd: Command) -> Reply:
         raise unauthorized(f"notification for {to} delivered to {s.me}")
     n = build_notification(s, p, from_atsign=sender, to=s.me, now=now, ttln=ttln)
     if _is_redelivery(s, n):
+        if s.host.flush is not None:  # the first copy may still be on its way to disk
+            await s.host.flush()
         return s.data("success")
     _check_id_owner(s, n, "received")
-    store_received(s, n)
+    trace.mark("atserver.pol_notify_in", f"{s.me} {n.key}")
+    row = received_row(s, n)
+    s.host.publish(row, n)  # monitors first: see store_received
+    await _put_durably(s, row)
     _cache_from_notification(s, n, p)
+    trace.mark("atserver.pol_notify_stored", f"{s.me} {n.key}")
     return s.data("success")
 
 

@@ -240,9 +240,21 @@ def _split_list(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+_PARSERS: list[argparse.ArgumentParser] = []
+
+
+def _parser() -> argparse.ArgumentParser:
+    """One parser per process: the agent parses every tunnel request's arguments, and
+    building the parser costs more than parsing with it (every default is SUPPRESS, so
+    parses share no state)."""
+    if not _PARSERS:
+        _PARSERS.append(build_parser())
+    return _PARSERS[0]
+
+
 def parse_args(argv: list[str]) -> CliOptions:
     """Flags override the profile, which overrides the defaults."""
-    ns = vars(build_parser().parse_args(argv))
+    ns = vars(_parser().parse_args(argv))
     merged: dict[str, Any] = dict(DEFAULTS)
     if ns.get("config"):
         merged.update(load_profile_file(Path(ns["config"])))

@@ -27,6 +27,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable  # noqa: UP035 (3.8: abc generics are not subscriptable)
 from typing import Awaitable as _TypingAwaitable  # noqa: UP035
 
+from noports import trace
 from noports.atclient.aio import (
     AtClient,
     AtClientError,
@@ -384,6 +385,7 @@ class Daemon:
 
     async def _consume(self, monitor: Any) -> None:
         async for n in monitor:
+            trace.mark("sshnpd.in", n.key)
             self._spawn(self._process(n), f"notification {n.id}")
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
@@ -429,7 +431,9 @@ class Daemon:
 
     async def _send(self, reply: Reply) -> None:
         assert self.client is not None
+        trace.mark("sshnpd.reply_out", reply.key_name)
         await self.client.notify(reply.to, reply.key_name, reply.value, ttl_ms=reply.ttl_ms)
+        trace.mark("sshnpd.reply_acked", reply.key_name)
         if reply.is_error:
             what = "error reply"
         elif reply.session_id is not None:
@@ -475,12 +479,15 @@ class Daemon:
         return value
 
     async def _ssh_request(self, req: Request) -> None:
+        trace.mark("sshnpd.ssh_request", req.sender)
         pk = await self._client_public_key(req.sender)
         if pk is None:
             return
         self.host_keys = load_host_keys(self.config.sshd_host_keys) or self.host_keys
+        trace.mark("sshnpd.pk_ready", req.sender)
         # in a thread: the replay memory fsyncs (slow on SD cards) and keys are made here
         result = await to_thread(self.handler.on_ssh_request, req, pk, self.host_keys)
+        trace.mark("sshnpd.planned", req.sender)
         if isinstance(result, Ignore) and result.event == "bad_signature":
             fresh = await self._client_public_key(req.sender, refresh=True)
             if fresh is not None and fresh != pk:  # the client re-keyed: try once more
@@ -578,7 +585,9 @@ class Daemon:
         if plan.d2c is not None:
             log.info("session %s: twin keys (a separate AES-CTR key per direction)", sid,
                      extra={"event": "twin_keys", "session": sid, "sender": plan.client})
+        trace.mark("sshnpd.host_order", sid)
         err = await self.host.start(order)
+        trace.mark("sshnpd.host_started", sid)
         if err:
             await self._send(self.handler.tunnel_failed(plan, err))
             return

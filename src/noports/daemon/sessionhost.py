@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional  # noqa: UP035 (3.8)
 
+from noports import trace
 from noports.compat import to_thread
 from noports.npproto.errors import IntegrityError
 from noports.npproto.streamcipher import new_session_cipher
@@ -100,40 +101,63 @@ class SessionHost:
         ak = AuthorizedKeys(o.authorized_keys)
         sess = _Session(o, loop.time())
         self._sessions[sid] = sess
+        trace.mark("host.order", sid)
         written_at = loop.time()  # the line may be visible from here on
+        # The three set-up steps run at once (the key write's fsyncs take longest); nothing
+        # reaches sshd before the splice starts below, after all three, so no client can
+        # try the key before it is written. A failure is reported as before, key first.
+        key_t = asyncio.ensure_future(to_thread(functools.partial(
+            ak.add_ephemeral, o.public_line, sid, o.local_sshd_port, o.permissions,
+            owner=o.owner, until=int(time.time() + o.key_ttl + SWEEP_GRACE_S),
+            holder=os.getpid())))
+        local_t = asyncio.ensure_future(_open_local(o.local_sshd_port))
+        relay_t = asyncio.ensure_future(connect_relay(o.relay_host, o.relay_port,
+                                                      o.auth_line, timeout=CONNECT_TIMEOUT_S))
+        steps = (key_t, local_t, relay_t)
         try:
-            await to_thread(functools.partial(
-                ak.add_ephemeral, o.public_line, sid, o.local_sshd_port, o.permissions,
-                owner=o.owner, until=int(time.time() + o.key_ttl + SWEEP_GRACE_S),
-                holder=os.getpid()))
-        except (OSError, AuthorizedKeysError) as exc:
+            # the key write and the local connect always end (bounded, and reported first);
+            # if either failed, the relay dial is not waited for
+            await asyncio.wait((key_t, local_t))
+            if key_t.exception() is not None or local_t.exception() is not None:
+                relay_t.cancel()
+            await asyncio.wait(steps)
+        except BaseException:  # cancelled: the key write ends by itself, then is undone
+            local_t.cancel()
+            relay_t.cancel()
+            raise
+        socks = [t.result() for t in (local_t, relay_t)
+                 if not t.cancelled() and t.exception() is None]
+        key_exc = key_t.exception()
+        if key_exc is not None:
+            for s in socks:
+                s.close()
             self._sessions.pop(sid, None)
-            log.error("cannot authorize the ephemeral key of session %s: %s", sid, exc,
+            if not isinstance(key_exc, (OSError, AuthorizedKeysError)):
+                raise key_exc
+            log.error("cannot authorize the ephemeral key of session %s: %s", sid, key_exc,
                       extra={"event": "session_failed", **ctx})
             self._emit(HostEvent("failed", sid, "cannot authorize session key"))
             return
         # "gone within ttl": start the removal early enough to cover the locked rewrite + fsync
+        trace.mark("host.key_written", sid)
         remove_in = max(0.0, o.key_ttl - KEY_REMOVAL_MARGIN_S - (loop.time() - written_at))
         self._key_timers[sid] = loop.call_later(remove_in, self._expire_key, o)
-        try:
-            local = await _open_local(o.local_sshd_port)
-        except OSError as exc:
-            await self._fail(sess, f"cannot connect to the local sshd on port "
-                             f"{o.local_sshd_port}: {exc.strerror or exc}")
+        err = _step_error(local_t, f"cannot connect to the local sshd on port "
+                          f"{o.local_sshd_port}") or _step_error(
+            relay_t, f"cannot connect to the socket rendezvous {o.relay_host}:{o.relay_port}")
+        if err is not None:
+            for s in socks:
+                s.close()
+            await self._fail(sess, err)
             return
-        try:
-            relay = await connect_relay(o.relay_host, o.relay_port, o.auth_line,
-                                        timeout=CONNECT_TIMEOUT_S)
-        except OSError as exc:
-            local.close()
-            await self._fail(sess, f"cannot connect to the socket rendezvous "
-                             f"{o.relay_host}:{o.relay_port}: {exc.strerror or exc}")
-            return
+        local, relay = local_t.result(), relay_t.result()
+        trace.mark("host.relay_connected", sid)
         sess.splice = await self._splice(sess, local, relay)
         sess.timers.append(loop.call_later(CLIENT_WAIT_S, self._check_client_arrived, sid))
         log.info("session %s for %s: relay %s:%d, cipher %s", sid, o.client, o.relay_host,
                  o.relay_port, o.cipher_id or "none (plain)",
                  extra={"event": "session_started", **ctx})
+        trace.mark("host.started", sid)
         self._emit(HostEvent("started", sid))
 
     async def _splice(self, sess: _Session, local: socket.socket,
@@ -237,6 +261,18 @@ class SessionHost:
         for o in orders:
             with contextlib.suppress(OSError, ValueError):
                 await to_thread(AuthorizedKeys(o.authorized_keys).remove_session, o.session_id)
+
+
+def _step_error(task: asyncio.Future[Any], what: str) -> str | None:
+    """``what: <cause>`` if a set-up step failed (a cancelled one: the other failed first)."""
+    if task.cancelled():
+        return None
+    exc = task.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, OSError):
+        return f"{what}: {exc.strerror or exc}"
+    raise exc
 
 
 async def _open_local(port: int) -> socket.socket:

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from noports.npproto import escr
 from noports.npproto.escr import EscrAuth
@@ -94,6 +94,17 @@ def _auth_bytes(auth_line: bytes | str | None) -> bytes:
     return data.rstrip(b"\n") + b"\n"
 
 
+async def _resolve(host: str, port: int) -> list[Any]:
+    """getaddrinfo; an IP address (what relays answer) is parsed here, not in a thread:
+    ``loop.getaddrinfo`` always hops through the executor, a wait on a busy machine."""
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)
+    except (socket.gaierror, UnicodeError):
+        return await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                            type=socket.SOCK_STREAM)
+
+
 async def connect_relay(host: str, port: int, auth_line: bytes | str | EscrAuth | None, *,
                         timeout: float = 10.0,
                         keepalive: tuple[int, int, int] | None = (30, 10, 3)) -> socket.socket:
@@ -106,7 +117,7 @@ async def connect_relay(host: str, port: int, auth_line: bytes | str | EscrAuth 
     loop = asyncio.get_running_loop()
     escr_auth = auth_line if isinstance(auth_line, EscrAuth) else None
     line = b"" if escr_auth is not None else _auth_bytes(auth_line)  # type: ignore[arg-type]
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await _resolve(host, port)
     last: OSError | None = None
     for family, type_, proto, _canon, addr in infos:
         sock = socket.socket(family, type_, proto)

@@ -86,16 +86,22 @@ class RevocationWatcher:
     _first: dict[tuple[str, str], int | None] = field(default_factory=dict)
     ended: int = 0
 
-    async def _marker(self, sem: asyncio.Semaphore, who: str) -> tuple[str, int | None]:
+    async def _marker(self, sem: asyncio.Semaphore, who: str
+                      ) -> tuple[str, int | None] | None:
+        """(who, lastRevokedAt or None when there is no marker), or None when the look-up
+        failed: an unknown marker must not be remembered as "none" for a session, or the
+        next successful look-up of an old marker would look like a change and end it."""
         async with sem:
             try:
                 return who, parse_marker(await asyncio.wait_for(self.lookup(who),
                                                                 max(5.0, self.interval)))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # no marker (AT0015) or unreachable: nothing to end
+            except Exception as exc:
+                if getattr(exc, "code", None) == "AT0015":
+                    return who, None  # no marker published: nothing revoked
                 log.debug("revocation marker of %s: %s", who, type(exc).__name__)
-                return who, None
+                return None  # unreachable: decide nothing about this party this round
 
     async def check_once(self) -> list[str]:
         sessions = self.live()
@@ -104,10 +110,12 @@ class RevocationWatcher:
             return []
         sem = asyncio.Semaphore(MAX_PARALLEL)
         parties = sorted({p for s in sessions for p in s.parties})
-        markers = dict(await asyncio.gather(*(self._marker(sem, p) for p in parties)))
+        found = await asyncio.gather(*(self._marker(sem, p) for p in parties))
+        markers = dict(m for m in found if m is not None)
         for s in sessions:
             for p in s.parties:
-                self._first.setdefault((s.session_id, p), markers.get(p))
+                if p in markers:  # only a look-up that answered says what was there at open
+                    self._first.setdefault((s.session_id, p), markers[p])
         ids = {s.session_id for s in sessions}
         self._first = {k: v for k, v in self._first.items() if k[0] in ids}
         ended = []

@@ -24,6 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from noports import trace
+
 from .session import (
     Action,
     AuthLineReader,
@@ -197,6 +199,7 @@ class _Session:
         self._run(self.sm.accept(side, cid, self.rv._loop.time(), needs_auth=False))
 
     def _accepted(self, side: Side, sock: socket.socket, peer: object) -> None:
+        trace.mark("relay.accept", f"{self.sm.session_id} {side.value}")
         self.rv._configure(sock)
         auth = self.auth_a if side is Side.A else self.auth_b
         cid = self.rv._next_id()
@@ -249,6 +252,7 @@ class _Session:
             log.warning("session %s: side %s authenticator raised %r", self.sm.session_id,
                         conn.side.value, exc)
             ok = False
+        trace.mark("relay.auth", f"{self.sm.session_id} {conn.side.value} {ok}")
         self._run(self.sm.auth_result(conn.id, ok, now,
                                       f"side {conn.side.value} failed authentication"))
 
@@ -300,6 +304,7 @@ class _Session:
             on_close=functools.partial(self._pair_closed, ca.id, cb.id))
         if sp.closed:
             return
+        trace.mark("relay.spliced", self.sm.session_id)
         if self.splices is None:
             self.splices = {}
         self.splices[sp] = [sp.activity(), self.rv._loop.time()]

@@ -38,6 +38,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Protocol, Union
 
+from noports import trace
 from noports.npproto import (
     RelayRequest,
     RelayResponse,
@@ -510,6 +511,7 @@ class Srvd:
         self._inflight.pop(d.session_id, None)  # counted once: as open from here on
         reply = reply_text(self.advertise, ports[0], ports[1], rvd_nonce,
                            json_reply=d.json_reply)
+        trace.mark("srvd.reply_out", d.session_id)
         try:
             await asyncio.wait_for(
                 self.client.notify(d.sender, reply_key_name(d.session_id), reply,
@@ -521,6 +523,7 @@ class Srvd:
             self.relay.close_session(d.session_id, "reply could not be sent")
             return None
         self.opened += 1
+        trace.mark("srvd.reply_acked", d.session_id)
         log.info("session %s opened for %s -> %s (device %s%s): port A %d, port B %d, "
                  "socket auth A=%s B=%s", d.session_id, d.sender, d.atsign_b or "?", d.device,
                  ", legacy" if d.legacy else ", single port, ESCR" if d.only443 else "",
@@ -578,6 +581,7 @@ class Srvd:
                     log.warning("ignored notification %s from %s: %s", n.key[:200],
                                 n.from_atsign, n.error)
                     continue
+                trace.mark("srvd.in", n.key)
                 await self.dispatch(n.key, n.from_atsign, n.value)
 
         consumer = asyncio.get_running_loop().create_task(consume())

@@ -492,3 +492,140 @@ def test_retry_after_a_relay_failure_waits_less_for_the_relay(monkeypatch, log_t
     argv = client_argv(opts_of(build(conn, "true"))["proxycommand"])
     got = argv[argv.index("--relay-timeout") + 1] if "--relay-timeout" in argv else None
     assert got == expected
+
+
+# -- the next rendezvous in the background, late in the hold (issue 15: async 60 within 60 s) --
+
+class _FakeProbe:
+    """What start_probe spawns (``ssh -N``): records the argv; ``rc`` None while running."""
+
+    spawned: list = []
+
+    def __init__(self, argv, **kwargs):
+        self.argv, self.kwargs, self.pid, self.rc = argv, kwargs, os.getpid(), None
+        _FakeProbe.spawned.append(self)
+
+    def poll(self):
+        return self.rc
+
+
+def _probe_setup(monkeypatch, age: float, **opts):
+    import time
+    conn, calls = _held_setup(monkeypatch, run_started=time.time() - 120, **opts)
+    log = Path(conn.client_log_path(conn.sshnp_identity()))
+    os.utime(log, (time.time() - age, time.time() - age))
+    _FakeProbe.spawned = []
+    monkeypatch.setattr(plugin.subprocess, "Popen", _FakeProbe)
+    monkeypatch.setattr(plugin, "_PROBES", {})
+    return conn, calls, log
+
+
+def test_early_in_the_hold_no_background_rendezvous(monkeypatch):
+    conn, calls, _log = _probe_setup(monkeypatch, age=5)
+    with pytest.raises(AnsibleConnectionFailure, match="a new rendezvous is tried 30s after"):
+        conn.exec_command("true")
+    assert calls == [] and _FakeProbe.spawned == []
+
+
+def test_late_in_the_hold_the_next_rendezvous_runs_in_the_background(monkeypatch):
+    """A retry loop never waits for the rendezvous: it starts ``ssh -N`` (a master, with the
+    tunnel's ProxyCommand) and fails at once; later retries fail at once while it runs; once
+    it failed, its fresh failure is held; once its master is up, retries go through."""
+    conn, calls, log = _probe_setup(monkeypatch, age=25)
+    with pytest.raises(AnsibleConnectionFailure, match="a new rendezvous is tried 30s after"):
+        conn.exec_command("true")
+    assert calls == [] and len(_FakeProbe.spawned) == 1
+    probe = _FakeProbe.spawned[0]
+    argv = [a.decode() for a in probe.argv]
+    assert argv[-2:] == ["-N", conn.host] and "proxycommand" in opts_of(probe.argv)
+    assert probe.kwargs["start_new_session"] and probe.kwargs["stdin"] == plugin.subprocess.DEVNULL
+    # its ProxyCommand empties the client log; retries still fail at once, no second probe
+    log.write_text("")
+    with pytest.raises(AnsibleConnectionFailure) as err:
+        conn.exec_command("true")
+    assert str(err.value).startswith("sshnp: tunnel: relay connection lost: the stream from "
+                                     "relay @rv_eu")
+    assert str(err.value).endswith("(failed 25s ago in this run; a new rendezvous is under way "
+                                   "in the background: failure_hold)")
+    assert calls == [] and len(_FakeProbe.spawned) == 1
+    # it failed (its client wrote a fresh error): a new hold, from now
+    probe.rc = 255
+    log.write_text("sshnp: error: relay: relay @rv_eu did not answer within 5s\n")
+    with pytest.raises(AnsibleConnectionFailure, match=r"^sshnp: relay: relay @rv_eu did not "
+                       r"answer within 5s .*\(failed 0s ago in this run; a new rendezvous is "
+                       r"tried 30s after the failure: failure_hold\)$"):
+        conn.exec_command("true")
+    assert not Path(conn.probe_path(conn.sshnp_identity())).exists()
+    assert calls == [] and len(_FakeProbe.spawned) == 1
+    # a later probe brings the master up: the next retry uses it
+    sock = Path(plugin._control_path(build(conn, "true")))
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    sock.write_text("")
+    assert conn.exec_command("true")[:2] == (0, b"ok\n")
+    assert len(calls) == 1
+
+
+def test_a_finished_probe_that_left_no_master_lets_the_next_attempt_through(monkeypatch):
+    conn, calls, log = _probe_setup(monkeypatch, age=25)
+    with pytest.raises(AnsibleConnectionFailure):
+        conn.exec_command("true")
+    _FakeProbe.spawned[0].rc = 0  # authenticated; its master already expired
+    log.write_text("")
+    assert conn.exec_command("true")[:2] == (0, b"ok\n")
+    assert len(calls) == 1
+
+
+def test_no_background_rendezvous_with_a_password(monkeypatch):
+    conn, calls, _log = _probe_setup(monkeypatch, age=25, ansible_password="pw")
+    with pytest.raises(AnsibleConnectionFailure):
+        conn.exec_command("true")
+    assert _FakeProbe.spawned == [] and calls == []
+
+
+def test_a_held_failure_skips_the_reconnection_retry_pauses(monkeypatch):
+    """ssh.py's reconnection_retries pause 0, 1, 3 ... s between attempts; a held failure
+    would only be held again after each pause."""
+    import time
+    conn, calls = _held_setup(monkeypatch, run_started=time.time() - 60,
+                              ansible_ssh_retries=3)
+    pauses: list[float] = []
+    monkeypatch.setattr(ssh_mod.time, "sleep", pauses.append)
+    with pytest.raises(AnsibleConnectionFailure, match="failure_hold"):
+        conn.exec_command("true")
+    assert pauses == [] and calls == []
+
+
+def test_reset_without_a_master_spawns_no_ssh(monkeypatch):
+    """async/poll calls reset() after each failed retry: no ``ssh -O check`` per retry."""
+    spawned = []
+    monkeypatch.setattr(ssh_mod.subprocess, "Popen", lambda *a, **k: spawned.append(a))
+    conn = make_conn()
+    conn.reset()
+    assert spawned == []
+    sock = Path(plugin._control_path(build(conn, "true")))
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    sock.write_text("")
+
+    class _Done:
+        returncode = 1
+
+        def communicate(self):
+            return b"", b"no master"
+
+        def wait(self):
+            return 1
+    monkeypatch.setattr(ssh_mod.subprocess, "Popen", lambda *a, **k: spawned.append(a) or _Done())
+    conn.reset()
+    assert len(spawned) == 1 and b"check" in spawned[0][0]
+
+
+def test_a_previous_runs_background_rendezvous_holds_nothing(monkeypatch):
+    import json
+    import time
+    conn, calls, log = _probe_setup(monkeypatch, age=25)
+    log.write_text("")  # its ProxyCommand emptied the log
+    marker = Path(conn.probe_path(conn.sshnp_identity()))
+    marker.write_text(json.dumps({"pid": os.getpid(), "started": time.time() - 200,
+                                  "step": "relay: x", "failed": time.time() - 220}))
+    assert conn.exec_command("true")[:2] == (0, b"ok\n")  # this run started 120 s ago
+    assert len(calls) == 1 and _FakeProbe.spawned == []
