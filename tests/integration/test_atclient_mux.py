@@ -176,7 +176,13 @@ def test_hostile_monitor_connection_does_not_stop_it_or_others(env: Env) -> None
         assert await other.command("noop:0") == "ok"  # served meanwhile
         tail = answers(await read_until(lambda g: answers(g), timeout=30))
         assert tail and tail[-1].kind == "error" and tail[-1].text.startswith("AT0005"), tail
-        assert await stream.reader.read(65536) == b""
+        try:
+            rest = await stream.reader.read(65536)
+        except ConnectionResetError:
+            # the server hung up with the rest of our 10 MB line unread in its socket buffer:
+            # the kernel then sends a reset, not a FIN; both are the hang-up
+            rest = b""
+        assert rest == b""
         # everyone else is still served, including a new monitor of the same atSign
         mon = bob.monitor(r"\.hostile@")
         await mon.wait_ready(10)
